@@ -1,0 +1,214 @@
+"""The daemon's state machine: ranks, their double buffers, and the versions they hold. Pure logic.
+
+Each trainer rank has at most two buffers (shared-memory segments). A buffer is ``writing`` (a
+copy is under way, or was abandoned), ``complete`` (holds a committed, checksummed version) or
+``free``. ``begin`` always hands out the buffer that does *not* hold the rank's newest complete
+version, so an interrupted copy can never destroy the last good snapshot. All I/O (creating and
+unlinking segments, writing the sidecar that marks a version complete) goes through a store
+object, so tests can drive this class with scripted requests and a fake store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from typing import Any, Callable, Protocol
+
+from .errors import Refused
+from .layout import Manifest
+from .units import format_size, round_up
+
+CAPACITY_QUANTUM = 1 << 20
+
+
+class SegmentStore(Protocol):
+    def allocate(self, name: str, size: int) -> None: ...
+    def release(self, name: str) -> None: ...
+    def mark_writing(self, name: str) -> None: ...
+    def mark_complete(self, name: str, meta: dict) -> None: ...
+
+
+@dataclasses.dataclass
+class Buffer:
+    name: str
+    capacity: int
+    state: str = "free"               # "free" | "writing" | "complete"
+    step: int | None = None
+    manifest: dict | None = None
+    seq: int = 0                      # commit order, to tell the newest version
+    committed_at: float | None = None
+
+
+@dataclasses.dataclass
+class RankEntry:
+    rank: int
+    world: int
+    session: str | None = None
+    pid: int | None = None
+    buffers: list[Buffer] = dataclasses.field(default_factory=list)
+    commits: int = 0
+    last_commit_at: float | None = None
+    last_copy_seconds: float | None = None
+    last_blocked_seconds: float | None = None
+
+    def complete(self) -> list[Buffer]:
+        """Complete versions, newest first."""
+        return sorted((b for b in self.buffers if b.state == "complete"), key=lambda b: -b.seq)
+
+
+class Catalog:
+    def __init__(self, store: SegmentStore, *, budget: int, available: Callable[[], int], reserve: int,
+                 segment_name: Callable[[int], str], clock: Callable[[], float] = time.time,
+                 new_session: Callable[[], str] = lambda: secrets.token_hex(8)):
+        self.store = store
+        self.budget = budget
+        self.available = available
+        self.reserve = reserve
+        self.segment_name = segment_name
+        self.clock = clock
+        self.new_session = new_session
+        self.ranks: dict[int, RankEntry] = {}
+        self._seq = 0
+
+    # ---- accounting -------------------------------------------------------------------------
+    @property
+    def used(self) -> int:
+        return sum(b.capacity for r in self.ranks.values() for b in r.buffers)
+
+    def _allocate(self, entry: RankEntry, nbytes: int, replacing: Buffer | None) -> Buffer:
+        capacity = round_up(max(nbytes, 1), CAPACITY_QUANTUM)
+        freed = replacing.capacity if replacing else 0
+        after = self.used - freed + capacity
+        if after > self.budget:
+            raise Refused(
+                f"rank {entry.rank} needs {format_size(capacity)} of shared memory for a snapshot of "
+                f"{format_size(nbytes)}, but the daemon's memory budget is {format_size(self.budget)} with "
+                f"{format_size(self.used - freed)} in use (two buffers per rank). Raise memory_budget in the "
+                f"daemon's config, or snapshot less state")
+        available = self.available()
+        if capacity - freed > available - self.reserve:
+            raise Refused(
+                f"rank {entry.rank} needs {format_size(capacity)} of shared memory, but only "
+                f"{format_size(available)} of memory is available and {format_size(self.reserve)} is kept in "
+                f"reserve (memory_reserve). Free memory on the node or snapshot less state")
+        if replacing is not None:
+            self.store.release(replacing.name)
+            entry.buffers.remove(replacing)
+        buf = Buffer(self.segment_name(entry.rank), capacity)
+        self.store.allocate(buf.name, capacity)
+        entry.buffers.append(buf)
+        return buf
+
+    def _by_session(self, session: str) -> RankEntry:
+        for entry in self.ranks.values():
+            if entry.session == session:
+                return entry
+        raise Refused("unknown or outdated session (the daemon restarted, or another process registered this "
+                      "rank since); register again")
+
+    @staticmethod
+    def _buffer(entry: RankEntry, name: str) -> Buffer:
+        for b in entry.buffers:
+            if b.name == name:
+                return b
+        raise Refused(f"rank {entry.rank} has no buffer {name!r}")
+
+    # ---- requests ---------------------------------------------------------------------------
+    def adopt(self, rank: int, world: int, name: str, capacity: int, step: int, manifest: dict,
+              committed_at: float | None) -> None:
+        """Take over a complete, verified version left by a predecessor daemon (call in commit order)."""
+        entry = self.ranks.setdefault(rank, RankEntry(rank, world))
+        self._seq += 1
+        entry.buffers.append(Buffer(name, capacity, "complete", step, manifest, self._seq, committed_at))
+        if len(entry.buffers) > 2:
+            oldest = min(entry.buffers, key=lambda b: b.seq)
+            self.store.release(oldest.name)
+            entry.buffers.remove(oldest)
+
+    def register(self, rank: int, world: int, pid: int) -> dict:
+        if rank >= world:
+            raise Refused(f"rank {rank} is not below world size {world}")
+        entry = self.ranks.setdefault(rank, RankEntry(rank, world))
+        entry.world, entry.pid, entry.session = world, pid, self.new_session()
+        for b in entry.buffers:  # a write of the previous session will never be committed
+            if b.state == "writing":
+                b.state = "free"
+        return {"session": entry.session}
+
+    def begin(self, session: str, step: int, nbytes: int) -> dict:
+        entry = self._by_session(session)
+        complete = entry.complete()
+        newest = complete[0] if complete else None
+        spare = [b for b in entry.buffers if b is not newest]
+        spare.sort(key=lambda b: (b.state == "complete", b.seq))  # prefer free/writing over an older version
+        target = spare[0] if spare else None
+        if target is None or target.capacity < nbytes:
+            target = self._allocate(entry, nbytes, target)
+        self.store.mark_writing(target.name)
+        target.state, target.step, target.manifest, target.committed_at = "writing", step, None, None
+        return {"buffer": target.name, "capacity": target.capacity}
+
+    def commit(self, session: str, buffer: str, step: int, manifest: dict,
+               copy_seconds: float | None = None, blocked_seconds: float | None = None) -> dict:
+        entry = self._by_session(session)
+        buf = self._buffer(entry, buffer)
+        if buf.state != "writing" or buf.step != step:
+            raise Refused(f"buffer {buffer} of rank {entry.rank} is not being written for step {step}")
+        Manifest.from_json(manifest, max_nbytes=buf.capacity)
+        now = self.clock()
+        self._seq += 1
+        meta = {"rank": entry.rank, "world": entry.world, "step": step, "seq": self._seq,
+                "committed_at": now, "manifest": manifest}
+        self.store.mark_complete(buf.name, meta)
+        buf.state, buf.manifest, buf.seq, buf.committed_at = "complete", manifest, self._seq, now
+        entry.commits += 1
+        entry.last_commit_at, entry.last_copy_seconds, entry.last_blocked_seconds = now, copy_seconds, blocked_seconds
+        return {}
+
+    def abort(self, session: str, buffer: str, reason: str = "") -> dict:
+        entry = self._by_session(session)
+        buf = self._buffer(entry, buffer)
+        if buf.state == "writing":
+            buf.state, buf.step = "free", None
+        return {}
+
+    def restore(self, rank: int) -> dict:
+        """Versions this rank should try, newest first: only steps every rank of the node holds."""
+        if rank not in self.ranks:
+            return {"versions": []}
+        holders = [r for r in self.ranks.values() if r.complete()]
+        common = set.intersection(*({b.step for b in r.complete()} for r in holders)) if holders else set()
+        mine = [b for b in self.ranks[rank].complete() if b.step in common]
+        mine.sort(key=lambda b: (-b.step, -b.seq))
+        return {"versions": [{"step": b.step, "buffer": b.name, "manifest": b.manifest} for b in mine]}
+
+    def corrupt(self, rank: int, buffer: str, step: int) -> dict:
+        """A client found a version failing its checksums: never serve it again."""
+        entry = self.ranks.get(rank)
+        if entry is None:
+            raise Refused(f"unknown rank {rank}")
+        buf = self._buffer(entry, buffer)
+        if buf.state == "complete" and buf.step == step:
+            self.store.mark_writing(buf.name)
+            buf.state, buf.step, buf.manifest = "free", None, None
+        return {}
+
+    def status(self) -> dict[str, Any]:
+        ranks = []
+        for r in sorted(self.ranks.values(), key=lambda r: r.rank):
+            ranks.append({
+                "rank": r.rank, "world": r.world, "pid": r.pid, "commits": r.commits,
+                "versions": [{"step": b.step, "bytes": b.manifest["nbytes"], "committed_at": b.committed_at}
+                             for b in r.complete()],
+                "writing": [b.step for b in r.buffers if b.state == "writing"],
+                "buffer_bytes": sum(b.capacity for b in r.buffers),
+                "last_commit_at": r.last_commit_at, "last_copy_seconds": r.last_copy_seconds,
+                "last_blocked_seconds": r.last_blocked_seconds,
+            })
+        return {"budget": self.budget, "used": self.used, "ranks": ranks}
+
+    def release_all(self) -> None:
+        for entry in self.ranks.values():
+            for b in entry.buffers:
+                self.store.release(b.name)
+            entry.buffers.clear()

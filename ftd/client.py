@@ -1,0 +1,384 @@
+"""The trainer hook: ``ftd.Client``. See README for the five lines a trainer needs.
+
+snapshot() flattens the state (state_dict() of every Stateful value, plus RNG states), clones the
+few tensors that may change before the next optimizer step (buffers such as BatchNorm statistics,
+anything not owned by an optimizer), and hands the rest to a background copy job. Tensors owned by
+an optimizer (parameters, moments) only change inside optimizer.step(), so a step pre-hook waits
+there, and only if their copy is still running. restore() loads the newest complete version every
+rank of the node holds, verifying every chunk's checksum on the way.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import rng, shm, treecodec
+from .checksum import chunk_checksum
+from .config import load_config
+from .connection import Connection
+from .copier import SnapshotJob, Worker, copy_and_hash
+from .errors import DaemonUnavailable, FtdError, Refused, SerializationError
+from .layout import Manifest, chunk_ranges, plan_layout
+
+log = logging.getLogger("ftd.client")
+
+_SESSION_LOST = "unknown or outdated session"
+
+
+def _is_stateful(x: Any) -> bool:
+    return callable(getattr(x, "state_dict", None)) and callable(getattr(x, "load_state_dict", None))
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t.dtype, tuple(t.shape), t.device)
+
+
+def _detect_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class _Arena:
+    """A daemon buffer mapped into the trainer: uint8 tensor + memoryview over the same pages."""
+
+    def __init__(self, path: Path):
+        self.mapping = shm.Mapping(path)
+        self.view = self.mapping.view()
+        self.tensor = torch.frombuffer(self.view, dtype=torch.uint8) if self.mapping.size else torch.empty(0, dtype=torch.uint8)
+        self.cuda_registered = False
+
+    def pin(self) -> None:
+        """Page-lock the arena so device-to-host copies run asynchronously at full speed."""
+        if not self.cuda_registered and self.mapping.size:
+            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.mapping.size, 0)
+            if int(err) != 0:
+                raise FtdError(f"cudaHostRegister of {self.mapping.size} bytes failed with error {err}")
+            self.cuda_registered = True
+
+    def close(self) -> None:
+        if self.cuda_registered:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+        del self.tensor
+        try:
+            self.view.release()
+        except (BufferError, ValueError):
+            pass  # a tensor still views the arena; the mapping goes with it
+        self.mapping.close()
+
+
+class Client:
+    """Asynchronous in-memory snapshots of a training state, held by the node's ftd daemon.
+
+    endpoint: the daemon's control endpoint; default $FTD_ENDPOINT, else the default local daemon.
+    rank, world_size: default torch.distributed's, else $RANK/$WORLD_SIZE, else 0/1.
+    capture_rng: also snapshot and restore python, numpy, torch and CUDA RNG states.
+    """
+
+    def __init__(self, endpoint: str | None = None, *, rank: int | None = None, world_size: int | None = None,
+                 capture_rng: bool = True, timeout: float | None = None):
+        config = load_config(None)
+        self.endpoint = endpoint or os.environ.get("FTD_ENDPOINT") or config.endpoint
+        detected = _detect_rank_world()
+        self.rank = detected[0] if rank is None else rank
+        self.world_size = detected[1] if world_size is None else world_size
+        self.capture_rng = capture_rng
+        self._conn = Connection(self.endpoint, config.request_timeout if timeout is None else timeout)
+        self._session: str | None = None
+        self._shm_dir: Path | None = None
+        self._chunk_size = config.chunk_size
+        self._arenas: dict[str, _Arena] = {}
+        self._hooks: dict[int, Any] = {}
+        self._learned_clone: set[tuple] = set()   # live tensors caught being mutated outside optimizer.step()
+        self._side_stream = None
+        self._chunk_delay = float(os.environ.get("FTD_DEBUG_COPY_DELAY", "0"))
+        self._failures = 0
+        self._warned_at = 0.0
+        self._closed = False
+        self.stats = {"snapshots": 0, "committed": 0, "failed": 0, "snapshot_seconds": 0.0,
+                      "hook_wait_seconds": 0.0, "last_copy_seconds": None, "last_step": None}
+        self._worker = Worker(self._process)
+
+    # ---- public API ------------------------------------------------------------------------------
+    def snapshot(self, step: int, state: dict) -> None:
+        """Start an asynchronous snapshot of ``state`` at ``step``; returns at once. Never raises."""
+        t0 = time.perf_counter()
+        try:
+            if self._closed:
+                raise FtdError("client is closed")
+            job = self._prepare(step, state)
+            job.snapshot_seconds = time.perf_counter() - t0
+            self.stats["snapshots"] += 1
+            self._worker.submit(job)
+        except Exception as e:
+            self._warn(f"snapshot of step {step} skipped: {e}")
+        finally:
+            self.stats["snapshot_seconds"] += time.perf_counter() - t0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the last snapshot is copied and committed; True if it was committed."""
+        job = self._worker.latest
+        if job is None:
+            return True
+        job.done.wait(timeout)
+        return job.done.is_set() and job.ok
+
+    def restore(self, state: dict) -> int | None:
+        """Load the newest complete snapshot into ``state`` in place; return its step, or None if there is none.
+
+        Raises DaemonUnavailable (saying how to start a daemon) if no daemon answers.
+        """
+        self.wait()
+        reply = self._conn.call("restore", rank=self.rank)
+        shm_dir = Path(reply["shm_dir"])
+        for version in reply["versions"]:
+            step, name = version["step"], version["buffer"]
+            manifest = Manifest.from_json(version["manifest"])
+            try:
+                arena = _Arena(shm_dir / Path(name).name)
+            except FileNotFoundError:
+                log.warning("ftd: snapshot of step %d vanished before it could be read; trying an older one", step)
+                continue
+            try:
+                bad = _verify(arena.view, manifest)
+                if bad:
+                    log.warning("ftd: snapshot of step %d (rank %d) fails its checksums in %d chunk(s); "
+                                "discarding it and trying an older one", step, self.rank, len(bad))
+                    self._conn.call("corrupt", rank=self.rank, buffer=name, step=step)
+                    continue
+                self._load(arena, manifest, state)
+            finally:
+                arena.close()
+            log.info("ftd: rank %d restored step %d", self.rank, step)
+            return step
+        return None
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish the last snapshot (up to ``timeout`` seconds), then release everything."""
+        if self._closed:
+            return
+        self.wait(timeout)
+        self._closed = True
+        self._worker.close(timeout)
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        self._drop_arenas()
+        self._conn.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- snapshot: trainer thread ----------------------------------------------------------------
+    def _prepare(self, step: int, state: dict) -> SnapshotJob:
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise SerializationError("state must be a dict with string keys")
+        owned: set[tuple] = set()
+        captured: dict[str, Any] = {}
+        for key, value in state.items():
+            if isinstance(value, torch.optim.Optimizer):
+                self._install_hook(value)
+                owned.update(_optimizer_tensors(value))
+            captured[key] = value.state_dict() if _is_stateful(value) else value
+        tree = {"state": captured, "rng": rng.capture() if self.capture_rng else None}
+        skeleton, tensors = treecodec.encode(tree)
+        sources, versions = [], []
+        for t in tensors:
+            ident = _identity(t)
+            if ident in owned and ident not in self._learned_clone:
+                sources.append(t)
+                versions.append(t._version)
+            else:
+                sources.append(t.clone())  # may change before the next optimizer step: capture it now
+                versions.append(None)
+        layout = plan_layout([(treecodec.dtype_name(t.dtype), tuple(t.shape)) for t in tensors])
+        job = SnapshotJob(step, skeleton, layout, sources, versions)
+        if any(t.is_cuda for t in sources):
+            job.ready_event = torch.cuda.Event()
+            job.ready_event.record()
+        return job
+
+    def _install_hook(self, optimizer: torch.optim.Optimizer) -> None:
+        if id(optimizer) not in self._hooks:
+            self._hooks[id(optimizer)] = optimizer.register_step_pre_hook(self._before_optimizer_step)
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        job = self._worker.latest
+        if job is None or job.done.is_set():
+            return
+        if not job.released.is_set():
+            t0 = time.perf_counter()
+            job.released.wait()
+            self.stats["hook_wait_seconds"] += time.perf_counter() - t0
+        job.capture_versions_at_step()
+        if job.copied_event is not None:
+            torch.cuda.current_stream().wait_event(job.copied_event)
+
+    # ---- snapshot: background thread -------------------------------------------------------------
+    def _process(self, job: SnapshotJob) -> None:
+        try:
+            name, arena = self._begin(job.step, job.layout.nbytes)
+        except Exception as e:
+            job.finish(False, str(e))
+            self._note_failure(f"snapshot of step {job.step} skipped: {e}")
+            return
+        t0 = time.perf_counter()
+        try:
+            if any(t.is_cuda for t in job.sources):
+                if self._side_stream is None:
+                    self._side_stream = torch.cuda.Stream()
+                arena.pin()
+            sums = copy_and_hash(job, arena.tensor, arena.view, self._chunk_size, self._side_stream,
+                                 self._chunk_delay)
+            torn = job.torn_sources()
+        except Exception as e:
+            job.released.set()
+            self._abort(name, f"copy failed: {e}")
+            job.finish(False, str(e))
+            self._note_failure(f"snapshot of step {job.step} failed while copying: {e}")
+            return
+        job.released.set()
+        job.copy_seconds = time.perf_counter() - t0
+        if torn:
+            for i in torn:
+                self._learned_clone.add(_identity(job.sources[i]))
+            self._abort(name, "tensors changed during the copy")
+            job.finish(False, "torn")
+            self._note_failure(f"snapshot of step {job.step} discarded: {len(torn)} tensor(s) changed in place "
+                               "while being copied (outside optimizer.step()); from now on they are cloned at "
+                               "snapshot() time instead")
+            return
+        manifest = Manifest(job.layout, self._chunk_size, tuple(sums), job.skeleton)
+        try:
+            self._call_session("commit", buffer=name, step=job.step, manifest=manifest.to_json(),
+                               copy_seconds=job.copy_seconds, blocked_seconds=job.snapshot_seconds)
+        except Exception as e:
+            job.finish(False, str(e))
+            self._note_failure(f"snapshot of step {job.step} could not be committed: {e}")
+            return
+        job.finish(True)
+        self.stats["committed"] += 1
+        self.stats["last_copy_seconds"] = job.copy_seconds
+        self.stats["last_step"] = job.step
+        if self._failures:
+            log.warning("ftd: snapshots work again (step %d committed after %d failure(s))", job.step, self._failures)
+            self._failures = 0
+
+    def _begin(self, step: int, nbytes: int) -> tuple[str, _Arena]:
+        reply = self._call_session("begin", step=step, nbytes=nbytes)
+        name = reply["buffer"]
+        arena = self._arenas.get(name)
+        if arena is None:
+            arena = self._arenas[name] = _Arena(self._shm_dir / Path(name).name)
+        if arena.mapping.size < nbytes:
+            raise FtdError(f"daemon buffer {name} holds {arena.mapping.size} bytes, snapshot needs {nbytes}")
+        return name, arena
+
+    def _call_session(self, mtype: str, **fields: Any) -> dict:
+        """A request that needs a registered session; registers (again) if the daemon forgot us."""
+        for attempt in (0, 1):
+            if self._session is None:
+                reply = self._conn.call("register", rank=self.rank, world=self.world_size, pid=os.getpid())
+                self._session, self._shm_dir = reply["session"], Path(reply["shm_dir"])
+                self._chunk_size = int(reply["chunk_size"])
+                self._drop_arenas()
+            try:
+                return self._conn.call(mtype, session=self._session, **fields)
+            except Refused as e:
+                if _SESSION_LOST not in str(e) or attempt or mtype != "begin":
+                    raise
+                self._session = None
+            except DaemonUnavailable:
+                self._session = None
+                raise
+        raise AssertionError("unreachable")
+
+    def _abort(self, name: str, reason: str) -> None:
+        try:
+            self._call_session("abort", buffer=name, reason=reason[:200])
+        except FtdError:
+            pass
+
+    def _drop_arenas(self) -> None:
+        for arena in self._arenas.values():
+            arena.close()
+        self._arenas.clear()
+
+    def _note_failure(self, message: str) -> None:
+        self._failures += 1
+        self.stats["failed"] += 1
+        self._warn(message)
+
+    def _warn(self, message: str) -> None:
+        """Warn at once, then at most every 30 s while failures go on; training continues either way."""
+        now = time.monotonic()
+        if self._failures <= 1 or now - self._warned_at > 30:
+            log.warning("ftd: %s (training continues)", message)
+            self._warned_at = now
+
+    # ---- restore -----------------------------------------------------------------------------------
+    def _load(self, arena: _Arena, manifest: Manifest, state: dict) -> None:
+        layout = manifest.layout
+
+        def view(i: int) -> torch.Tensor:
+            if i >= len(layout.slots):
+                raise SerializationError(f"snapshot skeleton refers to tensor {i}, layout has {len(layout.slots)}")
+            s = layout.slots[i]
+            return arena.tensor[s.offset:s.end].view(treecodec.dtype_from_name(s.dtype)).view(s.shape)
+
+        def clone(i: int) -> torch.Tensor:
+            return view(i).clone()
+
+        tree = manifest.tree
+        if not isinstance(tree, dict) or not isinstance(tree.get("state"), dict):
+            raise SerializationError("snapshot skeleton has no state")
+        for key, sub in tree["state"].items():
+            target = state.get(key)
+            if isinstance(target, torch.nn.Module):
+                # Module.load_state_dict copies into the existing parameters: no clone needed
+                target.load_state_dict(treecodec.decode(sub, view))
+            elif _is_stateful(target):
+                target.load_state_dict(treecodec.decode(sub, clone))
+            else:
+                state[key] = treecodec.decode(sub, clone)
+        if self.capture_rng and tree.get("rng") is not None:
+            rng.restore(treecodec.decode(tree["rng"], clone))
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> set[tuple]:
+    """Identities of the tensors only optimizer.step() changes: its parameters and their state."""
+    owned = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            owned.add(_identity(p))
+            for v in optimizer.state.get(p, {}).values():
+                if isinstance(v, torch.Tensor):
+                    owned.add(_identity(v))
+    return owned
+
+
+_VERIFY_POOL: ThreadPoolExecutor | None = None
+_VERIFY_POOL_LOCK = threading.Lock()
+
+
+def _verify(view: memoryview, manifest: Manifest) -> list[int]:
+    """Chunks whose checksum fails, hashed on two threads (xxhash releases the GIL)."""
+    global _VERIFY_POOL
+    with _VERIFY_POOL_LOCK:
+        if _VERIFY_POOL is None:
+            _VERIFY_POOL = ThreadPoolExecutor(2, thread_name_prefix="ftd-verify")
+    ranges = chunk_ranges(manifest.layout.nbytes, manifest.chunk_size)
+    if view.nbytes < manifest.layout.nbytes:
+        return list(range(len(ranges)))
+    got = list(_VERIFY_POOL.map(lambda r: chunk_checksum(view[r[0]:r[1]]), ranges))
+    return [i for i, (a, b) in enumerate(zip(got, manifest.checksums)) if a != b]

@@ -1,0 +1,160 @@
+"""The copy engine: moves one snapshot's tensors into a shared-memory arena, off the trainer thread.
+
+``copy_and_hash`` walks the arena chunk by chunk: CPU tensors are copied piece by piece into the
+chunk and the chunk is hashed right after, while it is still in cache; CUDA tensors are copied
+whole on a side stream into the (pinned) arena and their chunks hashed once the copy event fires.
+``Worker`` runs snapshot jobs on one background thread with a single pending slot: a newer
+snapshot supersedes one that has not started, so nothing queues without bound.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+
+from .checksum import chunk_checksum
+from .layout import Layout, chunk_plan
+from .treecodec import dtype_from_name
+
+log = logging.getLogger("ftd.client")
+
+
+@dataclasses.dataclass
+class SnapshotJob:
+    step: int
+    skeleton: Any
+    layout: Layout
+    sources: list[torch.Tensor]            # live tensors (optimizer-owned) or private clones
+    versions: list[int | None]             # version counter of each live source at snapshot(); None for clones
+    snapshot_seconds: float = 0.0          # time the trainer spent inside snapshot()
+    ready_event: Any = None                # CUDA event on the trainer's stream at snapshot()
+    copied_event: Any = None               # CUDA event after the side-stream copies
+    released: threading.Event = dataclasses.field(default_factory=threading.Event)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    versions_at_step: list[int] | None = None  # captured by the optimizer pre-step hook
+    ok: bool = False
+    error: str | None = None
+    copy_seconds: float | None = None
+
+    def finish(self, ok: bool, error: str | None = None) -> None:
+        self.ok, self.error = ok, error
+        self.released.set()
+        self.done.set()
+
+    def torn_sources(self) -> list[int]:
+        """Live sources mutated in place between snapshot() and the end of their copy."""
+        with self.lock:
+            observed = self.versions_at_step or [s._version for s in self.sources]
+        return [i for i, v in enumerate(self.versions) if v is not None and observed[i] != v]
+
+    def capture_versions_at_step(self) -> None:
+        with self.lock:
+            if self.versions_at_step is None:
+                self.versions_at_step = [s._version for s in self.sources]
+
+
+def slot_view(arena: torch.Tensor, layout: Layout, i: int) -> torch.Tensor:
+    s = layout.slots[i]
+    return arena[s.offset:s.end].view(dtype_from_name(s.dtype)).view(s.shape)
+
+
+def copy_and_hash(job: SnapshotJob, arena: torch.Tensor, mv: memoryview, chunk_size: int,
+                  side_stream: Any = None, chunk_delay: float = 0.0) -> list[int]:
+    """Copy ``job.sources`` into ``arena`` (uint8 tensor over ``mv``); return per-chunk checksums.
+
+    Sets ``job.released`` as soon as the live (optimizer-owned) tensors may change again.
+    """
+    layout, sources = job.layout, job.sources
+    cuda_idx = [i for i, t in enumerate(sources) if t.is_cuda and layout.slots[i].nbytes]
+    if cuda_idx:
+        with torch.cuda.stream(side_stream):
+            if job.ready_event is not None:
+                side_stream.wait_event(job.ready_event)
+            for i in cuda_idx:
+                slot_view(arena, layout, i).copy_(sources[i], non_blocking=True)
+            job.copied_event = torch.cuda.Event()
+            job.copied_event.record(side_stream)
+        if all(t.is_cuda or v is None for t, v in zip(sources, job.versions)):
+            job.released.set()  # the pre-step hook orders the optimizer after copied_event on the GPU
+    flat = [t.reshape(-1).view(torch.uint8) if not t.is_cuda and t.is_contiguous() and t.numel() else None
+            for t in sources]
+    sums: list[int] = []
+    cuda_pending = bool(cuda_idx)
+    for (lo, hi), pieces in chunk_plan(layout, chunk_size):
+        for p in pieces:
+            src = sources[p.slot]
+            if src.is_cuda:
+                if cuda_pending:
+                    job.copied_event.synchronize()
+                    cuda_pending = False
+                continue
+            if flat[p.slot] is None:
+                if p.start == 0:
+                    slot_view(arena, layout, p.slot).copy_(src)
+                continue
+            base = layout.slots[p.slot].offset
+            arena[base + p.start:base + p.end].copy_(flat[p.slot][p.start:p.end])
+        sums.append(chunk_checksum(mv[lo:hi]))
+        if chunk_delay:
+            time.sleep(chunk_delay)  # fault-injection knob for tests: widens the copy window
+    if cuda_pending:
+        job.copied_event.synchronize()
+    return sums
+
+
+class Worker:
+    """One background thread running snapshot jobs, newest wins."""
+
+    def __init__(self, process: Callable[[SnapshotJob], None]):
+        self._process = process
+        self._cond = threading.Condition()
+        self._pending: SnapshotJob | None = None
+        self._running: SnapshotJob | None = None
+        self.latest: SnapshotJob | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="ftd-copier", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: SnapshotJob) -> None:
+        with self._cond:
+            if self._pending is not None:
+                self._pending.finish(False, f"superseded by step {job.step} before its copy started")
+            self._pending = job
+            self.latest = job
+            self._cond.notify()
+
+    def idle(self) -> bool:
+        with self._cond:
+            return self._pending is None and self._running is None
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._pending is None:
+                    return
+                job, self._pending = self._pending, None
+                self._running = job
+            try:
+                self._process(job)
+            except BaseException as e:  # a failed snapshot must never take the trainer down
+                log.warning("ftd: snapshot of step %d failed: %s", job.step, e)
+                job.finish(False, str(e))
+            finally:
+                if not job.done.is_set():
+                    job.finish(False, "snapshot job ended without a result")
+                with self._cond:
+                    self._running = None
+                    self._cond.notify_all()
+
+    def close(self, timeout: float | None = None) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)

@@ -1,0 +1,226 @@
+"""The node daemon: owns the shared-memory buffers of its node's trainer ranks and outlives them.
+
+Its loop only moves messages: receive a request on the ZeroMQ ROUTER control socket, validate it
+(protocol), let the catalog decide, reply. On start it adopts the complete, checksum-verified
+versions a killed predecessor left in shared memory and deletes everything else of its own; on
+SIGTERM/SIGINT it unlinks every segment it owns.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import zmq
+
+from . import protocol, shm
+from .catalog import Catalog
+from .checksum import bad_chunks
+from .config import Config, ensure_private_dir
+from .errors import FtdError, ProtocolError, Refused
+from .layout import Manifest
+
+log = logging.getLogger("ftd.daemon")
+
+
+class ShmStore:
+    """The catalog's store: segments as files in ``shm_dir``."""
+
+    def __init__(self, shm_dir: Path):
+        self.dir = shm_dir
+
+    def allocate(self, name: str, size: int) -> None:
+        shm.create(self.dir / name, size)
+
+    def release(self, name: str) -> None:
+        shm.drop_meta(self.dir / name)
+        shm.unlink(self.dir / name)
+
+    def mark_writing(self, name: str) -> None:
+        shm.drop_meta(self.dir / name)
+
+    def mark_complete(self, name: str, meta: dict) -> None:
+        shm.write_meta(self.dir / name, meta)
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.started_at = time.time()
+        self.store = ShmStore(config.shm_dir)
+        self.catalog = Catalog(
+            self.store, budget=config.memory_budget, reserve=config.memory_reserve,
+            available=lambda: psutil.virtual_memory().available,
+            segment_name=lambda rank: f"{config.shm_prefix}r{rank}.{secrets.token_hex(6)}")
+        self._segment_re = re.compile(re.escape(config.shm_prefix) + r"r(\d+)\.([0-9a-f]{12})$")
+        self._stop = False
+        self._lock_fd: int | None = None
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+
+    # ---- start-up -----------------------------------------------------------------------------
+    def _take_lock(self) -> None:
+        ensure_private_dir(self.config.runtime_dir)
+        ensure_private_dir(self.config.socket_path.parent)
+        lock = self.config.socket_path.with_suffix(".lock")
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FtdError(f"another ftd daemon already serves node {self.config.node_rank} of job "
+                           f"{self.config.job!r} at {self.config.endpoint}; stop it first, or use another job name")
+        self._lock_fd = fd
+
+    def adopt_predecessor(self) -> tuple[int, int]:
+        """Adopt verified complete versions left in shared memory; remove the rest. Returns (adopted, removed)."""
+        found = []
+        removed = 0
+        for path in shm.list_prefix(self.config.shm_dir, self.config.shm_prefix):
+            if path.name.endswith((".meta", ".tmp")):
+                if not (self.config.shm_dir / path.name.split(".meta")[0]).exists():
+                    shm.unlink(path)
+                continue
+            m = self._segment_re.match(path.name)
+            meta = shm.read_meta(path)
+            version = self._verified(path, meta) if m and meta else None
+            if version is None:
+                self.store.release(path.name)
+                removed += 1
+                continue
+            found.append((meta["seq"], int(m.group(1)), path, meta))
+        for _, rank, path, meta in sorted(found, key=lambda f: f[0]):
+            self.catalog.adopt(rank, meta["world"], path.name, path.stat().st_size, meta["step"],
+                               meta["manifest"], meta.get("committed_at"))
+            log.info("adopted rank %d step %d from %s", rank, meta["step"], path.name)
+        return len(found), removed
+
+    @staticmethod
+    def _verified(path: Path, meta: dict) -> Manifest | None:
+        try:
+            if not all(isinstance(meta.get(k), int) for k in ("rank", "world", "step", "seq")):
+                return None
+            manifest = Manifest.from_json(meta.get("manifest"), max_nbytes=path.stat().st_size)
+            mapping = shm.Mapping(path, populate=False, writable=False)
+            try:
+                bad = bad_chunks(mapping.view(), manifest.layout.nbytes, manifest.chunk_size, manifest.checksums)
+            finally:
+                mapping.close()
+        except (OSError, ProtocolError, ValueError) as e:
+            log.warning("discarding %s: %s", path.name, e)
+            return None
+        if bad:
+            log.warning("discarding %s (step %s): %d chunk(s) fail their checksums", path.name, meta["step"], len(bad))
+            return None
+        return manifest
+
+    # ---- requests -----------------------------------------------------------------------------
+    def handle(self, payload: bytes) -> bytes:
+        try:
+            msg = protocol.decode_request(payload)
+            mtype = msg["type"]
+            fields = {k: v for k, v in msg.items() if k not in ("v", "type")}
+            if mtype == "ping":
+                return protocol.ok(node_rank=self.config.node_rank, job=self.config.job, pid=os.getpid())
+            if mtype == "status":
+                return protocol.ok(**self.status())
+            result = getattr(self.catalog, mtype)(**fields)
+            if mtype in ("register", "restore"):
+                result.update(shm_dir=str(self.config.shm_dir), chunk_size=self.config.chunk_size,
+                              node_rank=self.config.node_rank)
+            return protocol.ok(**result)
+        except (ProtocolError, Refused) as e:
+            log.warning("request refused: %s", e)
+            return protocol.error(str(e))
+        except Exception as e:  # the daemon must stay up for the other ranks
+            log.exception("internal error while handling a request")
+            return protocol.error(f"internal error in the daemon: {type(e).__name__}: {e}")
+
+    def status(self) -> dict:
+        st = self.catalog.status()
+        for r in st["ranks"]:
+            r["alive"] = bool(r["pid"]) and psutil.pid_exists(r["pid"])
+        st.update(job=self.config.job, node_rank=self.config.node_rank, endpoint=self.config.endpoint,
+                  pid=os.getpid(), uptime=time.time() - self.started_at, shm_dir=str(self.config.shm_dir))
+        return st
+
+    # ---- loop -----------------------------------------------------------------------------------
+    def request_stop(self, *_: object) -> None:
+        self._stop = True
+
+    def start(self) -> None:
+        self._take_lock()
+        adopted, removed = self.adopt_predecessor()
+        if adopted or removed:
+            log.info("adopted %d version(s) of a previous daemon, removed %d incomplete segment(s)", adopted, removed)
+        sock_path = self.config.socket_path
+        if sock_path.exists():
+            sock_path.unlink()  # stale: we hold the lock, so no daemon serves it
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(self.config.endpoint)
+        os.chmod(sock_path, 0o600)
+
+    def serve(self) -> None:
+        assert self._sock is not None
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop:
+            if not poller.poll(100):
+                continue
+            frames = self._sock.recv_multipart()
+            envelope, body = _split_envelope(frames)
+            if envelope is None:
+                continue  # not even a routable message
+            reply = self.handle(body[0]) if len(body) == 1 else protocol.error(
+                f"expected one frame per request, got {len(body)}")
+            self._sock.send_multipart(envelope + [reply])
+
+    def close(self) -> None:
+        self.catalog.release_all()
+        if self._sock is not None:
+            self._sock.close(0)
+        if self._ctx is not None:
+            self._ctx.term()
+        shm.unlink(self.config.socket_path)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+
+
+def _split_envelope(frames: list[bytes]) -> tuple[list[bytes] | None, list[bytes]]:
+    """ROUTER frames -> (routing envelope, body). REQ peers put an empty delimiter after their identity."""
+    if len(frames) < 2:
+        return None, []
+    if frames[1] == b"":
+        return frames[:2], frames[2:]
+    return frames[:1], frames[1:]
+
+
+def run(config: Config) -> int:
+    """Run a daemon in this process until SIGTERM/SIGINT; returns the exit status."""
+    daemon = Daemon(config)
+    try:
+        daemon.start()
+    except FtdError as e:
+        print(f"ftd daemon: {e}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, daemon.request_stop)
+    signal.signal(signal.SIGINT, daemon.request_stop)
+    print(f"ftd daemon: node {config.node_rank} of job {config.job!r} serving at {config.endpoint} "
+          f"(memory budget {config.memory_budget >> 20} MiB, shared memory in {config.shm_dir})", flush=True)
+    print(f"ftd daemon: trainers on this node find it with FTD_ENDPOINT={config.endpoint}", flush=True)
+    try:
+        daemon.serve()
+    finally:
+        daemon.close()
+        print("ftd daemon: stopped; all shared memory released", flush=True)
+    return 0

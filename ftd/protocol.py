@@ -1,0 +1,119 @@
+"""The control protocol between trainer clients and their node daemon: messages, no sockets.
+
+One ZeroMQ frame per message, holding a JSON object ``{"v": 1, "type": ..., fields...}``.
+JSON rather than pickle: bytes from another process are data, never code. Every request is
+checked against a schema (field types and bounds) before the daemon acts on it; a reply is
+``{"v": 1, "ok": true, ...}`` or ``{"v": 1, "ok": false, "error": "..."}``.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import ProtocolError
+
+VERSION = 1
+MAX_MESSAGE_BYTES = 32 << 20
+MAX_RANK = 1 << 20
+MAX_STEP = 1 << 62
+MAX_NBYTES = 1 << 44
+MAX_STR = 256
+
+_INT, _POS, _STR, _NUM, _DICT, _RANK = "int", "posint", "str", "number", "dict", "rank"
+
+# type -> {field: (kind, required)}
+SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
+    "ping": {},
+    "status": {},
+    "register": {"rank": (_RANK, True), "world": (_POS, True), "pid": (_INT, True)},
+    "begin": {"session": (_STR, True), "step": (_INT, True), "nbytes": (_POS, True)},
+    "commit": {
+        "session": (_STR, True), "buffer": (_STR, True), "step": (_INT, True), "manifest": (_DICT, True),
+        "copy_seconds": (_NUM, False), "blocked_seconds": (_NUM, False),
+    },
+    "abort": {"session": (_STR, True), "buffer": (_STR, True), "reason": (_STR, False)},
+    "restore": {"rank": (_RANK, True)},
+    "corrupt": {"rank": (_RANK, True), "buffer": (_STR, True), "step": (_INT, True)},
+}
+
+
+def _check_field(mtype: str, name: str, kind: str, value: Any) -> None:
+    where = f"{mtype}.{name}"
+    if kind in (_INT, _POS, _RANK):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ProtocolError(f"{where} must be an integer, got {type(value).__name__}")
+        upper = {_INT: MAX_STEP, _POS: MAX_NBYTES, _RANK: MAX_RANK}[kind]
+        lower = 1 if kind == _POS else 0
+        if not lower <= value <= upper:
+            raise ProtocolError(f"{where}={value} is out of range [{lower}, {upper}]")
+    elif kind == _STR:
+        if not isinstance(value, str) or len(value) > MAX_STR:
+            raise ProtocolError(f"{where} must be a string of at most {MAX_STR} characters")
+    elif kind == _NUM:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 <= value < 1e9):
+            raise ProtocolError(f"{where} must be a non-negative number")
+    elif kind == _DICT:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where} must be an object")
+    else:  # pragma: no cover - schema typo
+        raise AssertionError(kind)
+
+
+def validate_request(msg: Any) -> dict:
+    """Check a decoded request against its schema; return it, or raise ProtocolError saying why."""
+    if not isinstance(msg, dict):
+        raise ProtocolError("a request must be a JSON object")
+    if msg.get("v") != VERSION:
+        raise ProtocolError(f"protocol version {msg.get('v')!r} is not supported (this daemon speaks {VERSION}); "
+                            "use the same ftd version for client and daemon")
+    mtype = msg.get("type")
+    if mtype not in SCHEMAS:
+        raise ProtocolError(f"unknown request type {mtype!r}; known: {sorted(SCHEMAS)}")
+    schema = SCHEMAS[mtype]
+    for name, (kind, required) in schema.items():
+        if name in msg:
+            _check_field(mtype, name, kind, msg[name])
+        elif required:
+            raise ProtocolError(f"{mtype} request lacks field {name!r}")
+    extra = set(msg) - set(schema) - {"v", "type"}
+    if extra:
+        raise ProtocolError(f"{mtype} request has unknown fields {sorted(extra)}")
+    return msg
+
+
+def decode(frame: bytes) -> Any:
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(frame)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    try:
+        return json.loads(frame)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"message is not valid JSON ({e})") from None
+
+
+def decode_request(frame: bytes) -> dict:
+    return validate_request(decode(frame))
+
+
+def encode(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=True).encode()
+
+
+def request(mtype: str, **fields: Any) -> bytes:
+    msg = {"v": VERSION, "type": mtype, **fields}
+    validate_request(msg)
+    return encode(msg)
+
+
+def ok(**fields: Any) -> bytes:
+    return encode({"v": VERSION, "ok": True, **fields})
+
+
+def error(message: str) -> bytes:
+    return encode({"v": VERSION, "ok": False, "error": message})
+
+
+def decode_reply(frame: bytes) -> dict:
+    msg = decode(frame)
+    if not isinstance(msg, dict) or msg.get("v") != VERSION or not isinstance(msg.get("ok"), bool):
+        raise ProtocolError("reply is not an ftd v1 reply; are client and daemon the same ftd version?")
+    return msg

@@ -1,0 +1,106 @@
+"""Shared-memory segments: files in a tmpfs directory (``/dev/shm``), mode 0600, mapped with mmap.
+
+Not ``multiprocessing.shared_memory``: on Python < 3.13 it registers every segment with a
+resource tracker that unlinks it when the creating process dies, which would throw away exactly
+the snapshots a restarted daemon is meant to adopt.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+from pathlib import Path
+
+from .errors import Refused
+
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def create(path: Path, size: int) -> None:
+    """Create a segment of ``size`` bytes with its memory reserved now (posix_fallocate), so the
+    trainer never meets a SIGBUS on a full tmpfs and never pays the first-touch cost."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.ENOMEM):
+                raise Refused(f"cannot reserve {size} bytes in {path.parent}: the tmpfs is full "
+                              f"(raise its size or lower the state size)") from None
+            raise
+    except BaseException:
+        os.close(fd)
+        unlink(path)
+        raise
+    os.close(fd)
+
+
+class Mapping:
+    """A segment mapped read-write into this process."""
+
+    def __init__(self, path: Path, *, populate: bool = True, writable: bool = True):
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        fd = os.open(path, flags | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.getuid():
+                raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to this user")
+            self.size = st.st_size
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            self.mm = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED | (_MAP_POPULATE if populate else 0),
+                                prot=prot)
+        finally:
+            os.close(fd)
+        self.path = path
+
+    def view(self) -> memoryview:
+        return memoryview(self.mm)
+
+    def close(self) -> None:
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # a tensor still views it; the mapping goes when that tensor does
+
+
+def unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def meta_path(segment: Path) -> Path:
+    return segment.with_name(segment.name + ".meta")
+
+
+def write_meta(segment: Path, obj: dict) -> None:
+    """Write the sidecar that marks the segment as holding a complete version: temp name, then rename."""
+    final = meta_path(segment)
+    tmp = final.with_name(final.name + ".tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(json.dumps(obj, separators=(",", ":")).encode())
+    os.replace(tmp, final)
+
+
+def drop_meta(segment: Path) -> None:
+    unlink(meta_path(segment))
+
+
+def read_meta(segment: Path) -> dict | None:
+    try:
+        with open(meta_path(segment), "rb") as f:
+            obj = json.loads(f.read())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def list_prefix(directory: Path, prefix: str) -> list[Path]:
+    try:
+        return sorted(p for p in directory.iterdir() if p.name.startswith(prefix))
+    except FileNotFoundError:
+        return []
