@@ -85,8 +85,10 @@ def load_config(path: str | os.PathLike | None = None, *, node_rank: int | None 
     total = psutil.virtual_memory().total
     kwargs: dict = {}
     for key, value in raw.items():
-        if key in ("runtime_dir", "shm_dir"):
+        if key == "runtime_dir":
             kwargs[key] = Path(value).expanduser() if value else default_runtime_dir()
+        elif key == "shm_dir":
+            kwargs[key] = Path(value).expanduser() if value else Path("/dev/shm")
         elif key in ("memory_budget", "memory_reserve", "chunk_size"):
             kwargs[key] = parse_size(value, total=total)
         elif key == "request_timeout":
