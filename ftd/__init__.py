@@ -3,10 +3,18 @@
     client = ftd.Client()
     start = client.restore(state)
     ... client.snapshot(step, state) after every optimizer.step() ...
+
+``Client`` is imported lazily, so the daemon and the CLI start without importing torch.
 """
-from .client import Client
 from .errors import CorruptSnapshot, DaemonUnavailable, FtdError, ProtocolError, Refused, SerializationError
 
 __version__ = "0.1.0"
 __all__ = ["Client", "FtdError", "DaemonUnavailable", "Refused", "ProtocolError", "SerializationError",
            "CorruptSnapshot", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "Client":
+        from .client import Client
+        return Client
+    raise AttributeError(f"module 'ftd' has no attribute {name!r}")
