@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_status)
 
     p = sub.add_parser("demo", help="single-node demo: crash a trainer, resume bit-exact from memory")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--dir", help="work directory (default: a temporary one)")
+    p.add_argument("--steps", type=int, default=60,
+                   help="training steps (default 60); the trainer is killed at two thirds of them")
+    p.add_argument("--dir", help="work directory, kept afterwards (default: a temporary one, removed at the end)")
     p.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)

@@ -30,6 +30,7 @@ from .layout import Manifest, chunk_ranges, plan_layout
 log = logging.getLogger("ftd.client")
 
 _SESSION_LOST = "unknown or outdated session"
+BEGIN_GRACE_SECONDS = 0.5  # longest an optimizer step waits for the daemon to hand out a buffer
 
 
 def _is_stateful(x: Any) -> bool:
@@ -100,6 +101,8 @@ class Client:
         self._side_stream = None
         self._chunk_delay = float(os.environ.get("FTD_DEBUG_COPY_DELAY", "0"))
         self._failures = 0
+        self._daemon_lost = False
+        self._hook_wait_unreported = 0.0  # pre-step waits not yet reported to the daemon (ftd status)
         self._warned_at = 0.0
         self._closed = False
         self.stats = {"snapshots": 0, "committed": 0, "failed": 0, "snapshot_seconds": 0.0,
@@ -216,10 +219,21 @@ class Client:
         job = self._worker.latest
         if job is None or job.done.is_set():
             return
+        t0 = time.perf_counter()
+        if not job.started.is_set():
+            # The daemon has not handed out a buffer yet (slow, restarting or gone): wait briefly,
+            # then skip this snapshot rather than stall training.
+            job.started.wait(0.0 if self._daemon_lost else BEGIN_GRACE_SECONDS)
+            if job.cancel_if_not_started():
+                self.stats["hook_wait_seconds"] += time.perf_counter() - t0
+                self._note_failure(f"snapshot of step {job.step} skipped: the daemon did not hand out a buffer "
+                                   "before the next optimizer step")
+                return
         if not job.released.is_set():
-            t0 = time.perf_counter()
             job.released.wait()
-            self.stats["hook_wait_seconds"] += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        self.stats["hook_wait_seconds"] += waited
+        self._hook_wait_unreported += waited
         job.capture_versions_at_step()
         if job.copied_event is not None:
             torch.cuda.current_stream().wait_event(job.copied_event)
@@ -229,9 +243,10 @@ class Client:
         try:
             name, arena = self._begin(job.step, job.layout.nbytes)
         except Exception as e:
-            job.finish(False, str(e))
-            self._note_failure(f"snapshot of step {job.step} skipped: {e}")
-            return
+            self._daemon_lost = isinstance(e, DaemonUnavailable)
+            return self._fail(job, f"snapshot of step {job.step} skipped: {e}")
+        if not job.start_copy():
+            return self._fail(job, "", abort=name)  # cancelled by the pre-step hook, which said so
         t0 = time.perf_counter()
         try:
             if any(t.is_cuda for t in job.sources):
@@ -242,37 +257,39 @@ class Client:
                                  self._chunk_delay)
             torn = job.torn_sources()
         except Exception as e:
-            job.released.set()
-            self._abort(name, f"copy failed: {e}")
-            job.finish(False, str(e))
-            self._note_failure(f"snapshot of step {job.step} failed while copying: {e}")
-            return
+            return self._fail(job, f"snapshot of step {job.step} failed while copying: {e}", abort=name)
         job.released.set()
         job.copy_seconds = time.perf_counter() - t0
         if torn:
-            for i in torn:
-                self._learned_clone.add(_identity(job.sources[i]))
-            self._abort(name, "tensors changed during the copy")
-            job.finish(False, "torn")
-            self._note_failure(f"snapshot of step {job.step} discarded: {len(torn)} tensor(s) changed in place "
-                               "while being copied (outside optimizer.step()); from now on they are cloned at "
-                               "snapshot() time instead")
-            return
+            self._learned_clone.update(_identity(job.sources[i]) for i in torn)
+            return self._fail(job, f"snapshot of step {job.step} discarded: {len(torn)} tensor(s) changed in place "
+                                   "while being copied (outside optimizer.step()); from now on they are cloned at "
+                                   "snapshot() time instead", abort=name)
         manifest = Manifest(job.layout, self._chunk_size, tuple(sums), job.skeleton)
+        blocked = job.snapshot_seconds + self._hook_wait_unreported
         try:
             self._call_session("commit", buffer=name, step=job.step, manifest=manifest.to_json(),
-                               copy_seconds=job.copy_seconds, blocked_seconds=job.snapshot_seconds)
+                               copy_seconds=job.copy_seconds, blocked_seconds=blocked)
         except Exception as e:
-            job.finish(False, str(e))
-            self._note_failure(f"snapshot of step {job.step} could not be committed: {e}")
-            return
-        job.finish(True)
+            return self._fail(job, f"snapshot of step {job.step} could not be committed: {e}")
+        self._hook_wait_unreported = 0.0
+        self._daemon_lost = False
         self.stats["committed"] += 1
         self.stats["last_copy_seconds"] = job.copy_seconds
         self.stats["last_step"] = job.step
         if self._failures:
             log.warning("ftd: snapshots work again (step %d committed after %d failure(s))", job.step, self._failures)
             self._failures = 0
+        job.finish(True)
+
+    def _fail(self, job: SnapshotJob, message: str, abort: str | None = None) -> None:
+        """End a job that produced no version: free its buffer, warn, then wake whoever waits on it."""
+        job.released.set()
+        if abort is not None:
+            self._abort(abort, message or "cancelled")
+        if message:
+            self._note_failure(message)
+        job.finish(False, message or "cancelled")
 
     def _begin(self, step: int, nbytes: int) -> tuple[str, _Arena]:
         reply = self._call_session("begin", step=step, nbytes=nbytes)

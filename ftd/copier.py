@@ -33,18 +33,37 @@ class SnapshotJob:
     snapshot_seconds: float = 0.0          # time the trainer spent inside snapshot()
     ready_event: Any = None                # CUDA event on the trainer's stream at snapshot()
     copied_event: Any = None               # CUDA event after the side-stream copies
-    released: threading.Event = dataclasses.field(default_factory=threading.Event)
+    started: threading.Event = dataclasses.field(default_factory=threading.Event)   # copy of live tensors began
+    released: threading.Event = dataclasses.field(default_factory=threading.Event)  # live tensors may change
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     versions_at_step: list[int] | None = None  # captured by the optimizer pre-step hook
+    cancelled: bool = False
     ok: bool = False
     error: str | None = None
     copy_seconds: float | None = None
 
     def finish(self, ok: bool, error: str | None = None) -> None:
         self.ok, self.error = ok, error
+        self.started.set()
         self.released.set()
         self.done.set()
+
+    def start_copy(self) -> bool:
+        """Called by the worker once it holds a buffer; False if the job was cancelled meanwhile."""
+        with self.lock:
+            if self.cancelled:
+                return False
+            self.started.set()
+            return True
+
+    def cancel_if_not_started(self) -> bool:
+        """Called before an optimizer step: a copy that has not begun must not begin on changing tensors."""
+        with self.lock:
+            if self.started.is_set():
+                return False
+            self.cancelled = True
+            return True
 
     def torn_sources(self) -> list[int]:
         """Live sources mutated in place between snapshot() and the end of their copy."""

@@ -186,14 +186,21 @@ class Daemon:
             self._sock.send_multipart(envelope + [reply])
 
     def close(self) -> None:
+        if self._lock_fd is None:
+            return  # never started: another daemon owns the socket and the segments
         self.catalog.release_all()
         if self._sock is not None:
             self._sock.close(0)
         if self._ctx is not None:
             self._ctx.term()
         shm.unlink(self.config.socket_path)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
+        shm.unlink(self.config.socket_path.with_suffix(".lock"))  # still held: no successor can own it yet
+        os.close(self._lock_fd)
+        self._lock_fd = None
+        try:
+            self.config.socket_path.parent.rmdir()  # the job's directory, if no other node uses it
+        except OSError:
+            pass
 
 
 def _split_envelope(frames: list[bytes]) -> tuple[list[bytes] | None, list[bytes]]:
@@ -208,13 +215,14 @@ def _split_envelope(frames: list[bytes]) -> tuple[list[bytes] | None, list[bytes
 def run(config: Config) -> int:
     """Run a daemon in this process until SIGTERM/SIGINT; returns the exit status."""
     daemon = Daemon(config)
+    signal.signal(signal.SIGTERM, daemon.request_stop)  # before adoption: a stop during start-up is clean too
+    signal.signal(signal.SIGINT, daemon.request_stop)
     try:
         daemon.start()
     except FtdError as e:
         print(f"ftd daemon: {e}", file=sys.stderr)
+        daemon.close()
         return 1
-    signal.signal(signal.SIGTERM, daemon.request_stop)
-    signal.signal(signal.SIGINT, daemon.request_stop)
     print(f"ftd daemon: node {config.node_rank} of job {config.job!r} serving at {config.endpoint} "
           f"(memory budget {config.memory_budget >> 20} MiB, shared memory in {config.shm_dir})", flush=True)
     print(f"ftd daemon: trainers on this node find it with FTD_ENDPOINT={config.endpoint}", flush=True)

@@ -9,6 +9,7 @@ SerializationError that names where in the state it sits.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable
 
 import numpy as np
@@ -76,20 +77,27 @@ def encode(obj: Any) -> tuple[Any, list[torch.Tensor]]:
             return {TAG: "tuple", "items": [walk(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(x)]}
         if isinstance(x, list):
             return [walk(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(x)]
+        if isinstance(x, OrderedDict):  # module state_dicts: keep the type and the version _metadata
+            node = {TAG: "odict", "items": [[walk_key(k, path), walk(v, f"{path}.{k}", depth + 1)]
+                                             for k, v in x.items()]}
+            if getattr(x, "_metadata", None) is not None:
+                node["metadata"] = walk(dict(x._metadata), f"{path}._metadata", depth + 1)
+            return node
         if isinstance(x, dict):
             if all(type(k) is str and k != TAG for k in x):
                 return {k: walk(v, f"{path}.{k}", depth + 1) for k, v in x.items()}
-            items = []
-            for k, v in x.items():
-                if not (k is None or type(k) in (str, int, float, bool)):
-                    raise SerializationError(f"{path}: dict key {k!r} of type {type(k).__name__} is not supported;"
-                                             " use str, int, float or bool keys")
-                items.append([k, walk(v, f"{path}[{k!r}]", depth + 1)])
-            return {TAG: "dict", "items": items}
+            return {TAG: "dict", "items": [[walk_key(k, path), walk(v, f"{path}[{k!r}]", depth + 1)]
+                                           for k, v in x.items()]}
         raise SerializationError(
             f"{path}: values of type {type(x).__module__}.{type(x).__qualname__} cannot be snapshotted safely. "
             "Give the object state_dict()/load_state_dict() methods, or convert it to tensors, numbers, "
             "strings, lists and dicts")
+
+    def walk_key(k: Any, path: str) -> Any:
+        if not (k is None or type(k) in (str, int, float, bool)):
+            raise SerializationError(f"{path}: dict key {k!r} of type {type(k).__name__} is not supported;"
+                                     " use str, int, float or bool keys")
+        return k
 
     def walk_scalar_subclass(x: Any, path: str) -> Any:
         if isinstance(x, np.generic):
@@ -134,12 +142,14 @@ def decode(skeleton: Any, tensor_at: Callable[[int], torch.Tensor]) -> Any:
             return bytes.fromhex(x["hex"])
         if tag == "tuple":
             return tuple(walk(v, depth + 1) for v in _list(x["items"]))
-        if tag == "dict":
-            out = {}
+        if tag in ("dict", "odict"):
+            out = {} if tag == "dict" else OrderedDict()
             for pair in _list(x["items"]):
                 if not (isinstance(pair, list) and len(pair) == 2) or isinstance(pair[0], (list, dict)):
                     raise SerializationError("malformed dict entry in snapshot skeleton")
                 out[pair[0]] = walk(pair[1], depth + 1)
+            if tag == "odict" and isinstance(x.get("metadata"), dict):
+                out._metadata = walk(x["metadata"], depth + 1)
             return out
         raise SerializationError(f"unknown tag {tag!r} in snapshot skeleton")
 

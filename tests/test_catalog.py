@@ -1,0 +1,146 @@
+"""The daemon's state machine, driven by scripted requests against an in-memory store."""
+import itertools
+
+import pytest
+
+from ftd.catalog import CAPACITY_QUANTUM, Catalog
+from ftd.errors import ProtocolError, Refused
+from ftd.layout import Manifest, chunk_count, plan_layout
+
+
+class FakeStore:
+    def __init__(self):
+        self.segments: dict[str, int] = {}
+        self.metas: dict[str, dict] = {}
+
+    def allocate(self, name, size):
+        assert name not in self.segments
+        self.segments[name] = size
+
+    def release(self, name):
+        self.segments.pop(name, None)
+        self.metas.pop(name, None)
+
+    def mark_writing(self, name):
+        self.metas.pop(name, None)
+
+    def mark_complete(self, name, meta):
+        self.metas[name] = meta
+
+
+def manifest(nbytes=1000):
+    layout = plan_layout([("uint8", (nbytes,))])
+    return Manifest(layout, 4096, (0,) * chunk_count(layout.nbytes, 4096), {"state": {}}).to_json()
+
+
+@pytest.fixture
+def cat():
+    counter = itertools.count()
+    store = FakeStore()
+    c = Catalog(store, budget=10 * CAPACITY_QUANTUM, available=lambda: 1 << 40, reserve=0,
+                segment_name=lambda r: f"seg-r{r}-{next(counter)}", new_session=lambda: f"s{next(counter)}")
+    c.fake = store
+    return c
+
+
+def snap(cat, session, step, nbytes=1000):
+    buf = cat.begin(session, step, nbytes)["buffer"]
+    cat.commit(session, buf, step, manifest(nbytes))
+    return buf
+
+
+def test_double_buffering_never_overwrites_the_newest_version(cat):
+    s = cat.register(0, 1, 42)["session"]
+    b0, b1 = snap(cat, s, 0), snap(cat, s, 1)
+    assert b0 != b1 and len(cat.fake.segments) == 2
+    assert snap(cat, s, 2) == b0 and snap(cat, s, 3) == b1   # buffers alternate, allocated once
+    # a write that never commits (trainer killed mid-copy) leaves the newest version served
+    assert cat.begin(s, 4, 1000)["buffer"] == b0
+    assert [v["step"] for v in cat.restore(0)["versions"]] == [3]
+    assert b0 not in cat.fake.metas and b1 in cat.fake.metas  # the sidecar marks only complete versions
+
+
+def test_restarted_trainer_reuses_an_abandoned_buffer(cat):
+    s = cat.register(0, 1, 1)["session"]
+    snap(cat, s, 0)
+    snap(cat, s, 1)
+    stale = cat.begin(s, 2, 1000)["buffer"]
+    s2 = cat.register(0, 1, 2)["session"]           # the trainer restarted
+    with pytest.raises(Refused, match="session"):
+        cat.commit(s, stale, 2, manifest())            # the dead trainer's commit is refused
+    assert cat.begin(s2, 2, 1000)["buffer"] == stale   # and its buffer is reused, the newest kept
+    assert [v["step"] for v in cat.restore(0)["versions"]] == [1]
+
+
+def test_layout_growth_reallocates_only_the_spare_buffer(cat):
+    s = cat.register(0, 1, 1)["session"]
+    snap(cat, s, 0, 1000)
+    snap(cat, s, 1, 1000)
+    big = 3 * CAPACITY_QUANTUM
+    b = snap(cat, s, 2, big)
+    assert cat.fake.segments[b] == big
+    assert [v["step"] for v in cat.restore(0)["versions"]] == [2, 1]
+    assert sorted(cat.fake.segments.values()) == [CAPACITY_QUANTUM, big]
+
+
+def test_budget_refusal_names_the_numbers(cat):
+    s = cat.register(0, 1, 1)["session"]
+    snap(cat, s, 0, 4 * CAPACITY_QUANTUM)
+    with pytest.raises(Refused, match=r"needs 7\.0 MiB.*budget is 10\.0 MiB with 4\.0 MiB in use"):
+        cat.begin(s, 1, 7 * CAPACITY_QUANTUM)
+    assert [v["step"] for v in cat.restore(0)["versions"]] == [0]   # nothing lost
+
+
+def test_available_memory_refusal(cat):
+    cat.available = lambda: 2 * CAPACITY_QUANTUM
+    cat.reserve = CAPACITY_QUANTUM
+    s = cat.register(0, 1, 1)["session"]
+    with pytest.raises(Refused, match="available"):
+        cat.begin(s, 0, 2 * CAPACITY_QUANTUM)
+
+
+def test_restore_picks_a_step_every_rank_holds(cat):
+    s0 = cat.register(0, 2, 1)["session"]
+    s1 = cat.register(1, 2, 2)["session"]
+    for step in range(3):
+        snap(cat, s0, step)
+        snap(cat, s1, step)
+    snap(cat, s0, 3)                                  # rank 1 crashed before committing step 3
+    assert [v["step"] for v in cat.restore(0)["versions"]] == [2]
+    assert [v["step"] for v in cat.restore(1)["versions"]] == [2]
+    assert cat.restore(7) == {"versions": []}
+
+
+def test_corrupt_version_is_never_served_again(cat):
+    s = cat.register(0, 1, 1)["session"]
+    snap(cat, s, 0)
+    b1 = snap(cat, s, 1)
+    cat.corrupt(0, b1, 1)
+    assert [v["step"] for v in cat.restore(0)["versions"]] == [0]
+    assert b1 not in cat.fake.metas
+
+
+def test_commit_checks(cat):
+    s = cat.register(0, 1, 1)["session"]
+    b = cat.begin(s, 5, 1000)["buffer"]
+    with pytest.raises(Refused, match="not being written for step 6"):
+        cat.commit(s, b, 6, manifest())
+    with pytest.raises(ProtocolError, match="nbytes"):
+        cat.commit(s, b, 5, manifest(5 * CAPACITY_QUANTUM))  # larger than the buffer
+    with pytest.raises(Refused, match="no buffer"):
+        cat.commit(s, "other", 5, manifest())
+    with pytest.raises(Refused, match="world size"):
+        cat.register(4, 4, 1)
+
+
+def test_adopted_versions_are_served_and_status_reports(cat):
+    cat.adopt(0, 1, "old-a", CAPACITY_QUANTUM, 7, manifest(), 100.0)
+    cat.adopt(0, 1, "old-b", CAPACITY_QUANTUM, 8, manifest(), 101.0)
+    assert [v["step"] for v in cat.restore(0)["versions"]] == [8, 7]
+    s = cat.register(0, 1, 9)["session"]
+    assert cat.begin(s, 9, 1000)["buffer"] == "old-a"         # the older one is the spare
+    st = cat.status()
+    assert st["used"] == 2 * CAPACITY_QUANTUM and st["ranks"][0]["writing"] == [9]
+    assert [v["step"] for v in st["ranks"][0]["versions"]] == [8]
+    cat.release_all()
+    assert cat.fake.segments == {} and cat.used == 0

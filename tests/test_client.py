@@ -1,0 +1,210 @@
+"""The trainer hook against a daemon served from a thread of the test process."""
+import logging
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import ftd
+from ftd.errors import DaemonUnavailable
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def make_state(seed=0, width=16):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 3, 0.5)
+    return {"model": model, "optim": opt, "sched": sched, "meta": {"epoch": 1, "name": "run"},
+            "ema": torch.arange(5.0)}
+
+
+def train_step(state):
+    model, opt = state["model"], state["optim"]
+    loss = model(torch.randn(4, 8)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    state["sched"].step()
+
+
+def tensors_of(state):
+    return {"model": {k: v.clone() for k, v in state["model"].state_dict().items()},
+            "moments": [v.clone() for p in state["optim"].state.values() for v in p.values() if torch.is_tensor(v)],
+            "sched": state["sched"].state_dict(), "meta": dict(state["meta"]), "ema": state["ema"].clone()}
+
+
+def assert_same(a, b):
+    assert a["sched"] == b["sched"] and a["meta"] == b["meta"] and torch.equal(a["ema"], b["ema"])
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert len(a["moments"]) == len(b["moments"])
+    for x, y in zip(a["moments"], b["moments"]):
+        assert torch.equal(x, y)
+
+
+def test_snapshot_and_restore_round_trip_in_place(thread_daemon):
+    d = thread_daemon()
+    state = make_state()
+    with ftd.Client(d.endpoint) as client:
+        assert client.restore(state) is None           # nothing yet
+        for step in range(3):
+            train_step(state)
+            client.snapshot(step, state)
+        assert client.wait(10)
+        expected = tensors_of(state)
+        rng_next = torch.rand(3)
+        for _ in range(2):
+            train_step(state)
+        state["meta"]["epoch"] = 99
+        model_obj = state["model"]
+        assert client.restore(state) == 2
+        assert state["model"] is model_obj            # Stateful values are loaded in place
+        assert_same(tensors_of(state), expected)
+        assert torch.equal(torch.rand(3), rng_next)   # RNG restored too
+        # a fresh process-like state (new objects, no optimizer moments yet) restores the same
+        fresh = make_state(seed=5)
+        assert client.restore(fresh) == 2
+        assert_same(tensors_of(fresh), expected)
+        assert client.stats["committed"] == 3 and client.stats["failed"] == 0
+
+
+def test_buffers_changed_in_the_forward_pass_are_captured_as_at_snapshot(thread_daemon):
+    d = thread_daemon(chunk_size=4096)
+    state = make_state(width=512)
+    with ftd.Client(d.endpoint) as client:
+        client._chunk_delay = 0.01                    # keep the copy running during the next forward
+        train_step(state)
+        client.snapshot(0, state)
+        expected = {k: v.clone() for k, v in state["model"].state_dict().items()}
+        state["model"](torch.randn(4, 8))             # BatchNorm running stats change in place now
+        assert not torch.equal(expected["1.running_mean"], state["model"][1].running_mean)
+        assert client.wait(30)
+        fresh = make_state(seed=3, width=512)
+        client.restore(fresh)
+        for k, v in fresh["model"].state_dict().items():
+            assert torch.equal(v, expected[k]), k
+
+
+def test_pre_step_hook_waits_for_the_copy(thread_daemon):
+    d = thread_daemon(chunk_size=4096)
+    state = make_state(width=512)
+    with ftd.Client(d.endpoint) as client:
+        client._chunk_delay = 0.005
+        train_step(state)
+        client.snapshot(0, state)
+        expected = tensors_of(state)
+        train_step(state)                              # optimizer.step() must wait for the copy
+        assert client.stats["hook_wait_seconds"] > 0
+        assert client.wait(30)
+        fresh = make_state(seed=9, width=512)
+        assert client.restore(fresh) == 0
+        assert_same(tensors_of(fresh), expected)
+
+
+def test_parameter_mutated_outside_the_optimizer_tears_the_snapshot_then_is_cloned(thread_daemon, caplog):
+    d = thread_daemon(chunk_size=4096)
+    state = make_state(width=512)
+    with ftd.Client(d.endpoint) as client:
+        client._chunk_delay = 0.05
+        train_step(state)
+        client.snapshot(0, state)
+        with torch.no_grad():                          # e.g. weight clipping between steps, on a tensor
+            state["model"][3].weight.mul_(0.5)        # late in the arena, so its copy has not happened yet
+        with caplog.at_level(logging.WARNING, "ftd.client"):
+            assert client.wait(30) is False
+        assert "changed in place" in caplog.text
+        expected = tensors_of(state)
+        client.snapshot(1, state)                      # that tensor is now cloned at snapshot()
+        with torch.no_grad():
+            state["model"][3].weight.mul_(0.5)
+        assert client.wait(30) is True
+        fresh = make_state(seed=4, width=512)
+        assert client.restore(fresh) == 1
+        assert_same(tensors_of(fresh), expected)
+
+
+def test_layout_changes_re_register(thread_daemon):
+    d = thread_daemon()
+    with ftd.Client(d.endpoint) as client:
+        state = {"t": torch.zeros(10), "sgd_like": {}}
+        client.snapshot(0, state)
+        assert client.wait(10)
+        state = {"t": torch.ones(300_000, dtype=torch.float64), "sgd_like": {"m": torch.ones(2, 2)}}
+        client.snapshot(1, state)
+        assert client.wait(10)
+        out = {}
+        assert client.restore(out) == 1
+        assert torch.equal(out["t"], state["t"]) and torch.equal(out["sgd_like"]["m"], state["sgd_like"]["m"])
+
+
+def test_no_daemon_never_crashes_training_and_restore_says_how_to_start(tmp_path, caplog):
+    client = ftd.Client(f"ipc://{tmp_path}/nobody.sock", timeout=0.5)
+    state = make_state()
+    with caplog.at_level(logging.WARNING, "ftd.client"):
+        train_step(state)
+        client.snapshot(0, state)                     # returns, training goes on
+        assert client.wait(10) is False
+        train_step(state)
+    assert "training continues" in caplog.text and "ftd daemon" in caplog.text
+    with pytest.raises(DaemonUnavailable, match="ftd daemon"):
+        client.restore(state)
+    client.close()
+
+
+def test_full_budget_is_a_warning_not_a_crash(thread_daemon, caplog):
+    d = thread_daemon(memory_budget=2 << 20)
+    with ftd.Client(d.endpoint) as client, caplog.at_level(logging.WARNING, "ftd.client"):
+        client.snapshot(0, {"big": torch.zeros(1 << 20)})   # 4 MiB > 2 MiB budget
+        assert client.wait(10) is False
+        assert "memory budget is 2.0 MiB" in caplog.text
+        client.snapshot(1, {"small": torch.zeros(10)})     # smaller states still work
+        assert client.wait(10) is True
+
+
+def test_corrupted_newest_version_falls_back_to_the_previous(thread_daemon, caplog):
+    d = thread_daemon()
+    with ftd.Client(d.endpoint) as client:
+        for step in range(2):
+            client.snapshot(step, {"x": torch.full((1000,), float(step))})
+            assert client.wait(10)
+        newest = d.daemon.catalog.restore(0)["versions"][0]["buffer"]
+        with open(f"/dev/shm/{newest}", "r+b") as f:   # flip a byte of the step-1 snapshot
+            f.seek(100)
+            b = f.read(1)
+            f.seek(100)
+            f.write(bytes([b[0] ^ 0xFF]))
+        out = {}
+        with caplog.at_level(logging.WARNING, "ftd.client"):
+            assert client.restore(out) == 0
+        assert "fails its checksums" in caplog.text and torch.equal(out["x"], torch.zeros(1000))
+        assert [v["step"] for v in d.daemon.catalog.restore(0)["versions"]] == [0]
+
+
+def test_all_ranks_of_a_node_restore_the_same_step(thread_daemon):
+    d = thread_daemon()
+    c0 = ftd.Client(d.endpoint, rank=0, world_size=2)
+    c1 = ftd.Client(d.endpoint, rank=1, world_size=2)
+    for step in range(3):
+        c0.snapshot(step, {"r": torch.tensor([0, step])})
+        c0.wait(10)
+        if step < 2:                                  # rank 1 dies before committing step 2
+            c1.snapshot(step, {"r": torch.tensor([1, step])})
+            c1.wait(10)
+    out0, out1 = {}, {}
+    assert c0.restore(out0) == 1 and c1.restore(out1) == 1
+    assert out0["r"].tolist() == [0, 1] and out1["r"].tolist() == [1, 1]
+    c0.close()
+    c1.close()
+
+
+def test_rank_and_world_come_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("FTD_ENDPOINT", f"ipc://{tmp_path}/x.sock")
+    c = ftd.Client()
+    assert (c.rank, c.world_size, c.endpoint) == (3, 8, f"ipc://{tmp_path}/x.sock")
+    c.close()

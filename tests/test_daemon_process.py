@@ -1,0 +1,145 @@
+"""The daemon as a real process: start-up, shutdown, adoption after a crash, hostile input, status."""
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+import zmq
+
+import ftd
+from conftest import SHM, leftovers, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def call(endpoint, frames, timeout_ms=3000):
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    s.send_multipart([b""] + frames)
+    assert s.poll(timeout_ms), "daemon did not answer"
+    reply = s.recv_multipart()
+    s.close()
+    return json.loads(reply[-1])
+
+
+def test_start_prints_endpoint_private_files_and_clean_shutdown(job):
+    d = job.daemon()
+    with ftd.Client(d.endpoint) as c:
+        c.snapshot(0, {"x": torch.ones(1000)})
+        assert c.wait(10)
+    segs = leftovers(job.name)
+    assert len(segs) == 2                                     # one segment + its sidecar
+    for name in segs:
+        assert stat.S_IMODE((SHM / name).stat().st_mode) == 0o600
+    assert stat.S_IMODE(d.socket.parent.stat().st_mode) == 0o700
+    assert d.stop() == 0
+    assert leftovers(job.name) == []
+    out = d.log()
+    assert f"FTD_ENDPOINT={d.endpoint}" in out and "all shared memory released" in out
+
+
+def test_second_daemon_for_the_same_node_is_refused(job):
+    d = job.daemon()
+    second = job.daemon(start=False)
+    second.start(wait=False)
+    assert second.proc.wait(15) == 1
+    assert "another ftd daemon already serves node 0" in second.log()
+    assert d.proc.poll() is None
+
+
+def test_killed_daemon_successor_adopts_verified_versions_and_drops_the_rest(job):
+    d = job.daemon()
+    c = ftd.Client(d.endpoint, rank=0, world_size=2)
+    c1 = ftd.Client(d.endpoint, rank=1, world_size=2)
+    for step in range(3):
+        for cl, r in ((c, 0), (c1, 1)):
+            cl.snapshot(step, {"x": torch.full((50_000,), float(10 * r + step))})
+            assert cl.wait(10)
+    # rank 0 has a write in flight when the daemon dies (so it holds only step 2); rank 1's older
+    # version (step 1) gets corrupted in memory
+    status = call(d.endpoint, [b'{"v":1,"type":"status"}'])
+    newest1 = [n for n in leftovers(job.name) if ".r1." in n and not n.endswith(".meta")]
+    conn = c._conn
+    session = c._session
+    spare = conn.call("begin", session=session, step=3, nbytes=200_000)["buffer"]
+    d.kill()
+    metas = {n: json.loads((SHM / n).read_text()) for n in leftovers(job.name) if n.endswith(".meta")}
+    r1_step1 = [n[:-5] for n, m in metas.items() if m["rank"] == 1 and m["step"] == 1][0]
+    with open(SHM / r1_step1, "r+b") as f:
+        f.write(b"\xff" * 8)
+    assert status["ok"] and len(newest1) == 2
+    d2 = job.daemon()
+    assert "adopted 2 version(s)" in d2.log() and "removed 2" in d2.log()
+    assert not (SHM / spare).exists()                          # the torn write is gone
+    st = call(d2.endpoint, [b'{"v":1,"type":"status"}'])
+    held = {r["rank"]: [v["step"] for v in r["versions"]] for r in st["ranks"]}
+    assert held == {0: [2], 1: [2]}
+    out0, out1 = {}, {}
+    r0 = ftd.Client(d2.endpoint, rank=0, world_size=2)
+    r1 = ftd.Client(d2.endpoint, rank=1, world_size=2)
+    assert r0.restore(out0) == 2 and r1.restore(out1) == 2
+    assert out0["x"][0].item() == 2.0 and out1["x"][0].item() == 12.0
+    for cl in (c, c1, r0, r1):
+        cl.close()
+
+
+def test_hostile_input_gets_error_replies_and_the_daemon_keeps_serving(job):
+    d = job.daemon()
+    good = ftd.Client(d.endpoint, rank=0)
+    good.snapshot(0, {"x": torch.ones(10)})
+    assert good.wait(10)
+    cases = {
+        b"\x00\xffnot json": "not valid JSON",
+        b'{"v":1,"type":"register","rank":0,"wor': "not valid JSON",            # truncated
+        b'{"v":1,"type":"restore","rank":99999999}': "out of range",
+        b'{"v":1,"type":"begin","session":"forged","step":1,"nbytes":10}': "unknown or outdated session",
+        b'{"v":1,"type":"commit","session":"x","buffer":"../../etc/passwd","step":1,"manifest":{}}': "session",
+        b'{"v":2,"type":"ping"}': "protocol version",
+    }
+    for frame, why in cases.items():
+        reply = call(d.endpoint, [frame])
+        assert reply["ok"] is False and why in reply["error"], (frame, reply)
+    reply = call(d.endpoint, [b"one", b"two"])
+    assert reply["ok"] is False and "one frame" in reply["error"]
+    # a registration larger than the budget (2 GiB in the test config)
+    s = call(d.endpoint, [b'{"v":1,"type":"register","rank":5,"world":8,"pid":1}'])["session"]
+    big = json.dumps({"v": 1, "type": "begin", "session": s, "step": 0, "nbytes": 3 << 30}).encode()
+    reply = call(d.endpoint, [big])
+    assert not reply["ok"] and "memory budget is 2.0 GiB" in reply["error"]
+    # an unknown rank simply has nothing to restore
+    assert call(d.endpoint, [b'{"v":1,"type":"restore","rank":77}'])["versions"] == []
+    # raw bytes on the unix socket that are not ZeroMQ at all
+    raw = socket.socket(socket.AF_UNIX)
+    raw.connect(str(d.socket))
+    raw.sendall(os.urandom(4096))
+    raw.close()
+    assert d.proc.poll() is None
+    good.snapshot(1, {"x": torch.ones(10)})
+    assert good.wait(10)
+    out = {}
+    assert good.restore(out) == 1
+    good.close()
+
+
+def test_status_command(job):
+    d = job.daemon()
+    with ftd.Client(d.endpoint) as c:
+        c.snapshot(4, {"x": torch.ones(1000)})
+        assert c.wait(10)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ftd.cli", "status", "--endpoint", d.endpoint, *a],
+                                    capture_output=True, text=True, timeout=30)
+    text = run()
+    assert text.returncode == 0 and "rank 0/1" in text.stdout and "step 4" in text.stdout
+    st = json.loads(run("--json").stdout)
+    assert st["ranks"][0]["versions"][0]["step"] == 4 and st["used"] > 0 and st["budget"] == 2 << 30
+    assert st["ranks"][0]["last_copy_seconds"] is not None
+    d.stop()
+    gone = run()
+    assert gone.returncode == 1 and "ftd daemon" in gone.stderr
