@@ -192,6 +192,8 @@ def thread_daemon(tmp_path):
 def read_losses(path: Path) -> list[tuple[int, str]]:
     """All complete 'step hex' lines, in file order (a step re-run after a crash appears again)."""
     out = []
+    if not path.exists():
+        return out
     for line in path.read_text().splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[0].isdigit():
