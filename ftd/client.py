@@ -105,7 +105,7 @@ class Client:
         self._hook_wait_unreported = 0.0  # pre-step waits not yet reported to the daemon (ftd status)
         self._warned_at = 0.0
         self._closed = False
-        self.stats = {"snapshots": 0, "committed": 0, "failed": 0, "snapshot_seconds": 0.0,
+        self.stats = {"snapshots": 0, "committed": 0, "failed": 0, "skipped_busy": 0, "snapshot_seconds": 0.0,
                       "hook_wait_seconds": 0.0, "last_copy_seconds": None, "last_step": None}
         self._worker = Worker(self._process)
 
@@ -221,13 +221,23 @@ class Client:
             return
         t0 = time.perf_counter()
         if not job.started.is_set():
-            # The daemon has not handed out a buffer yet (slow, restarting or gone): wait briefly,
-            # then skip this snapshot rather than stall training.
-            job.started.wait(0.0 if self._daemon_lost else BEGIN_GRACE_SECONDS)
+            # Its copy has not begun: the previous snapshot is still being checksummed and committed
+            # (snapshots take longer than a step), or the daemon is slow or gone. Skip it rather than
+            # stall training; a daemon that is merely slow to hand out a buffer gets a short grace.
+            busy = self._worker.busy_with_another(job)
+            if not busy and not self._daemon_lost:
+                job.started.wait(BEGIN_GRACE_SECONDS)
             if job.cancel_if_not_started():
                 self.stats["hook_wait_seconds"] += time.perf_counter() - t0
-                self._note_failure(f"snapshot of step {job.step} skipped: the daemon did not hand out a buffer "
-                                   "before the next optimizer step")
+                if busy:
+                    self.stats["skipped_busy"] += 1
+                    if self.stats["skipped_busy"] == 1:
+                        log.warning("ftd: a snapshot takes longer than a training step, so some steps are not "
+                                    "snapshotted (each newer snapshot supersedes an unstarted one); training is "
+                                    "not slowed down. `ftd status` shows the copy time")
+                else:
+                    self._note_failure(f"snapshot of step {job.step} skipped: the daemon did not hand out a "
+                                       "buffer before the next optimizer step")
                 return
         if not job.released.is_set():
             job.released.wait()

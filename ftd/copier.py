@@ -86,44 +86,49 @@ def copy_and_hash(job: SnapshotJob, arena: torch.Tensor, mv: memoryview, chunk_s
                   side_stream: Any = None, chunk_delay: float = 0.0) -> list[int]:
     """Copy ``job.sources`` into ``arena`` (uint8 tensor over ``mv``); return per-chunk checksums.
 
-    Sets ``job.released`` as soon as the live (optimizer-owned) tensors may change again.
+    Order: issue the CUDA copies on the side stream, an event after each tensor; copy the CPU
+    tensors chunk by chunk, hashing each chunk right away unless it also holds CUDA data; set
+    ``job.released`` (the optimizer may go on: the pre-step hook orders it after the CUDA copies on
+    the GPU); then hash the chunks that held CUDA data, each as soon as its tensors have arrived.
     """
     layout, sources = job.layout, job.sources
     cuda_idx = [i for i, t in enumerate(sources) if t.is_cuda and layout.slots[i].nbytes]
+    copied: dict[int, Any] = {}  # CUDA slot -> event recorded after its copy, to hash while later ones copy
     if cuda_idx:
         with torch.cuda.stream(side_stream):
             if job.ready_event is not None:
                 side_stream.wait_event(job.ready_event)
             for i in cuda_idx:
                 slot_view(arena, layout, i).copy_(sources[i], non_blocking=True)
-            job.copied_event = torch.cuda.Event()
-            job.copied_event.record(side_stream)
-        if all(t.is_cuda or v is None for t, v in zip(sources, job.versions)):
-            job.released.set()  # the pre-step hook orders the optimizer after copied_event on the GPU
+                copied[i] = torch.cuda.Event()
+                copied[i].record(side_stream)
+            job.copied_event = copied[cuda_idx[-1]]
     flat = [t.reshape(-1).view(torch.uint8) if not t.is_cuda and t.is_contiguous() and t.numel() else None
             for t in sources]
-    sums: list[int] = []
-    cuda_pending = bool(cuda_idx)
-    for (lo, hi), pieces in chunk_plan(layout, chunk_size):
+    plan = chunk_plan(layout, chunk_size)
+    sums: list[int | None] = [None] * len(plan)
+    for c, ((lo, hi), pieces) in enumerate(plan):
+        holds_cuda = False
         for p in pieces:
             src = sources[p.slot]
             if src.is_cuda:
-                if cuda_pending:
-                    job.copied_event.synchronize()
-                    cuda_pending = False
-                continue
-            if flat[p.slot] is None:
-                if p.start == 0:
+                holds_cuda = True
+            elif flat[p.slot] is None:
+                if p.start == 0:  # non-contiguous: copied whole where it starts
                     slot_view(arena, layout, p.slot).copy_(src)
-                continue
-            base = layout.slots[p.slot].offset
-            arena[base + p.start:base + p.end].copy_(flat[p.slot][p.start:p.end])
-        sums.append(chunk_checksum(mv[lo:hi]))
+            else:
+                base = layout.slots[p.slot].offset
+                arena[base + p.start:base + p.end].copy_(flat[p.slot][p.start:p.end])
+        if not holds_cuda:
+            sums[c] = chunk_checksum(mv[lo:hi])
         if chunk_delay:
             time.sleep(chunk_delay)  # fault-injection knob for tests: widens the copy window
-    if cuda_pending:
-        job.copied_event.synchronize()
-    return sums
+    job.released.set()
+    for c, ((lo, hi), pieces) in enumerate(plan):
+        if sums[c] is None:
+            copied[max(p.slot for p in pieces if p.slot in copied)].synchronize()
+            sums[c] = chunk_checksum(mv[lo:hi])
+    return sums  # type: ignore[return-value]
 
 
 class Worker:
@@ -147,9 +152,10 @@ class Worker:
             self.latest = job
             self._cond.notify()
 
-    def idle(self) -> bool:
+    def busy_with_another(self, job: SnapshotJob) -> bool:
+        """True while an older job still occupies the thread, so ``job`` cannot start yet."""
         with self._cond:
-            return self._pending is None and self._running is None
+            return self._running is not None and self._running is not job
 
     def _loop(self) -> None:
         while True:

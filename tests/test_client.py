@@ -69,7 +69,9 @@ def test_snapshot_and_restore_round_trip_in_place(thread_daemon):
         fresh = make_state(seed=5)
         assert client.restore(fresh) == 2
         assert_same(tensors_of(fresh), expected)
-        assert client.stats["committed"] == 3 and client.stats["failed"] == 0
+        # a snapshot whose copy could not start before the next optimizer step (the previous one was
+        # still being committed: these steps take microseconds) is skipped, never waited for
+        assert client.stats["committed"] + client.stats["skipped_busy"] == 3 and client.stats["failed"] == 0
 
 
 def test_buffers_changed_in_the_forward_pass_are_captured_as_at_snapshot(thread_daemon):
@@ -208,3 +210,27 @@ def test_rank_and_world_come_from_the_environment(monkeypatch, tmp_path):
     c = ftd.Client()
     assert (c.rank, c.world_size, c.endpoint) == (3, 8, f"ipc://{tmp_path}/x.sock")
     c.close()
+
+
+def test_snapshot_slower_than_a_step_is_skipped_not_waited_for(thread_daemon):
+    import time
+    d = thread_daemon()
+    commit = d.daemon.catalog.commit
+
+    def slow_commit(*args, **kwargs):                 # each commit outlasts several training steps
+        time.sleep(0.2)
+        return commit(*args, **kwargs)
+
+    d.daemon.catalog.commit = slow_commit
+    state = make_state()
+    with ftd.Client(d.endpoint) as client:
+        for step in range(6):
+            train_step(state)
+            client.snapshot(step, state)
+            time.sleep(0.05)                          # the rest of a training step
+        train_step(state)
+        client.snapshot(6, state)
+        assert client.wait(60)
+        assert client.stats["skipped_busy"] >= 2 and client.stats["committed"] >= 2
+        fresh = make_state(seed=2)
+        assert client.restore(fresh) == 6               # the newest snapshot is never the one skipped
