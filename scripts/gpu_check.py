@@ -189,6 +189,7 @@ def check_speed(endpoint: str, gib: float) -> dict:
     res["ftd_copy_GBps"] = nbytes / res["copy_s"] / 1e9
     res["ftd_copy_vs_raw_pinned"] = res["ftd_copy_GBps"] / res["raw_d2h_pinned_GBps"]
     res["committed"], res["failed"] = client.stats["committed"], client.stats["failed"]
+    res["skipped_busy"] = client.stats["skipped_busy"]
     # synchronous torch.save of the same state to /dev/shm, for scale
     t = time.perf_counter()
     torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, "/dev/shm/gpucheck-save.pt")
