@@ -144,9 +144,12 @@ class Catalog:
         target = spare[0] if spare else None
         if target is None or target.capacity < nbytes:
             target = self._allocate(entry, nbytes, target)
+        if len(entry.buffers) < 2:  # allocate the second buffer now, not in the middle of a later step
+            self._allocate(entry, nbytes, None).state = "free"
         self.store.mark_writing(target.name)
         target.state, target.step, target.manifest, target.committed_at = "writing", step, None, None
-        return {"buffer": target.name, "capacity": target.capacity}
+        following = next(b for b in entry.buffers if b is not target)
+        return {"buffer": target.name, "capacity": target.capacity, "next": following.name}
 
     def commit(self, session: str, buffer: str, step: int, manifest: dict,
                copy_seconds: float | None = None, blocked_seconds: float | None = None) -> dict:

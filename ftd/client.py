@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import rng, shm, treecodec
-from .checksum import chunk_checksum
+from .checksum import ChunkHasher
 from .config import load_config
 from .connection import Connection
 from .copier import SnapshotJob, Worker, copy_and_hash
@@ -30,7 +28,7 @@ from .layout import Manifest, chunk_ranges, plan_layout
 log = logging.getLogger("ftd.client")
 
 _SESSION_LOST = "unknown or outdated session"
-BEGIN_GRACE_SECONDS = 0.5  # longest an optimizer step waits for the daemon to hand out a buffer
+BEGIN_GRACE_SECONDS = 0.05  # longest an optimizer step waits for the daemon to hand out a buffer
 
 
 def _is_stateful(x: Any) -> bool:
@@ -96,6 +94,7 @@ class Client:
         self._shm_dir: Path | None = None
         self._chunk_size = config.chunk_size
         self._arenas: dict[str, _Arena] = {}
+        self._next_buffer: str | None = None
         self._hooks: dict[int, Any] = {}
         self._learned_clone: set[tuple] = set()   # live tensors caught being mutated outside optimizer.step()
         self._side_stream = None
@@ -107,6 +106,7 @@ class Client:
         self._closed = False
         self.stats = {"snapshots": 0, "committed": 0, "failed": 0, "skipped_busy": 0, "snapshot_seconds": 0.0,
                       "hook_wait_seconds": 0.0, "last_copy_seconds": None, "last_step": None}
+        self._hasher = ChunkHasher()
         self._worker = Worker(self._process)
 
     # ---- public API ------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ class Client:
                 log.warning("ftd: snapshot of step %d vanished before it could be read; trying an older one", step)
                 continue
             try:
-                bad = _verify(arena.view, manifest)
+                bad = _verify(arena.view, manifest, self._hasher)
                 if bad:
                     log.warning("ftd: snapshot of step %d (rank %d) fails its checksums in %d chunk(s); "
                                 "discarding it and trying an older one", step, self.rank, len(bad))
@@ -174,6 +174,7 @@ class Client:
             handle.remove()
         self._hooks.clear()
         self._drop_arenas()
+        self._hasher.close()
         self._conn.close()
 
     def __enter__(self) -> "Client":
@@ -264,7 +265,7 @@ class Client:
                     self._side_stream = torch.cuda.Stream()
                 arena.pin()
             sums = copy_and_hash(job, arena.tensor, arena.view, self._chunk_size, self._side_stream,
-                                 self._chunk_delay)
+                                 self._chunk_delay, self._hasher)
             torn = job.torn_sources()
         except Exception as e:
             return self._fail(job, f"snapshot of step {job.step} failed while copying: {e}", abort=name)
@@ -284,6 +285,7 @@ class Client:
             return self._fail(job, f"snapshot of step {job.step} could not be committed: {e}")
         self._hook_wait_unreported = 0.0
         self._daemon_lost = False
+        self._prepare_next_arena(pin=any(t.is_cuda for t in job.sources))
         self.stats["committed"] += 1
         self.stats["last_copy_seconds"] = job.copy_seconds
         self.stats["last_step"] = job.step
@@ -304,12 +306,29 @@ class Client:
     def _begin(self, step: int, nbytes: int) -> tuple[str, _Arena]:
         reply = self._call_session("begin", step=step, nbytes=nbytes)
         name = reply["buffer"]
-        arena = self._arenas.get(name)
-        if arena is None:
-            arena = self._arenas[name] = _Arena(self._shm_dir / Path(name).name)
+        self._next_buffer = reply.get("next")
+        for stale in [n for n in self._arenas if n not in (name, self._next_buffer)]:
+            self._arenas.pop(stale).close()  # a buffer the daemon replaced (the layout grew)
+        arena = self._arena(name)
         if arena.mapping.size < nbytes:
             raise FtdError(f"daemon buffer {name} holds {arena.mapping.size} bytes, snapshot needs {nbytes}")
         return name, arena
+
+    def _arena(self, name: str) -> _Arena:
+        arena = self._arenas.get(name)
+        if arena is None:
+            arena = self._arenas[name] = _Arena(self._shm_dir / Path(name).name)
+        return arena
+
+    def _prepare_next_arena(self, pin: bool) -> None:
+        """Map (and page-lock) the buffer the next snapshot will get, off the trainer's critical path."""
+        if self._next_buffer and self._next_buffer not in self._arenas:
+            try:
+                arena = self._arena(self._next_buffer)
+                if pin:
+                    arena.pin()
+            except Exception as e:  # the next begin will simply map it itself
+                log.debug("ftd: could not prepare buffer %s: %s", self._next_buffer, e)
 
     def _call_session(self, mtype: str, **fields: Any) -> dict:
         """A request that needs a registered session; registers (again) if the daemon forgot us."""
@@ -394,18 +413,10 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> set[tuple]:
     return owned
 
 
-_VERIFY_POOL: ThreadPoolExecutor | None = None
-_VERIFY_POOL_LOCK = threading.Lock()
-
-
-def _verify(view: memoryview, manifest: Manifest) -> list[int]:
-    """Chunks whose checksum fails, hashed on two threads (xxhash releases the GIL)."""
-    global _VERIFY_POOL
-    with _VERIFY_POOL_LOCK:
-        if _VERIFY_POOL is None:
-            _VERIFY_POOL = ThreadPoolExecutor(2, thread_name_prefix="ftd-verify")
+def _verify(view: memoryview, manifest: Manifest, hasher: ChunkHasher) -> list[int]:
+    """Chunks whose checksum fails."""
     ranges = chunk_ranges(manifest.layout.nbytes, manifest.chunk_size)
     if view.nbytes < manifest.layout.nbytes:
         return list(range(len(ranges)))
-    got = list(_VERIFY_POOL.map(lambda r: chunk_checksum(view[r[0]:r[1]]), ranges))
+    got = hasher.map(view[lo:hi] for lo, hi in ranges)
     return [i for i, (a, b) in enumerate(zip(got, manifest.checksums)) if a != b]

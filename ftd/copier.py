@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from .checksum import chunk_checksum
+from .checksum import ChunkHasher, chunk_checksum
 from .layout import Layout, chunk_plan
 from .treecodec import dtype_from_name
 
@@ -42,6 +42,7 @@ class SnapshotJob:
     ok: bool = False
     error: str | None = None
     copy_seconds: float | None = None
+    phases: dict = dataclasses.field(default_factory=dict)  # seconds per phase of the copy, for diagnosis
 
     def finish(self, ok: bool, error: str | None = None) -> None:
         self.ok, self.error = ok, error
@@ -83,15 +84,17 @@ def slot_view(arena: torch.Tensor, layout: Layout, i: int) -> torch.Tensor:
 
 
 def copy_and_hash(job: SnapshotJob, arena: torch.Tensor, mv: memoryview, chunk_size: int,
-                  side_stream: Any = None, chunk_delay: float = 0.0) -> list[int]:
+                  side_stream: Any = None, chunk_delay: float = 0.0, hasher: ChunkHasher | None = None) -> list[int]:
     """Copy ``job.sources`` into ``arena`` (uint8 tensor over ``mv``); return per-chunk checksums.
 
     Order: issue the CUDA copies on the side stream, an event after each tensor; copy the CPU
     tensors chunk by chunk, hashing each chunk right away unless it also holds CUDA data; set
     ``job.released`` (the optimizer may go on: the pre-step hook orders it after the CUDA copies on
-    the GPU); then hash the chunks that held CUDA data, each as soon as its tensors have arrived.
+    the GPU); then hash the chunks that held CUDA data, each as soon as its tensors have arrived
+    (on ``hasher``'s threads: a GPU host's copy engine outruns one core's xxh3).
     """
     layout, sources = job.layout, job.sources
+    t0 = time.perf_counter()
     cuda_idx = [i for i, t in enumerate(sources) if t.is_cuda and layout.slots[i].nbytes]
     copied: dict[int, Any] = {}  # CUDA slot -> event recorded after its copy, to hash while later ones copy
     if cuda_idx:
@@ -103,6 +106,7 @@ def copy_and_hash(job: SnapshotJob, arena: torch.Tensor, mv: memoryview, chunk_s
                 copied[i] = torch.cuda.Event()
                 copied[i].record(side_stream)
             job.copied_event = copied[cuda_idx[-1]]
+    t1 = time.perf_counter()
     flat = [t.reshape(-1).view(torch.uint8) if not t.is_cuda and t.is_contiguous() and t.numel() else None
             for t in sources]
     plan = chunk_plan(layout, chunk_size)
@@ -124,10 +128,19 @@ def copy_and_hash(job: SnapshotJob, arena: torch.Tensor, mv: memoryview, chunk_s
         if chunk_delay:
             time.sleep(chunk_delay)  # fault-injection knob for tests: widens the copy window
     job.released.set()
+    t2 = time.perf_counter()
+    waited = 0.0
+    deferred = {}
     for c, ((lo, hi), pieces) in enumerate(plan):
         if sums[c] is None:
+            w = time.perf_counter()
             copied[max(p.slot for p in pieces if p.slot in copied)].synchronize()
-            sums[c] = chunk_checksum(mv[lo:hi])
+            waited += time.perf_counter() - w
+            deferred[c] = hasher.submit(mv[lo:hi]) if hasher else chunk_checksum(mv[lo:hi])
+    for c, value in deferred.items():
+        sums[c] = ChunkHasher.result(value)
+    job.phases = {"issue_cuda": t1 - t0, "cpu_copy_and_hash": t2 - t1, "cuda_wait": waited,
+                  "cuda_hash": time.perf_counter() - t2 - waited}
     return sums  # type: ignore[return-value]
 
 

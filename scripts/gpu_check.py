@@ -181,8 +181,12 @@ def check_speed(endpoint: str, gib: float) -> dict:
     loop(None, 2)
     res["step_s_without_ftd"], _ = loop(None, 6)
     client = ftd.Client(endpoint)
-    loop(client, 3)                                            # warm-up: allocation, registration
-    client.wait(120)
+    for _ in range(10):                                        # warm-up: both buffers allocated and pinned
+        loop(client, 1)
+        client.wait(120)
+        if client.stats["committed"] >= 2:
+            break
+    client.stats.update(failed=0, skipped_busy=0, committed=0)
     res["step_s_with_ftd"], res["blocked_per_snapshot_s"] = loop(client, 6)
     client.wait(120)
     res["copy_s"] = client.stats["last_copy_seconds"]
@@ -190,6 +194,8 @@ def check_speed(endpoint: str, gib: float) -> dict:
     res["ftd_copy_vs_raw_pinned"] = res["ftd_copy_GBps"] / res["raw_d2h_pinned_GBps"]
     res["committed"], res["failed"] = client.stats["committed"], client.stats["failed"]
     res["skipped_busy"] = client.stats["skipped_busy"]
+    res["hash_threads"] = client._hasher.threads
+    res["last_job_phases_s"] = client._worker.latest.phases
     # synchronous torch.save of the same state to /dev/shm, for scale
     t = time.perf_counter()
     torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, "/dev/shm/gpucheck-save.pt")
@@ -205,6 +211,43 @@ def check_speed(endpoint: str, gib: float) -> dict:
     return res
 
 
+def check_d2h_micro(gib: float = 1.0) -> dict:
+    """Is a device-to-host copy into a cudaHostRegister'ed shared-memory mapping asynchronous and fast?"""
+    from ftd import shm
+    from ftd.checksum import chunk_checksum
+    n = int(gib * (1 << 30))
+    path = Path(f"/dev/shm/ftd-gpucheck-micro-{os.getpid()}")
+    shm.create(path, n)
+    m = shm.Mapping(path)
+    res = {}
+    try:
+        host = torch.frombuffer(m.view(), dtype=torch.uint8)
+        src = torch.empty(n, dtype=torch.uint8, device="cuda")
+        pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        for name, dst in (("torch_pinned", pinned), ("shm_unregistered", host), ("shm_registered", host)):
+            if name == "shm_registered":
+                res["register_err"] = int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), n, 0))
+                res["is_pinned_after_register"] = bool(host.is_pinned())
+            dst.copy_(src)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            issued = time.perf_counter() - t
+            torch.cuda.synchronize()
+            total = time.perf_counter() - t
+            res[name] = {"issue_s": issued, "total_s": total, "GBps": n / total / 1e9}
+        t = time.perf_counter()
+        for lo in range(0, n, 4 << 20):
+            chunk_checksum(m.view()[lo:lo + (4 << 20)])
+        res["xxh3_GBps"] = n / (time.perf_counter() - t) / 1e9
+        torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+        del host, pinned, src
+    finally:
+        m.close()
+        shm.unlink(path)
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -215,7 +258,8 @@ def main() -> int:
         daemons = [start_daemon(Path(tmp), f"gpucheck{i}", "40GiB") for i in range(3)]
         e = [d[1] for d in daemons]
         try:
-            for name, fn in (("correctness", lambda: check_correctness(e[0], e[1])),
+            for name, fn in (("d2h_micro", check_d2h_micro),
+                             ("correctness", lambda: check_correctness(e[0], e[1])),
                              ("speed", lambda: check_speed(e[2], args.gib))):
                 try:
                     report[name] = fn()
