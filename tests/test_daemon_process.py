@@ -35,7 +35,7 @@ def test_start_prints_endpoint_private_files_and_clean_shutdown(job):
         c.snapshot(0, {"x": torch.ones(1000)})
         assert c.wait(10)
     segs = leftovers(job.name)
-    assert len(segs) == 2                                     # one segment + its sidecar
+    assert len(segs) == 3                                     # two buffers + the sidecar of the complete one
     for name in segs:
         assert stat.S_IMODE((SHM / name).stat().st_mode) == 0o600
     assert stat.S_IMODE(d.socket.parent.stat().st_mode) == 0o700
@@ -143,3 +143,31 @@ def test_status_command(job):
     d.stop()
     gone = run()
     assert gone.returncode == 1 and "ftd daemon" in gone.stderr
+
+
+def test_zero_configuration_on_one_machine(tmp_path):
+    """`ftd daemon` with no arguments and `ftd.Client()` with no arguments find each other.
+    (Only the job name comes from the environment, to keep the test apart from a real daemon.)"""
+    job = f"zc{os.getpid()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTD_")}
+    env["FTD_JOB"] = job
+    log = open(tmp_path / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "ftd.cli", "daemon"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "serving at" in (tmp_path / "daemon.log").read_text(), 15, "the daemon")
+        code = ("import ftd, torch, os\n"
+                "c = ftd.Client()\n"
+                "c.snapshot(3, {'x': torch.ones(4)}); assert c.wait(10)\n"
+                "out = {}; assert c.restore(out) == 3 and out['x'].sum() == 4\n"
+                "c.close(); print('ok', c.endpoint)")
+        env_client = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE")}
+        r = subprocess.run([sys.executable, "-c", code], env=env_client, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.startswith("ok ipc:///tmp/ftd-"), r.stderr
+        st = subprocess.run([sys.executable, "-m", "ftd.cli", "status"], env=env, capture_output=True, text=True,
+                            timeout=30)
+        assert "step 3" in st.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        log.close()
+    assert leftovers(job) == []
