@@ -110,7 +110,7 @@ def copy_and_hash(job: SnapshotJob, arena: torch.Tensor, mv: memoryview, chunk_s
     flat = [t.reshape(-1).view(torch.uint8) if not t.is_cuda and t.is_contiguous() and t.numel() else None
             for t in sources]
     plan = chunk_plan(layout, chunk_size)
-    sums: list[int | None] = [None] * len(plan)
+    sums: list = [None] * len(plan)  # per chunk: checksum, pending hash, or None until its CUDA data lands
     for c, ((lo, hi), pieces) in enumerate(plan):
         holds_cuda = False
         for p in pieces:
@@ -123,25 +123,23 @@ def copy_and_hash(job: SnapshotJob, arena: torch.Tensor, mv: memoryview, chunk_s
             else:
                 base = layout.slots[p.slot].offset
                 arena[base + p.start:base + p.end].copy_(flat[p.slot][p.start:p.end])
-        if not holds_cuda:
-            sums[c] = chunk_checksum(mv[lo:hi])
+        if not holds_cuda:  # hash now, while the chunk is in cache (or on the pool, while the next copies)
+            sums[c] = hasher.submit(mv[lo:hi]) if hasher else chunk_checksum(mv[lo:hi])
         if chunk_delay:
             time.sleep(chunk_delay)  # fault-injection knob for tests: widens the copy window
     job.released.set()
     t2 = time.perf_counter()
     waited = 0.0
-    deferred = {}
     for c, ((lo, hi), pieces) in enumerate(plan):
         if sums[c] is None:
             w = time.perf_counter()
             copied[max(p.slot for p in pieces if p.slot in copied)].synchronize()
             waited += time.perf_counter() - w
-            deferred[c] = hasher.submit(mv[lo:hi]) if hasher else chunk_checksum(mv[lo:hi])
-    for c, value in deferred.items():
-        sums[c] = ChunkHasher.result(value)
+            sums[c] = hasher.submit(mv[lo:hi]) if hasher else chunk_checksum(mv[lo:hi])
+    sums = [ChunkHasher.result(v) for v in sums]
     job.phases = {"issue_cuda": t1 - t0, "cpu_copy_and_hash": t2 - t1, "cuda_wait": waited,
                   "cuda_hash": time.perf_counter() - t2 - waited}
-    return sums  # type: ignore[return-value]
+    return sums
 
 
 class Worker:
