@@ -48,8 +48,8 @@ def _detect_rank_world() -> tuple[int, int]:
 class _Arena:
     """A daemon buffer mapped into the trainer: uint8 tensor + memoryview over the same pages."""
 
-    def __init__(self, path: Path):
-        self.mapping = shm.Mapping(path)
+    def __init__(self, path: Path, populate: bool = True):
+        self.mapping = shm.Mapping(path, populate=populate)
         self.view = self.mapping.view()
         self.tensor = torch.frombuffer(self.view, dtype=torch.uint8) if self.mapping.size else torch.empty(0, dtype=torch.uint8)
         self.cuda_registered = False
@@ -95,6 +95,8 @@ class Client:
         self._chunk_size = config.chunk_size
         self._arenas: dict[str, _Arena] = {}
         self._next_buffer: str | None = None
+        self._layout = None  # the last snapshot's arena layout, reused while tensors keep their shapes
+        self._ready_nbytes = -1  # snapshot size whose buffers are allocated and mapped
         self._hooks: dict[int, Any] = {}
         self._learned_clone: set[tuple] = set()   # live tensors caught being mutated outside optimizer.step()
         self._side_stream = None
@@ -104,7 +106,8 @@ class Client:
         self._hook_wait_unreported = 0.0  # pre-step waits not yet reported to the daemon (ftd status)
         self._warned_at = 0.0
         self._closed = False
-        self.stats = {"snapshots": 0, "committed": 0, "failed": 0, "skipped_busy": 0, "snapshot_seconds": 0.0,
+        self.stats = {"snapshots": 0, "committed": 0, "failed": 0, "skipped_busy": 0, "skipped_setup": 0,
+                      "snapshot_seconds": 0.0,
                       "hook_wait_seconds": 0.0, "last_copy_seconds": None, "last_step": None}
         self._hasher = ChunkHasher()
         self._worker = Worker(self._process)
@@ -145,7 +148,7 @@ class Client:
             step, name = version["step"], version["buffer"]
             manifest = Manifest.from_json(version["manifest"])
             try:
-                arena = _Arena(shm_dir / Path(name).name)
+                arena = _Arena(shm_dir / Path(name).name, populate=False)  # read once: no need to pre-fault
             except FileNotFoundError:
                 log.warning("ftd: snapshot of step %d vanished before it could be read; trying an older one", step)
                 continue
@@ -205,7 +208,10 @@ class Client:
             else:
                 sources.append(t.clone())  # may change before the next optimizer step: capture it now
                 versions.append(None)
-        layout = plan_layout([(treecodec.dtype_name(t.dtype), tuple(t.shape)) for t in tensors])
+        signature = tuple((treecodec.dtype_name(t.dtype), tuple(t.shape)) for t in tensors)
+        if self._layout is None or self._layout.signature != signature:
+            self._layout = plan_layout(signature)
+        layout = self._layout
         job = SnapshotJob(step, skeleton, layout, sources, versions)
         if any(t.is_cuda for t in sources):
             job.ready_event = torch.cuda.Event()
@@ -236,6 +242,10 @@ class Client:
                         log.warning("ftd: a snapshot takes longer than a training step, so some steps are not "
                                     "snapshotted (each newer snapshot supersedes an unstarted one); training is "
                                     "not slowed down. `ftd status` shows the copy time")
+                elif job.layout.nbytes != self._ready_nbytes:
+                    self.stats["skipped_setup"] += 1  # the daemon is still reserving this layout's buffers
+                    log.info("ftd: snapshot of step %d skipped while the buffers for %d bytes are set up",
+                             job.step, job.layout.nbytes)
                 else:
                     self._note_failure(f"snapshot of step {job.step} skipped: the daemon did not hand out a "
                                        "buffer before the next optimizer step")
@@ -286,6 +296,7 @@ class Client:
         self._hook_wait_unreported = 0.0
         self._daemon_lost = False
         self._prepare_next_arena(pin=any(t.is_cuda for t in job.sources))
+        self._ready_nbytes = job.layout.nbytes
         self.stats["committed"] += 1
         self.stats["last_copy_seconds"] = job.copy_seconds
         self.stats["last_step"] = job.step
@@ -336,6 +347,7 @@ class Client:
             if self._session is None:
                 reply = self._conn.call("register", rank=self.rank, world=self.world_size, pid=os.getpid())
                 self._session, self._shm_dir = reply["session"], Path(reply["shm_dir"])
+                self._ready_nbytes = -1
                 self._chunk_size = int(reply["chunk_size"])
                 self._drop_arenas()
             try:

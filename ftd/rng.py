@@ -11,11 +11,15 @@ def capture() -> dict:
     cuda = []
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+    version, internal, gauss = random.getstate()
+    # the Mersenne Twister's 625 ints travel as an array (into the arena), not as 625 JSON numbers
+    python = {"version": version, "state": np.array(internal, dtype=np.int64), "gauss": gauss}
+    return {"python": python, "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def restore(states: dict) -> None:
-    random.setstate(states["python"])
+    py = states["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"]), py["gauss"]))
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     cuda = states.get("cuda") or []
