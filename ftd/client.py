@@ -124,7 +124,7 @@ class Client:
             self.stats["snapshots"] += 1
             self._worker.submit(job)
         except Exception as e:
-            self._warn(f"snapshot of step {step} skipped: {e}")
+            self._note_failure(f"snapshot of step {step} skipped: {e}")
         finally:
             self.stats["snapshot_seconds"] += time.perf_counter() - t0
 
