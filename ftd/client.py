@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,12 @@ from typing import Any
 import torch
 
 from . import rng, shm, treecodec
-from .checksum import ChunkHasher
+from .checksum import ChunkHasher, chunk_checksum
 from .config import load_config
 from .connection import Connection
 from .copier import SnapshotJob, Worker, copy_and_hash
 from .errors import DaemonUnavailable, FtdError, Refused, SerializationError
-from .layout import Manifest, chunk_ranges, plan_layout
+from .layout import Manifest, chunk_plan, plan_layout
 
 log = logging.getLogger("ftd.client")
 
@@ -153,15 +154,14 @@ class Client:
                 log.warning("ftd: snapshot of step %d vanished before it could be read; trying an older one", step)
                 continue
             try:
-                bad = _verify(arena.view, manifest, self._hasher)
-                if bad:
-                    log.warning("ftd: snapshot of step %d (rank %d) fails its checksums in %d chunk(s); "
-                                "discarding it and trying an older one", step, self.rank, len(bad))
+                tensors = self._read_verified(arena, manifest, state, step)
+                if tensors is None:
                     self._conn.call("corrupt", rank=self.rank, buffer=name, step=step)
                     continue
-                self._load(arena, manifest, state)
+                self._load(manifest, state, tensors)
+                del tensors
             finally:
-                arena.close()
+                _close_in_background(arena)
             log.info("ftd: rank %d restored step %d", self.rank, step)
             return step
         return None
@@ -385,32 +385,67 @@ class Client:
             self._warned_at = now
 
     # ---- restore -----------------------------------------------------------------------------------
-    def _load(self, arena: _Arena, manifest: Manifest, state: dict) -> None:
+    def _read_verified(self, arena: _Arena, manifest: Manifest, state: dict,
+                       step: int) -> dict[int, torch.Tensor] | None:
+        """Every tensor of a snapshot, out of shared memory, each chunk's checksum checked on the way.
+
+        One pass: a chunk is hashed (which also brings it into cache), then its pieces are copied
+        into fresh tensors. Tensors bound for an nn.Module stay views into the buffer, since
+        Module.load_state_dict copies them into the existing parameters anyway. Returns None, after
+        a warning, if a chunk fails its checksum.
+        """
         layout = manifest.layout
-
-        def view(i: int) -> torch.Tensor:
-            if i >= len(layout.slots):
-                raise SerializationError(f"snapshot skeleton refers to tensor {i}, layout has {len(layout.slots)}")
-            s = layout.slots[i]
-            return arena.tensor[s.offset:s.end].view(treecodec.dtype_from_name(s.dtype)).view(s.shape)
-
-        def clone(i: int) -> torch.Tensor:
-            return view(i).clone()
-
         tree = manifest.tree
         if not isinstance(tree, dict) or not isinstance(tree.get("state"), dict):
             raise SerializationError("snapshot skeleton has no state")
+        if arena.mapping.size < layout.nbytes:
+            log.warning("ftd: snapshot buffer is smaller than its manifest says; discarding it")
+            return None
+        as_view: set[int] = set()
+        for key, sub in tree["state"].items():
+            if isinstance(state.get(key), torch.nn.Module):
+                as_view |= treecodec.tensor_indices(sub)
+        out: dict[int, torch.Tensor] = {}
+        flat: dict[int, torch.Tensor] = {}
+        for i, s in enumerate(layout.slots):
+            dtype = treecodec.dtype_from_name(s.dtype)
+            if i in as_view:
+                out[i] = arena.tensor[s.offset:s.end].view(dtype).view(s.shape)
+            else:
+                out[i] = torch.empty(s.shape, dtype=dtype)
+                if s.nbytes:
+                    flat[i] = out[i].view(-1).view(torch.uint8)
+        for c, ((lo, hi), pieces) in enumerate(chunk_plan(layout, manifest.chunk_size)):
+            if chunk_checksum(arena.view[lo:hi]) != manifest.checksums[c]:
+                log.warning("ftd: snapshot of step %d (rank %d) fails its checksum in chunk %d (bytes %d-%d); "
+                            "discarding it and trying an older one", step, self.rank, c, lo, hi)
+                return None
+            for p in pieces:
+                if p.slot in flat:
+                    base = layout.slots[p.slot].offset
+                    flat[p.slot][p.start:p.end].copy_(arena.tensor[base + p.start:base + p.end])
+        return out
+
+    def _load(self, manifest: Manifest, state: dict, tensors: dict[int, torch.Tensor]) -> None:
+        def tensor_at(i: int) -> torch.Tensor:
+            if i not in tensors:
+                raise SerializationError(f"snapshot skeleton refers to tensor {i}, the layout has {len(tensors)}")
+            return tensors[i]
+
+        tree = manifest.tree
         for key, sub in tree["state"].items():
             target = state.get(key)
-            if isinstance(target, torch.nn.Module):
-                # Module.load_state_dict copies into the existing parameters: no clone needed
-                target.load_state_dict(treecodec.decode(sub, view))
-            elif _is_stateful(target):
-                target.load_state_dict(treecodec.decode(sub, clone))
+            if _is_stateful(target):
+                target.load_state_dict(treecodec.decode(sub, tensor_at))
             else:
-                state[key] = treecodec.decode(sub, clone)
+                state[key] = treecodec.decode(sub, tensor_at)
         if self.capture_rng and tree.get("rng") is not None:
-            rng.restore(treecodec.decode(tree["rng"], clone))
+            rng.restore(treecodec.decode(tree["rng"], tensor_at))
+
+
+def _close_in_background(arena: _Arena) -> None:
+    """Unmapping a large buffer takes tens of ms per GiB; the restored trainer need not wait for it."""
+    threading.Thread(target=arena.close, name="ftd-unmap", daemon=True).start()
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> set[tuple]:
@@ -425,10 +460,3 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> set[tuple]:
     return owned
 
 
-def _verify(view: memoryview, manifest: Manifest, hasher: ChunkHasher) -> list[int]:
-    """Chunks whose checksum fails."""
-    ranges = chunk_ranges(manifest.layout.nbytes, manifest.chunk_size)
-    if view.nbytes < manifest.layout.nbytes:
-        return list(range(len(ranges)))
-    got = hasher.map(view[lo:hi] for lo, hi in ranges)
-    return [i for i, (a, b) in enumerate(zip(got, manifest.checksums)) if a != b]

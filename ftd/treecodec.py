@@ -173,3 +173,21 @@ def _ints(x: Any) -> list[int]:
     if not isinstance(x, list) or not all(isinstance(v, int) for v in x):
         raise SerializationError("malformed snapshot skeleton: expected a list of ints")
     return x
+
+
+def tensor_indices(skeleton: Any) -> set[int]:
+    """Indices of the tensors (and arrays) a skeleton refers to."""
+    found: set[int] = set()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, dict):
+            if x.get(TAG) in ("tensor", "ndarray") and isinstance(x.get("index"), int):
+                found.add(x["index"])
+            for v in x.values():
+                walk(v)
+
+    walk(skeleton)
+    return found
