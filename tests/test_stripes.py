@@ -125,11 +125,11 @@ def test_grouping_examples():
 
 
 def test_stride_spreads_groups_over_racks():
-    racks_of, R = 4, 4  # 16 nodes, racks of 4 consecutive ranks
+    racks, R = 4, 4  # 16 nodes, racks of 4 consecutive ranks
     gr = Grouping(16, 3, 1, stride=R)
     for grp in gr.groups():
         assert len({r // R for r in grp.nodes}) == gr.g
-    for rack in range(racks_of):
+    for rack in range(racks):
         hit = Counter(gr.group_of(r) for r in range(rack * R, (rack + 1) * R))
         assert max(hit.values()) <= gr.m
 
