@@ -6,11 +6,11 @@
 
 ``Client`` is imported lazily, so the daemon and the CLI start without importing torch.
 """
-from .errors import CorruptSnapshot, DaemonUnavailable, FtdError, ProtocolError, Refused, SerializationError
+from .errors import DaemonUnavailable, FtdError, ProtocolError, Refused, SerializationError
 
 __version__ = "0.1.0"
 __all__ = ["Client", "FtdError", "DaemonUnavailable", "Refused", "ProtocolError", "SerializationError",
-           "CorruptSnapshot", "__version__"]
+           "__version__"]
 
 
 def __getattr__(name: str):

@@ -49,9 +49,6 @@ class ChunkHasher:
     def result(value: "Future[int] | int") -> int:
         return value if isinstance(value, int) else value.result()
 
-    def map(self, bufs) -> list[int]:
-        return [self.result(v) for v in [self.submit(b) for b in bufs]]
-
     def close(self) -> None:
         if self._pool:
             self._pool.shutdown(wait=True)

@@ -56,9 +56,6 @@ class Config:
         """Every shared-memory file of this daemon starts with this; a restarted daemon adopts by it."""
         return f"ftd.{self.job}.n{self.node_rank}."
 
-    def with_node_rank(self, node_rank: int) -> "Config":
-        return dataclasses.replace(self, node_rank=node_rank)
-
 
 _KEYS = {f.name for f in dataclasses.fields(Config)}
 

@@ -19,7 +19,3 @@ class Refused(FtdError):
 
 class SerializationError(FtdError):
     """A value in the training state that ftd cannot store safely."""
-
-
-class CorruptSnapshot(FtdError):
-    """A snapshot whose bytes do not match their checksums."""
