@@ -242,3 +242,29 @@ def test_snapshot_slower_than_a_step_is_skipped_not_waited_for(thread_daemon):
         assert client.stats["skipped_busy"] >= 2 and client.stats["committed"] >= 2
         fresh = make_state(seed=2)
         assert client.restore(fresh) == 6               # the newest snapshot is never the one skipped
+
+
+def test_slow_daemon_makes_the_optimizer_skip_the_snapshot_not_wait(thread_daemon, monkeypatch, caplog):
+    import time
+    monkeypatch.setattr("ftd.client.BEGIN_GRACE_SECONDS", 0.05)   # the production value
+    d = thread_daemon()
+    state = make_state()
+    with ftd.Client(d.endpoint) as client:
+        train_step(state)
+        client.snapshot(0, state)
+        assert client.wait(10)                         # buffers exist; now the daemon turns slow
+        begin = d.daemon.catalog.begin
+
+        def slow_begin(*args, **kwargs):
+            time.sleep(1.0)
+            return begin(*args, **kwargs)
+
+        d.daemon.catalog.begin = slow_begin
+        client.snapshot(1, state)
+        with caplog.at_level(logging.WARNING, "ftd.client"):
+            train_step(state)                           # waits the grace, then skips snapshot 1
+        assert "did not hand out a buffer" in caplog.text
+        assert client.stats["hook_wait_seconds"] < 0.9    # far less than the daemon's 1 s
+        assert client.wait(10) is False
+        fresh = make_state(seed=3)
+        assert client.restore(fresh) == 0
