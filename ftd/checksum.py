@@ -1,5 +1,5 @@
-"""Per-chunk checksums: xxh3-64, which runs at memory speed (about 15-20 GB/s here, against 2.2 GB/s
-for zlib.crc32), so checking a snapshot costs less than copying it."""
+"""Per-chunk checksums: xxh3-64, which runs at memory speed (33 GB/s on the dev machine against
+7 GB/s for zlib.crc32; README has the commands), so checking a snapshot costs less than copying it."""
 from __future__ import annotations
 
 import os

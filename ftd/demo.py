@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .config import Config
 from .connection import Connection
 from .errors import FtdError
 
@@ -73,12 +74,17 @@ class Demo:
         return self.workdir / "ftd-losses.txt"
 
     @property
+    def config(self) -> Config:
+        """The daemon's config (also written to config_file): socket path and endpoint derive from it."""
+        return Config(job=self.job, runtime_dir=self.runtime_dir, memory_budget=256 << 20, memory_reserve=128 << 20)
+
+    @property
     def socket_path(self) -> Path:
-        return self.runtime_dir / self.job / "node0.sock"
+        return self.config.socket_path
 
     @property
     def endpoint(self) -> str:
-        return f"ipc://{self.socket_path}"
+        return self.config.endpoint
 
     @property
     def shm_prefix(self) -> str:
@@ -96,8 +102,8 @@ def _write_config(demo: Demo) -> None:
         f'job = "{demo.job}"\n'
         f'runtime_dir = "{demo.runtime_dir}"\n'
         'shm_dir = "/dev/shm"\n'
-        'memory_budget = "256MiB"\n'
-        'memory_reserve = "128MiB"\n')
+        f'memory_budget = {demo.config.memory_budget}\n'
+        f'memory_reserve = {demo.config.memory_reserve}\n')
 
 
 def _start_daemon(demo: Demo) -> None:
