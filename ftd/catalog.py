@@ -6,6 +6,12 @@ copy is under way, or was abandoned), ``complete`` (holds a committed, checksumm
 version, so an interrupted copy can never destroy the last good snapshot. All I/O (creating and
 unlinking segments, writing the sidecar that marks a version complete) goes through a store
 object, so tests can drive this class with scripted requests and a fake store.
+
+In a cluster (``clustered``) two more versions matter: the node's *recoverable* step (protected by
+parity in every group; the only one a restore may serve) and each rank's *pinned* step (the first
+commit at or after the coordinator's target, held for the next protection round). Neither is ever
+overwritten; when both buffers of a rank hold one of them, ``begin`` answers "busy" and the client
+skips that snapshot, so a slow protection makes ftd snapshot less often, never slows training.
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ class RankEntry:
     last_commit_at: float | None = None
     last_copy_seconds: float | None = None
     last_blocked_seconds: float | None = None
+    pinned: int | None = None         # cluster: step held for the next protection round
 
     def complete(self) -> list[Buffer]:
         """Complete versions, newest first."""
@@ -69,6 +76,9 @@ class Catalog:
         self.new_session = new_session
         self.ranks: dict[int, RankEntry] = {}
         self._seq = 0
+        self.clustered = False
+        self.recoverable = -1             # cluster: newest step recoverable in every group, -1 if none
+        self.target: int | None = None    # cluster: pin the first commit at or after this step
 
     # ---- accounting -------------------------------------------------------------------------
     @property
@@ -137,9 +147,16 @@ class Catalog:
 
     def begin(self, session: str, step: int, nbytes: int) -> dict:
         entry = self._by_session(session)
-        complete = entry.complete()
-        newest = complete[0] if complete else None
-        spare = [b for b in entry.buffers if b is not newest]
+        if self.clustered:
+            keep = {self.recoverable, entry.pinned}
+            spare = [b for b in entry.buffers if not (b.state == "complete" and b.step in keep)]
+            if not spare and len(entry.buffers) >= 2:
+                return {"busy": f"both buffers of rank {entry.rank} hold versions the cluster still needs "
+                                f"(recoverable step {self.recoverable}, step {entry.pinned} being protected)"}
+        else:
+            complete = entry.complete()
+            newest = complete[0] if complete else None
+            spare = [b for b in entry.buffers if b is not newest]
         spare.sort(key=lambda b: (b.state == "complete", b.seq))  # prefer free/writing over an older version
         target = spare[0] if spare else None
         if target is None or target.capacity < nbytes:
@@ -166,6 +183,8 @@ class Catalog:
         buf.state, buf.manifest, buf.seq, buf.committed_at = "complete", manifest, self._seq, now
         entry.commits += 1
         entry.last_commit_at, entry.last_copy_seconds, entry.last_blocked_seconds = now, copy_seconds, blocked_seconds
+        if self.clustered and self.target is not None and entry.pinned is None and step >= self.target:
+            entry.pinned = step
         return {}
 
     def abort(self, session: str, buffer: str, reason: str = "") -> dict:
@@ -176,9 +195,13 @@ class Catalog:
         return {}
 
     def restore(self, rank: int) -> dict:
-        """Versions this rank should try, newest first: only steps every rank of the node holds."""
+        """Versions this rank should try, newest first: only steps every rank of the node holds.
+        In a cluster: only the recoverable step."""
         if rank not in self.ranks:
             return {"versions": []}
+        if self.clustered:
+            mine = [b for b in self.ranks[rank].complete() if b.step == self.recoverable and self.recoverable >= 0]
+            return {"versions": [{"step": b.step, "buffer": b.name, "manifest": b.manifest} for b in mine[:1]]}
         holders = [r for r in self.ranks.values() if r.complete()]
         common = set.intersection(*({b.step for b in r.complete()} for r in holders)) if holders else set()
         mine = [b for b in self.ranks[rank].complete() if b.step in common]
@@ -196,6 +219,45 @@ class Catalog:
             buf.state, buf.step, buf.manifest = "free", None, None
         return {}
 
+    # ---- cluster ------------------------------------------------------------------------------
+    def candidate(self) -> tuple[int, int, bool] | None:
+        """(step, node bytes, mismatch) once every rank pinned a step for the current target.
+        mismatch: the ranks pinned different steps (step is then the largest)."""
+        if self.target is None or not self.ranks or any(r.pinned is None for r in self.ranks.values()):
+            return None
+        steps = {r.pinned for r in self.ranks.values()}
+        step = max(steps)
+        nbytes = sum(b.manifest["nbytes"] for r in self.ranks.values() for b in r.complete() if b.step == r.pinned)
+        return step, nbytes, len(steps) > 1
+
+    def sync(self, target: int, recoverable: int) -> None:
+        """The coordinator's word: ``recoverable`` is safe to serve (the caller checked this node holds
+        it), and the next round pins the first commit at or after ``target``."""
+        if recoverable > self.recoverable:
+            self.recoverable = recoverable
+        self.target = target
+        for r in self.ranks.values():
+            later = [b.step for b in r.complete() if b.step >= target]
+            r.pinned = min(later) if later else None
+
+    def held_steps(self) -> list[int]:
+        """Steps that every rank of this node holds complete, newest first."""
+        holders = [r for r in self.ranks.values()]
+        if not holders:
+            return []
+        common = set.intersection(*({b.step for b in r.complete()} for r in holders))
+        return sorted(common, reverse=True)
+
+    def buffers_of(self, step: int) -> list[tuple[RankEntry, Buffer]]:
+        """(rank, buffer) holding ``step`` for every rank, in rank order; [] unless all ranks hold it."""
+        out = []
+        for r in sorted(self.ranks.values(), key=lambda r: r.rank):
+            b = next((b for b in r.complete() if b.step == step), None)
+            if b is None:
+                return []
+            out.append((r, b))
+        return out
+
     def status(self) -> dict[str, Any]:
         ranks = []
         for r in sorted(self.ranks.values(), key=lambda r: r.rank):
@@ -206,7 +268,7 @@ class Catalog:
                 "writing": [b.step for b in r.buffers if b.state == "writing"],
                 "buffer_bytes": sum(b.capacity for b in r.buffers),
                 "last_commit_at": r.last_commit_at, "last_copy_seconds": r.last_copy_seconds,
-                "last_blocked_seconds": r.last_blocked_seconds,
+                "last_blocked_seconds": r.last_blocked_seconds, "pinned": r.pinned,
             })
         return {"budget": self.budget, "used": self.used, "ranks": ranks}
 

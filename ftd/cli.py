@@ -7,7 +7,9 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
+from . import launch, peerauth
 from .config import load_config
 from .connection import Connection
 from .errors import FtdError
@@ -41,6 +43,8 @@ def _ms(s: float | None) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.dir:
+        return _cluster_status(args)
     conn = Connection(_endpoint(args), timeout=5.0)
     try:
         st = conn.call("status")
@@ -67,6 +71,116 @@ def _status(args: argparse.Namespace) -> int:
         print(f"   versions: {versions}{writing}")
         print(f"   last snapshot: copy {_ms(r['last_copy_seconds'])}, trainer blocked {_ms(r['last_blocked_seconds'])}, "
               f"committed {_age(r['last_commit_at'])}")
+    if st.get("cluster"):
+        print("\n".join(_cluster_lines(st["cluster"])))
+    return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    """Ask a node's daemon to rebuild what it lacks of the recoverable step, and wait for the outcome."""
+    endpoint = _endpoint(args)
+    conn = Connection(endpoint, timeout=5.0)
+    try:
+        before = conn.call("status").get("cluster")
+        if before is None:
+            print(f"ftd recover: the daemon at {endpoint} has no peers in its config; nothing to rebuild from",
+                  file=sys.stderr)
+            return 2
+        last_at = (before.get("last_rebuild") or {}).get("at")
+        reply = conn.call("recover")
+        print(f"ftd recover: node {before['node_rank']}: rebuilding from its peers"
+              + ("" if reply["started"] else f" (already running: {reply['rebuilding']})"), flush=True)
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            cl = conn.call("status")["cluster"]
+            done = cl.get("last_rebuild")
+            if cl["rebuilding"] is None and done and done.get("at") != last_at:
+                if not done["ok"]:
+                    print(f"ftd recover: node {cl['node_rank']} could not be rebuilt: {done['error']}", file=sys.stderr)
+                    return 1
+                earlier = [r for r in cl.get("rebuilds", [])[:-1] if r.get("ok") and r.get("step") == done["step"]
+                           and (r["rebuilt_data"] or r["rebuilt_parity"])]
+                if earlier and not (done["rebuilt_data"] or done["rebuilt_parity"]):
+                    done = earlier[-1]  # the daemon already rebuilt it by itself at start-up: report that one
+                what = [w for w, f in (("data", done["rebuilt_data"]), ("parity", done["rebuilt_parity"])) if f]
+                if done["step"] < 0:
+                    print("ftd recover: the cluster has no recoverable step yet; nothing to rebuild")
+                else:
+                    print(f"ftd recover: node {cl['node_rank']} holds step {done['step']} "
+                          f"({' and '.join(what) + ' rebuilt' if what else 'already whole'}; "
+                          f"{format_size(done['fetched_bytes'])} fetched in {done['seconds']:.2f} s"
+                          + (f"; unavailable blocks: {done['bad_blocks']}" if done["bad_blocks"] else "") + ")")
+                return 0
+            time.sleep(0.2)
+        print(f"ftd recover: no result within {args.timeout:.0f} s; see `ftd status`", file=sys.stderr)
+        return 1
+    except FtdError as e:
+        print(f"ftd recover: {e}\n(start the node's daemon with `ftd daemon --config FILE`: it rebuilds by itself "
+              "at start; `ftd recover` waits for it and reports)", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+
+
+def _cluster_lines(cl: dict) -> list[str]:
+    lines = [f"cluster: node {cl['node_rank']} of {cl['nodes']}, group {cl['group']} = nodes {cl['group_nodes']} "
+             f"(k={cl['k']}, m={cl['m']}, {cl['code']}), peer link {cl['peer_endpoint']}"
+             + (" CURVE" if cl["secure"] else ""),
+             f"   recoverable step: {cl['recoverable'] if cl['recoverable'] >= 0 else 'none yet'}   "
+             f"memory: data {format_size(cl['data_bytes'])}, parity {format_size(cl['parity_bytes'])}"]
+    for v in cl["versions"]:
+        state = "recoverable" if v["recoverable"] else "protected" if v["protected"] else \
+            "local-complete" if v["local"] else "parity only"
+        lines.append(f"   step {v['step']}: {state}  (data {format_size(v['data_bytes'])}, "
+                     f"parity {format_size(v['parity_bytes'])})")
+    if cl["round"]:
+        lines.append(f"   protecting step {cl['round']['step']}: "
+                     + ("done, waiting for the coordinator" if cl["round"]["complete"] else
+                        f"{cl['round']['frames_left']} parity frame(s) to go"))
+    if cl["rebuilding"]:
+        lines.append(f"   rebuilding: {cl['rebuilding']}")
+    if cl["lost_error"]:
+        lines.append(f"   cannot restore: {cl['lost_error']}")
+    co = cl.get("coordinator")
+    if co:
+        lines.append(f"   coordinator: {co['phase']}, target step {co['target']}, rounds done {co['rounds_done']}, "
+                     f"abandoned {co['rounds_abandoned']}; {co['last_event']}")
+    return lines
+
+
+def _cluster_status(args: argparse.Namespace) -> int:
+    """One table for a whole `ftd launch` cluster: per version and node, its state."""
+    from .launch import read_cluster
+    try:
+        cluster = read_cluster(Path(args.dir))
+    except Exception as e:
+        print(f"ftd status: {e}", file=sys.stderr)
+        return 2
+    rows: dict[int, dict[int, str]] = {}
+    nodes = []
+    for member in cluster["members"]:
+        n = member["node_rank"]
+        nodes.append(n)
+        conn = Connection(member["endpoint"], timeout=3.0)
+        try:
+            cl = conn.call("status").get("cluster") or {}
+        except FtdError:
+            cl = None
+        finally:
+            conn.close()
+        if cl is None:
+            rows.setdefault(-1, {})[n] = "DOWN"
+            continue
+        for v in cl.get("versions", []):
+            rows.setdefault(v["step"], {})[n] = ("recoverable" if v["recoverable"] else "protected" if v["protected"]
+                                                 else "local" if v["local"] else "parity-only")
+    if args.json:
+        print(json.dumps({str(k): v for k, v in rows.items()}, indent=2))
+        return 0
+    print("step     " + "".join(f"node {n:<10}" for n in nodes))
+    for step in sorted(rows, reverse=True):
+        label = "daemon" if step < 0 else str(step)
+        print(f"{label:<9}" + "".join(f"{rows[step].get(n, '-'):<15}" for n in nodes))
     return 0
 
 
@@ -90,7 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="the daemon's config file")
     p.add_argument("--node-rank", type=int)
     p.add_argument("--endpoint", help="the daemon's endpoint (default $FTD_ENDPOINT or the local default)")
+    p.add_argument("--dir", help="a cluster started by `ftd launch`: one table of every node's versions")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("recover", help="rebuild a node's snapshots and parity from its peers, and report")
+    p.add_argument("--config", help="the node's daemon config file")
+    p.add_argument("--node-rank", type=int, help="the node to rebuild (overrides the config's node_rank)")
+    p.add_argument("--endpoint", help="the daemon's control endpoint, instead of --config")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the rebuild (default 600)")
+    p.set_defaults(func=_recover)
+
+    launch.add_commands(sub)
+    peerauth.add_commands(sub)
 
     p = sub.add_parser("demo", help="single-node demo: crash a trainer, resume bit-exact from memory")
     p.add_argument("--steps", type=int, default=60,

@@ -30,6 +30,12 @@ log = logging.getLogger("ftd.client")
 
 _SESSION_LOST = "unknown or outdated session"
 BEGIN_GRACE_SECONDS = 0.05  # longest an optimizer step waits for the daemon to hand out a buffer
+RESTORE_WAIT_SECONDS = 600.0  # longest restore() waits for a rebuilding cluster daemon
+_REPAIRING = object()
+
+
+class _Busy(Exception):
+    """The daemon keeps both buffers for the cluster (recoverable + being protected): skip this snapshot."""
 
 
 def _is_stateful(x: Any) -> bool:
@@ -108,6 +114,7 @@ class Client:
         self._warned_at = 0.0
         self._closed = False
         self.stats = {"snapshots": 0, "committed": 0, "failed": 0, "skipped_busy": 0, "skipped_setup": 0,
+                      "skipped_protecting": 0,
                       "snapshot_seconds": 0.0,
                       "hook_wait_seconds": 0.0, "last_copy_seconds": None, "last_step": None}
         self._hasher = ChunkHasher()
@@ -143,7 +150,24 @@ class Client:
         Raises DaemonUnavailable (saying how to start a daemon) if no daemon answers.
         """
         self.wait()
-        reply = self._conn.call("restore", rank=self.rank)
+        deadline = time.monotonic() + RESTORE_WAIT_SECONDS
+        while True:
+            reply = self._conn.call("restore", rank=self.rank)
+            if "wait" not in reply:
+                step = self._restore_from(reply, state)
+                if step is not _REPAIRING:
+                    return step
+                reason = "the daemon repairs a corrupt chunk from its peers"
+            else:
+                reason = reply["wait"]
+            if time.monotonic() > deadline:
+                raise FtdError(f"restore gave up after {RESTORE_WAIT_SECONDS:.0f} s: {reason}")
+            if not getattr(self, "_told_wait", False):
+                log.info("ftd: rank %d waits to restore: %s", self.rank, reason)
+                self._told_wait = True
+            time.sleep(0.2)
+
+    def _restore_from(self, reply: dict, state: dict):
         shm_dir = Path(reply["shm_dir"])
         for version in reply["versions"]:
             step, name = version["step"], version["buffer"]
@@ -156,7 +180,9 @@ class Client:
             try:
                 tensors = self._read_verified(arena, manifest, state, step)
                 if tensors is None:
-                    self._conn.call("corrupt", rank=self.rank, buffer=name, step=step)
+                    answer = self._conn.call("corrupt", rank=self.rank, buffer=name, step=step)
+                    if answer.get("repairing"):
+                        return _REPAIRING  # a cluster member rebuilds it from its peers: ask again
                     continue
                 self._load(manifest, state, tensors)
                 del tensors
@@ -263,6 +289,11 @@ class Client:
     def _process(self, job: SnapshotJob) -> None:
         try:
             name, arena = self._begin(job.step, job.layout.nbytes)
+        except _Busy:
+            self.stats["skipped_protecting"] += 1  # the cluster still protects an older step: expected
+            job.released.set()
+            job.finish(False, "skipped while the cluster protects an older step")
+            return
         except Exception as e:
             self._daemon_lost = isinstance(e, DaemonUnavailable)
             return self._fail(job, f"snapshot of step {job.step} skipped: {e}")
@@ -316,6 +347,8 @@ class Client:
 
     def _begin(self, step: int, nbytes: int) -> tuple[str, _Arena]:
         reply = self._call_session("begin", step=step, nbytes=nbytes)
+        if "busy" in reply:
+            raise _Busy(reply["busy"])
         name = reply["buffer"]
         self._next_buffer = reply.get("next")
         for stale in [n for n in self._arenas if n not in (name, self._next_buffer)]:

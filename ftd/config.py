@@ -32,6 +32,16 @@ class Config:
     memory_reserve: int = 1 << 30   # never allocate below this much memory available to the system
     chunk_size: int = 4 << 20       # checksum (and later transfer) unit
     request_timeout: float = 10.0   # seconds a client waits for a reply
+    # ---- peers (erasure coding across nodes); no peers: a standalone node, as in issue 2 ----
+    peers: tuple[str, ...] = ()     # peer endpoint ("tcp://host:port") of every node rank, index = node rank
+    parity: int = 1                 # m: parity blocks per stripe; groups have g = k + m nodes
+    group_size: int = 0             # g; 0 means all nodes form one group
+    group_stride: int = 1           # 1: consecutive ranks form a group; R: ranks r, r+R, ... (racks of R nodes)
+    parity_code: str = "auto"       # "xor" (m = 1 only), "rs" (zfec Reed-Solomon) or "auto" (xor for m = 1)
+    frame_size: int = 4 << 20       # bytes per peer message of chunk data
+    inflight_bytes: int = 32 << 20  # unacknowledged chunk bytes per peer link
+    peer_key_file: Path | None = None  # CURVE key of the cluster (`ftd keygen`); None: peer links unauthenticated
+    round_timeout: float = 120.0    # seconds a protection round may take before it is abandoned
 
     def __post_init__(self) -> None:
         if not _JOB_NAME.match(self.job):
@@ -42,6 +52,57 @@ class Config:
             raise ValueError(f"chunk_size must be a multiple of 4 KiB between 4 KiB and 64 MiB, got {self.chunk_size}")
         if self.memory_budget == 0:
             object.__setattr__(self, "memory_budget", psutil.virtual_memory().total // 2)
+        self._check_peers()
+
+    def _check_peers(self) -> None:
+        object.__setattr__(self, "peers", tuple(self.peers))
+        if not self.peers:
+            return
+        for i, ep in enumerate(self.peers):
+            if not isinstance(ep, str) or not re.match(r"^tcp://[^\s:/]+:\d{1,5}$", ep):
+                raise ValueError(f"peers[{i}] = {ep!r} must be a tcp://host:port endpoint")
+        if len(set(self.peers)) != len(self.peers):
+            raise ValueError("peers lists an endpoint twice; every node rank needs its own host:port")
+        if self.node_rank >= len(self.peers):
+            raise ValueError(f"node_rank {self.node_rank} has no entry in peers (it lists {len(self.peers)} nodes)")
+        if self.group_size == 0:
+            object.__setattr__(self, "group_size", len(self.peers))
+        if self.parity_code == "auto":
+            object.__setattr__(self, "parity_code", "xor" if self.parity == 1 else "rs")
+        if self.parity_code not in ("xor", "rs"):
+            raise ValueError(f"parity_code must be 'auto', 'xor' or 'rs', got {self.parity_code!r}")
+        if self.parity_code == "xor" and self.parity != 1:
+            raise ValueError(f"parity_code 'xor' gives one parity block; parity = {self.parity} needs 'rs'")
+        if not (4096 <= self.frame_size <= 16 << 20):
+            raise ValueError(f"frame_size must be between 4 KiB and 16 MiB, got {self.frame_size}")
+        if self.inflight_bytes < self.frame_size:
+            raise ValueError("inflight_bytes must hold at least one frame (frame_size)")
+        self.grouping()  # raises a clear ValueError for a node count that does not split into groups
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.peers)
+
+    @property
+    def nodes(self) -> int:
+        return len(self.peers)
+
+    def grouping(self):
+        """The groups of the cluster (stripes.Grouping); needs peers."""
+        from .stripes import Grouping
+        g, m = self.group_size, self.parity
+        if not isinstance(m, int) or not 1 <= m < g:
+            raise ValueError(f"parity = {m} must satisfy 1 <= parity < group size ({g} nodes per group)")
+        return Grouping(self.nodes, g - m, m, self.group_stride)
+
+    @property
+    def peer_endpoint(self) -> str:
+        return self.peers[self.node_rank]
+
+    @property
+    def peer_bind(self) -> str:
+        """Where the peer socket binds: every interface, on this node's port."""
+        return "tcp://*:" + self.peer_endpoint.rsplit(":", 1)[1]
 
     @property
     def socket_path(self) -> Path:
@@ -86,12 +147,18 @@ def load_config(path: str | os.PathLike | None = None, *, node_rank: int | None 
             kwargs[key] = Path(value).expanduser() if value else default_runtime_dir()
         elif key == "shm_dir":
             kwargs[key] = Path(value).expanduser() if value else Path("/dev/shm")
-        elif key in ("memory_budget", "memory_reserve", "chunk_size"):
+        elif key in ("memory_budget", "memory_reserve", "chunk_size", "frame_size", "inflight_bytes"):
             kwargs[key] = parse_size(value, total=total)
-        elif key == "request_timeout":
+        elif key in ("request_timeout", "round_timeout"):
             kwargs[key] = float(value)
-        elif key == "node_rank":
+        elif key in ("node_rank", "parity", "group_size", "group_stride"):
             kwargs[key] = int(value)
+        elif key == "peers":
+            if not isinstance(value, list):
+                raise ValueError(f"config file {path}: peers must be a list of tcp://host:port strings")
+            kwargs[key] = tuple(value)
+        elif key == "peer_key_file":
+            kwargs[key] = Path(value).expanduser() if value else None
         else:
             kwargs[key] = value
     if node_rank is not None:

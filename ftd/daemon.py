@@ -60,6 +60,10 @@ class Daemon:
             available=lambda: psutil.virtual_memory().available,
             segment_name=lambda rank: f"{config.shm_prefix}r{rank}.{secrets.token_hex(6)}")
         self._segment_re = re.compile(re.escape(config.shm_prefix) + r"r(\d+)\.([0-9a-f]{12})$")
+        self.node = None
+        if config.clustered:
+            from .node import ClusterNode
+            self.node = ClusterNode(config, self.catalog)
         self._stop = False
         self._lock_fd: int | None = None
         self._ctx: zmq.Context | None = None
@@ -84,6 +88,8 @@ class Daemon:
         found = []
         removed = 0
         for path in shm.list_prefix(self.config.shm_dir, self.config.shm_prefix):
+            if self.node is not None and self.node.is_parity_file(path.name):
+                continue  # parity: the cluster side adopts it
             if path.name.endswith((".meta", ".tmp")):
                 if not (self.config.shm_dir / path.name.split(".meta")[0]).exists():
                     shm.unlink(path)
@@ -131,7 +137,20 @@ class Daemon:
                 return protocol.ok(node_rank=self.config.node_rank, job=self.config.job, pid=os.getpid())
             if mtype == "status":
                 return protocol.ok(**self.status())
+            if self.node is not None:
+                if mtype == "begin":
+                    self.node.latest_step = fields["step"]
+                early = self._cluster_request(mtype, fields)
+                if early is not None:
+                    return early
+            elif mtype == "recover":
+                raise Refused("this daemon is a standalone node (no peers in its config): there is nothing "
+                              "to rebuild from; `ftd recover` needs a cluster config (see `ftd launch`)")
             result = getattr(self.catalog, mtype)(**fields)
+            if mtype == "commit" and self.node is not None:
+                self.node.maybe_candidate()
+            if mtype == "restore" and self.node is not None and result["versions"]:
+                self.node.on_restored(result["versions"][0]["step"])
             if mtype in ("register", "restore"):
                 result.update(shm_dir=str(self.config.shm_dir), chunk_size=self.config.chunk_size,
                               node_rank=self.config.node_rank)
@@ -143,12 +162,32 @@ class Daemon:
             log.exception("internal error while handling a request")
             return protocol.error(f"internal error in the daemon: {type(e).__name__}: {e}")
 
+    def _cluster_request(self, mtype: str, fields: dict) -> bytes | None:
+        """Requests a cluster member answers differently; None to go on as a standalone node."""
+        node = self.node
+        if mtype == "recover":
+            started = node.start_recover()
+            return protocol.ok(started=started, rebuilding=node.rebuilding)
+        if mtype == "restore":
+            if node.lost_error:
+                raise Refused(f"node {self.config.node_rank} cannot restore: {node.lost_error}")
+            wait = node.restore_wait()
+            if wait:
+                return protocol.ok(wait=wait)
+        if mtype == "corrupt":
+            node.on_corrupt()
+            return protocol.ok(repairing=True)
+        return None
+
     def status(self) -> dict:
         st = self.catalog.status()
         for r in st["ranks"]:
             r["alive"] = bool(r["pid"]) and psutil.pid_exists(r["pid"])
         st.update(job=self.config.job, node_rank=self.config.node_rank, endpoint=self.config.endpoint,
                   pid=os.getpid(), uptime=time.time() - self.started_at, shm_dir=str(self.config.shm_dir))
+        if self.node is not None:
+            st["cluster"] = self.node.status()
+            st["used"] += st["cluster"]["parity_bytes"]
         return st
 
     # ---- loop -----------------------------------------------------------------------------------
@@ -169,25 +208,50 @@ class Daemon:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(self.config.endpoint)
         os.chmod(sock_path, 0o600)
+        if self.node is not None:
+            self.node.adopt_parity()
+            self.node.start(self._ctx)
 
     def serve(self) -> None:
         assert self._sock is not None
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        peer_sockets = self.node.sockets() if self.node is not None else []
+        for s in peer_sockets:
+            poller.register(s, zmq.POLLIN)
         while not self._stop:
-            if not poller.poll(100):
-                continue
-            frames = self._sock.recv_multipart()
-            envelope, body = _split_envelope(frames)
-            if envelope is None:
-                continue  # not even a routable message
-            reply = self.handle(body[0]) if len(body) == 1 else protocol.error(
-                f"expected one frame per request, got {len(body)}")
-            self._sock.send_multipart(envelope + [reply])
+            events = dict(poller.poll(20 if self.node is not None else 100))
+            if self._sock in events:
+                self._serve_control()
+            if self.node is not None:
+                try:
+                    self._serve_peers(peer_sockets, events)
+                except Exception:  # the daemon must stay up for its trainers and its peers
+                    log.exception("internal error in the cluster side of the daemon")
+
+    def _serve_peers(self, sockets: list, events: dict) -> None:
+        for s in sockets:
+            if s in events:
+                for _ in range(64):  # drain, but let the control socket have its turn
+                    self.node.on_socket(s)
+                    if not s.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        break
+        self.node.tick()
+
+    def _serve_control(self) -> None:
+        frames = self._sock.recv_multipart()
+        envelope, body = _split_envelope(frames)
+        if envelope is None:
+            return  # not even a routable message
+        reply = self.handle(body[0]) if len(body) == 1 else protocol.error(
+            f"expected one frame per request, got {len(body)}")
+        self._sock.send_multipart(envelope + [reply])
 
     def close(self) -> None:
         if self._lock_fd is None:
             return  # never started: another daemon owns the socket and the segments
+        if self.node is not None:
+            self.node.close()
         self.catalog.release_all()
         if self._sock is not None:
             self._sock.close(0)
@@ -226,6 +290,12 @@ def run(config: Config) -> int:
     print(f"ftd daemon: node {config.node_rank} of job {config.job!r} serving at {config.endpoint} "
           f"(memory budget {config.memory_budget >> 20} MiB, shared memory in {config.shm_dir})", flush=True)
     print(f"ftd daemon: trainers on this node find it with FTD_ENDPOINT={config.endpoint}", flush=True)
+    if config.clustered:
+        grouping = config.grouping()
+        group = grouping.group_for(config.node_rank)
+        print(f"ftd daemon: peer link {config.peer_endpoint} ({'CURVE' if config.peer_key_file else 'unauthenticated'}); "
+              f"group {group.index} = nodes {list(group.nodes)}, k={grouping.k} data + m={grouping.m} parity "
+              f"({config.parity_code})", flush=True)
     try:
         daemon.serve()
     finally:

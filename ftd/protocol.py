@@ -20,6 +20,8 @@ MAX_NBYTES = 1 << 44
 MAX_STR = 256
 
 _INT, _POS, _STR, _NUM, _DICT, _RANK = "int", "posint", "str", "number", "dict", "rank"
+_OPT_STEP, _SIZE, _INTS, _BOOL, _ANY_DICT, _U64 = "optstep", "size", "ints", "bool", "optdict", "u64"
+MAX_LIST = 1 << 16
 
 # type -> {field: (kind, required)}
 SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
@@ -34,18 +36,35 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "abort": {"session": (_STR, True), "buffer": (_STR, True), "reason": (_STR, False)},
     "restore": {"rank": (_RANK, True)},
     "corrupt": {"rank": (_RANK, True), "buffer": (_STR, True), "step": (_INT, True)},
+    "recover": {},
 }
 
 
-def _check_field(mtype: str, name: str, kind: str, value: Any) -> None:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_field(mtype: str, name: str, kind: str, value: Any) -> None:
+    """Check one field against its kind; ProtocolError naming ``mtype.name`` if it does not fit."""
     where = f"{mtype}.{name}"
-    if kind in (_INT, _POS, _RANK):
-        if not isinstance(value, int) or isinstance(value, bool):
+    if kind in (_INT, _POS, _RANK, _OPT_STEP, _SIZE, _U64):
+        if not _is_int(value):
             raise ProtocolError(f"{where} must be an integer, got {type(value).__name__}")
-        upper = {_INT: MAX_STEP, _POS: MAX_NBYTES, _RANK: MAX_RANK}[kind]
-        lower = 1 if kind == _POS else 0
+        upper = {_INT: MAX_STEP, _POS: MAX_NBYTES, _RANK: MAX_RANK, _OPT_STEP: MAX_STEP, _SIZE: MAX_NBYTES,
+                 _U64: (1 << 64) - 1}[kind]
+        lower = {_POS: 1, _OPT_STEP: -1}.get(kind, 0)
         if not lower <= value <= upper:
             raise ProtocolError(f"{where}={value} is out of range [{lower}, {upper}]")
+    elif kind == _INTS:
+        if not isinstance(value, list) or len(value) > MAX_LIST or not all(
+                _is_int(v) and -1 <= v <= MAX_NBYTES for v in value):
+            raise ProtocolError(f"{where} must be a list of at most {MAX_LIST} integers in [-1, {MAX_NBYTES}]")
+    elif kind == _BOOL:
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{where} must be true or false")
+    elif kind == _ANY_DICT:
+        if value is not None and not isinstance(value, dict):
+            raise ProtocolError(f"{where} must be an object or null")
     elif kind == _STR:
         if not isinstance(value, str) or len(value) > MAX_STR:
             raise ProtocolError(f"{where} must be a string of at most {MAX_STR} characters")
@@ -59,26 +78,32 @@ def _check_field(mtype: str, name: str, kind: str, value: Any) -> None:
         raise AssertionError(kind)
 
 
-def validate_request(msg: Any) -> dict:
-    """Check a decoded request against its schema; return it, or raise ProtocolError saying why."""
+def validate_message(msg: Any, schemas: dict[str, dict[str, tuple[str, bool]]], common: tuple[str, ...] = ("v", "type"),
+                     what: str = "request") -> dict:
+    """Check a decoded message against its type's schema; return it, or raise ProtocolError saying why."""
     if not isinstance(msg, dict):
-        raise ProtocolError("a request must be a JSON object")
+        raise ProtocolError(f"a {what} must be a JSON object")
     if msg.get("v") != VERSION:
         raise ProtocolError(f"protocol version {msg.get('v')!r} is not supported (this daemon speaks {VERSION}); "
-                            "use the same ftd version for client and daemon")
+                            "run the same ftd version everywhere")
     mtype = msg.get("type")
-    if mtype not in SCHEMAS:
-        raise ProtocolError(f"unknown request type {mtype!r}; known: {sorted(SCHEMAS)}")
-    schema = SCHEMAS[mtype]
+    if mtype not in schemas:
+        raise ProtocolError(f"unknown {what} type {mtype!r}; known: {sorted(schemas)}")
+    schema = schemas[mtype]
     for name, (kind, required) in schema.items():
         if name in msg:
-            _check_field(mtype, name, kind, msg[name])
+            check_field(mtype, name, kind, msg[name])
         elif required:
-            raise ProtocolError(f"{mtype} request lacks field {name!r}")
-    extra = set(msg) - set(schema) - {"v", "type"}
+            raise ProtocolError(f"{mtype} {what} lacks field {name!r}")
+    extra = set(msg) - set(schema) - set(common)
     if extra:
-        raise ProtocolError(f"{mtype} request has unknown fields {sorted(extra)}")
+        raise ProtocolError(f"{mtype} {what} has unknown fields {sorted(extra)}")
     return msg
+
+
+def validate_request(msg: Any) -> dict:
+    """Check a decoded control request against its schema."""
+    return validate_message(msg, SCHEMAS)
 
 
 def decode(frame: bytes) -> Any:

@@ -144,3 +144,53 @@ def test_adopted_versions_are_served_and_status_reports(cat):
     assert [v["step"] for v in st["ranks"][0]["versions"]] == [8]
     cat.release_all()
     assert cat.fake.segments == {} and cat.used == 0
+
+
+# ---- cluster mode ------------------------------------------------------------------------------
+def test_cluster_pins_the_first_commit_at_the_target_and_keeps_the_recoverable(cat):
+    cat.clustered = True
+    s0 = cat.register(0, 2, 1)["session"]
+    s1 = cat.register(1, 2, 2)["session"]
+    cat.sync(target=3, recoverable=-1)
+    snap(cat, s0, 2)
+    assert cat.candidate() is None                      # step 2 is below the target
+    snap(cat, s0, 3)
+    snap(cat, s1, 3)
+    assert cat.candidate() == (3, 2048, False)
+    assert cat.ranks[0].pinned == 3
+    # the pinned step is never overwritten; rank 0's other buffer (step 2) is
+    buf = cat.begin(s0, 4, 1000)["buffer"]
+    assert cat._buffer(cat.ranks[0], buf).step == 4
+    cat.commit(s0, buf, 4, manifest())
+    cat.sync(target=5, recoverable=3)                   # step 3 protected everywhere
+    assert cat.recoverable == 3 and cat.ranks[0].pinned is None
+    # both buffers of rank 1 needed? it holds only step 3 and a free one: begin works
+    assert "buffer" in cat.begin(s1, 5, 1000)
+    # restore serves the recoverable step only, even though rank 0 holds a newer one
+    (v,) = cat.restore(0)["versions"]
+    assert v["step"] == 3
+
+
+def test_cluster_begin_is_busy_while_both_buffers_hold_needed_versions(cat):
+    cat.clustered = True
+    s0 = cat.register(0, 1, 1)["session"]
+    cat.sync(target=0, recoverable=-1)
+    snap(cat, s0, 0)
+    assert cat.candidate() == (0, 1024, False)
+    cat.sync(target=1, recoverable=0)
+    snap(cat, s0, 1)                                    # pinned for the next round
+    reply = cat.begin(s0, 2, 1000)
+    assert "busy" in reply and "recoverable step 0" in reply["busy"]
+    assert cat.restore(0)["versions"][0]["step"] == 0
+
+
+def test_cluster_ranks_pinning_different_steps_is_a_mismatch(cat):
+    cat.clustered = True
+    s0 = cat.register(0, 2, 1)["session"]
+    s1 = cat.register(1, 2, 2)["session"]
+    cat.sync(target=1, recoverable=-1)
+    snap(cat, s0, 1)
+    snap(cat, s1, 2)
+    assert cat.candidate() == (2, 2048, True)
+    assert cat.held_steps() == []
+    assert cat.buffers_of(1) == []

@@ -1,0 +1,201 @@
+"""Which step the cluster protects next, and when it becomes recoverable. Pure state machine.
+
+One daemon (node 0) runs it. A round goes:
+
+1. *collect*: every node is told a target step T (``sync``); each node pins the first step >= T
+   that all its ranks committed, refuses new snapshots while it holds that pin, and reports it
+   (``candidate``). Nodes need not be in lockstep: a fast node waits (skipping snapshots) until a
+   slow one reaches T. If all N nodes report the same step X, the round protects X; otherwise
+   (a node skipped a step, its ranks disagree, or a trainer was already past T when the target
+   arrived) they try again with a target further ahead. T is the newest step any trainer was seen
+   at (``latest``, from its snapshot requests) plus a *lead* that doubles after each miss and
+   halves after each success: one step for trainers in lockstep, more where they drift apart.
+2. *protect*: every node sends its data chunks to the parity holders and reports ``done`` once it
+   holds all its parity blocks and its group peers' metadata for X. When every node of a group is
+   done, X is *protected* in that group; when every node is done, X is *recoverable*.
+3. The coordinator then sends ``sync(T = X + 1, recoverable = X)`` to every node, which lets them
+   drop older versions and start the next round.
+
+Consistency: a node's recoverable step only changes on a ``sync``, which always carries the newest
+step the coordinator knows to be recoverable. A node that reported ``done`` but has not yet heard the
+``sync`` cannot know whether X is recoverable, so it answers restores with "wait" until it hears.
+Messages may be lost (peers restart): the coordinator re-sends its current phase's message every
+``resend`` seconds to nodes that have not answered, and nodes answer idempotently. A node that
+(re)starts says ``hello``, which abandons a round in progress: that node lost its half of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from typing import Callable
+
+from .stripes import Grouping
+
+COLLECT, PROTECT = "collect", "protect"
+
+
+@dataclasses.dataclass
+class Round:
+    id: int
+    step: int
+    sizes: list[int]
+    started: float
+    done: set[int] = dataclasses.field(default_factory=set)
+    protected_groups: set[int] = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outgoing:
+    """A message for ``dests`` (node ranks) of type ``mtype``."""
+    dests: tuple[int, ...]
+    mtype: str
+    fields: dict
+
+
+class Coordinator:
+    def __init__(self, grouping: Grouping, *, timeout: float = 120.0, resend: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 new_round_id: Callable[[], int] = lambda: random.getrandbits(52)):
+        self.grouping = grouping
+        self.nodes = tuple(range(grouping.nodes))
+        self.timeout, self.resend, self.clock, self.new_round_id = timeout, resend, clock, new_round_id
+        self.phase = COLLECT
+        self.target = 0
+        self.recoverable = -1
+        self.candidates: dict[int, tuple[int, int, bool]] = {}
+        self.round: Round | None = None
+        self.rounds_done = 0
+        self.rounds_abandoned = 0
+        self.retargets = 0
+        self.lead = 1
+        self.latest: dict[int, int] = {}
+        self.last_event = ""
+        self._outbox: list[Outgoing] = []
+        self._last_send = clock()
+
+    # ---- outputs ------------------------------------------------------------------------------
+    def take(self) -> list[Outgoing]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def _send(self, dests, mtype: str, **fields) -> None:
+        dests = tuple(dests)
+        if dests:
+            self._outbox.append(Outgoing(dests, mtype, fields))
+        self._last_send = self.clock()
+
+    def _sync(self, dests=None) -> None:
+        self._send(self.nodes if dests is None else dests, "sync", target=self.target, recoverable=self.recoverable)
+
+    def start(self) -> None:
+        self._sync()
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def _ahead(self) -> int:
+        return max(self.latest.values(), default=-1) + self.lead
+
+    def on_candidate(self, src: int, target: int, step: int, nbytes: int, mismatch: bool, recoverable: int,
+                     latest: int = -1) -> None:
+        self.latest[src] = max(latest, step)
+        if recoverable > self.recoverable:  # a restarted coordinator learns the cluster's state
+            self.recoverable = recoverable
+            self.target = max(self.target, recoverable + 1)
+        if self.phase != COLLECT or target != self.target:
+            return  # a late answer to an older target
+        self.candidates[src] = (step, nbytes, mismatch)
+        if len(self.candidates) < len(self.nodes):
+            return
+        steps = {c[0] for c in self.candidates.values()}
+        if len(steps) == 1 and not any(c[2] for c in self.candidates.values()):
+            (step,) = steps
+            sizes = [self.candidates[n][1] for n in self.nodes]
+            self.round = Round(self.new_round_id(), step, sizes, self.clock())
+            self.phase = PROTECT
+            self.candidates.clear()
+            self.last_event = f"protecting step {step}"
+            self._send(self.nodes, "protect", round=self.round.id, step=step, sizes=sizes)
+        else:
+            self.retargets += 1
+            self.lead = min(self.lead * 2, 1024)
+            self._retarget(max(max(steps) + 1, self._ahead()), f"nodes reported steps {sorted(steps)}")
+
+    def on_done(self, src: int, round_id: int, step: int, latest: int = -1) -> None:
+        self.latest[src] = latest
+        r = self.round
+        if self.phase != PROTECT or r is None or r.id != round_id or r.step != step:
+            return
+        r.done.add(src)
+        for group in self.grouping.groups():
+            if group.index not in r.protected_groups and set(group.nodes) <= r.done:
+                r.protected_groups.add(group.index)
+                self._send(group.nodes, "protected", round=r.id, step=step, group=group.index)
+        if len(r.done) == len(self.nodes):
+            self.recoverable = step
+            self.rounds_done += 1
+            self.round = None
+            self.phase = COLLECT
+            self.lead = max(1, self.lead // 2)
+            self.target = max(step + 1, self._ahead())
+            self.candidates.clear()
+            self.last_event = f"step {step} recoverable"
+            self._sync()
+
+    def on_hello(self, src: int, recoverable: int) -> None:
+        """Node ``src`` (re)started: whatever it had of a round in flight is gone."""
+        if recoverable > self.recoverable:
+            self.recoverable = recoverable
+            self.target = max(self.target, recoverable + 1)
+        if self.phase == PROTECT:
+            self._abandon(f"node {src} restarted during the protection of step {self.round.step}")
+        else:
+            self.candidates.pop(src, None)
+            self._sync((src,))
+
+    def on_restored(self, src: int, step: int) -> None:
+        """A trainer of ``src`` restored ``step``: the job restarted there, so its trainers go on from
+        step + 1, possibly far below the current target; aim at the step they will commit next."""
+        self.latest[src] = step
+        if self.phase == COLLECT and self.target != step + 1 and step >= self.recoverable:
+            self.lead = 1
+            self._retarget(step + 1, f"trainers of node {src} restored step {step}")
+
+    def tick(self) -> None:
+        """Call often: abandons a round past its timeout, re-sends to nodes that have not answered."""
+        now = self.clock()
+        if self.phase == PROTECT and now - self.round.started > self.timeout:
+            missing = sorted(set(self.nodes) - self.round.done)
+            self._abandon(f"protection of step {self.round.step} timed out waiting for nodes {missing}")
+            return
+        if now - self._last_send < self.resend:
+            return
+        if self.phase == COLLECT:
+            self._sync([n for n in self.nodes if n not in self.candidates])
+        else:
+            r = self.round
+            self._send([n for n in self.nodes if n not in r.done], "protect", round=r.id, step=r.step, sizes=r.sizes)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _abandon(self, reason: str) -> None:
+        r = self.round
+        self.rounds_abandoned += 1
+        self._send(self.nodes, "abort", round=r.id, reason=reason[:200])
+        self.round = None
+        self.phase = COLLECT
+        self._retarget(max(self.target, r.step + 1, self._ahead()), reason)
+
+    def _retarget(self, target: int, reason: str) -> None:
+        self.target = target
+        self.candidates.clear()
+        self.last_event = f"{reason}: next target step {target}"
+        self._sync()
+
+    def status(self) -> dict:
+        r = self.round
+        return {"phase": self.phase, "target": self.target, "recoverable": self.recoverable,
+                "candidates": {str(n): c[0] for n, c in self.candidates.items()},
+                "round": None if r is None else {"step": r.step, "done": sorted(r.done),
+                                                 "protected_groups": sorted(r.protected_groups),
+                                                 "seconds": self.clock() - r.started},
+                "rounds_done": self.rounds_done, "rounds_abandoned": self.rounds_abandoned,
+                "retargets": self.retargets, "lead": self.lead, "last_event": self.last_event}

@@ -1,0 +1,613 @@
+"""The daemon's cluster side: protection rounds, parity held for peers, rebuilds, peer queries.
+
+Driven by the daemon's single loop (no locks): ``on_socket`` for each peer message, ``tick`` every
+loop turn, plus hooks for the control requests that change what the cluster may do (commit,
+restore, corrupt, recover). Node 0 also hosts the ``Coordinator``; its messages to itself are
+delivered in-process. Rebuilds run on their own thread (``rebuild.Rebuilder``) and hand their
+result back through a queue; only this loop touches the catalog.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import secrets
+import threading
+import time
+
+import zmq
+
+from . import shm
+from .catalog import Catalog
+from .checksum import bad_chunks, chunk_checksum
+from .codec import Codec
+from .config import Config
+from .coordinator import Coordinator
+from .errors import FtdError, ProtocolError
+from .layout import Manifest
+from .peerauth import PeerSecurity
+from .peerproto import PeerMessages
+from .peers import PeerLinks
+from .protection import NodeImage, NodeRound, Shape
+from .rebuild import Holdings, Rebuilder, parity_intact
+
+log = logging.getLogger("ftd.node")
+
+REPAIR_DELAY = 2.0
+DEBUG_PROTECT_DELAY = float(os.environ.get("FTD_DEBUG_PROTECT_DELAY", "0"))  # tests: hold each round open
+MAX_REPAIR_TRIES = 3
+
+
+class ClusterNode:
+    def __init__(self, config: Config, catalog: Catalog):
+        self.config, self.catalog = config, catalog
+        self.me = config.node_rank
+        self.grouping = config.grouping()
+        self.group = self.grouping.group_for(self.me)
+        self.layout = self.group.layout
+        self.pos = self.group.position(self.me)
+        self.codec = Codec(self.layout.k, self.layout.m, config.parity_code)
+        self.messages = PeerMessages(config.job, self.me, config.nodes, self.layout.g)
+        self.security = PeerSecurity.from_key_file(config.peer_key_file)
+        self.coordinator = Coordinator(self.grouping, timeout=config.round_timeout) if self.me == 0 else None
+        self.links: PeerLinks | None = None
+        catalog.clustered = True
+        self.parity: dict[int, tuple[str, dict]] = {}     # step -> (segment name, record), complete
+        self.round: NodeRound | None = None
+        self.round_segment: str | None = None
+        self._round_maps: list[shm.Mapping] = []
+        self._early: dict[int, list] = {}                 # round id -> messages that came before "protect"
+        self.credits: dict[int, int] = {}
+        self.done_unsynced: int | None = None             # reported done, not yet told whether it is recoverable
+        self.group_protected: set[int] = set()
+        self.ready = False                                # the start-up sync with the peers is over
+        self.rebuilding: str | None = None                # why a rebuild thread runs
+        self._rebuild_thread: threading.Thread | None = None
+        self._rebuild_results: queue.Queue = queue.Queue()
+        self._rebuild_stop = threading.Event()
+        self.last_rebuild: dict | None = None
+        self.rebuilds: list[dict] = []                    # the last few outcomes, newest last
+        self.lost_error: str | None = None
+        self._repair_due: float | None = None
+        self._repair_tries = 0
+        self._verified: dict[int, list[tuple[int, int]]] = {}
+        self._last_candidate: tuple | None = None
+        self._behind_since = 0.0
+        self.latest_step = -1                             # newest step a trainer asked to snapshot
+        self.stats = {"rounds_done": 0, "rounds_aborted": 0, "bytes_sent": 0, "bytes_received": 0,
+                      "last_round_seconds": None, "invalid_messages": 0}
+        self._round_started = 0.0
+        self._par_re = re.compile(re.escape(config.shm_prefix) + r"par(\d+)\.[0-9a-f]{12}$")
+
+    # ---- start and stop ---------------------------------------------------------------------
+    def adopt_parity(self) -> None:
+        """Keep parity segments a killed predecessor left, if their checksums hold (newest wins)."""
+        for path in shm.list_prefix(self.config.shm_dir, self.config.shm_prefix + "par"):
+            if not self._par_re.match(path.name):
+                continue
+            record = shm.read_meta(path)
+            if not isinstance(record, dict) or record.get("kind") != "parity" or not parity_intact(path, record):
+                shm.drop_meta(path)
+                shm.unlink(path)
+                continue
+            old = self.parity.get(record["step"])
+            if old:
+                self._drop_segment(old[0])
+            self.parity[record["step"]] = (path.name, record)
+
+    def is_parity_file(self, name: str) -> bool:
+        base = name[:-5] if name.endswith(".meta") else name[:-4] if name.endswith(".tmp") else name
+        return bool(self._par_re.match(base.removesuffix(".meta")))
+
+    def start(self, ctx: zmq.Context) -> None:
+        self.security.start(ctx)
+        self.links = PeerLinks(self.config, ctx, self.security, self.messages)
+        self._start_rebuild("start-up: checking what the peers hold")
+        if self.coordinator:
+            self.coordinator.start()
+
+    def sockets(self) -> list[zmq.Socket]:
+        return self.links.sockets() if self.links else []
+
+    def close(self) -> None:
+        self._rebuild_stop.set()
+        if self._rebuild_thread is not None:
+            self._rebuild_thread.join(15)
+        self._drop_round()
+        for name, _ in self.parity.values():
+            self._drop_segment(name)
+        self.parity.clear()
+        if self.links:
+            self.links.close()
+        self.security.stop()
+
+    # ---- delivery -----------------------------------------------------------------------------
+    def _send(self, dest: int, mtype: str, payload=None, **fields) -> bool:
+        if dest == self.me:
+            msg = {"type": mtype, "src": self.me, **fields}
+            self._dispatch(None, msg, payload)
+            return True
+        return self.links.send(dest, mtype, payload, **fields)
+
+    def _to_coordinator(self, mtype: str, **fields) -> None:
+        self._send(0, mtype, **fields)
+
+    def _flush_coordinator(self) -> None:
+        if not self.coordinator:
+            return
+        for _ in range(100):  # messages to itself can make it speak again
+            out = self.coordinator.take()
+            if not out:
+                return
+            for o in out:
+                for d in o.dests:
+                    self._send(d, o.mtype, **o.fields)
+
+    def on_socket(self, sock: zmq.Socket) -> None:
+        got = self.links.receive(sock)
+        if got is None:
+            self.stats["invalid_messages"] += 1
+            return
+        envelope, msg, payload = got
+        try:
+            self._dispatch(envelope, msg, payload)
+        except ProtocolError as e:
+            self.stats["invalid_messages"] += 1
+            log.warning("peer message from node %s refused: %s", msg.get("src"), e)
+        self._flush_coordinator()
+
+    def _dispatch(self, envelope, msg: dict, payload) -> None:
+        t, src = msg["type"], msg["src"]
+        c = self.coordinator
+        if t == "candidate" and c:
+            c.on_candidate(src, msg["target"], msg["step"], msg["nbytes"], msg["mismatch"], msg["recoverable"],
+                           msg["latest"])
+        elif t == "done" and c:
+            c.on_done(src, msg["round"], msg["step"], msg["latest"])
+        elif t == "hello" and c:
+            c.on_hello(src, msg["recoverable"])
+        elif t == "restored" and c:
+            c.on_restored(src, msg["step"])
+        elif t == "sync":
+            self._on_sync(msg["target"], msg["recoverable"])
+        elif t == "protect":
+            self._on_protect(msg["round"], msg["step"], msg["sizes"])
+        elif t in ("node_meta", "chunk"):
+            self._on_round_message(src, msg, payload)
+        elif t == "chunk_ack":
+            if self.round and msg["round"] == self.round.round_id:
+                self.credits[src] = self.credits.get(src, 0) + msg["length"]
+        elif t == "protected":
+            self.group_protected.add(msg["step"])
+        elif t == "abort":
+            if self.round and self.round.round_id == msg["round"]:
+                log.info("protection of step %d abandoned: %s", self.round.step, msg["reason"])
+                self.stats["rounds_aborted"] += 1
+                if self.done_unsynced == self.round.step:
+                    self.done_unsynced = None
+                self._drop_round(keep_parity=False)
+        elif t == "lost":
+            self.lost_error = msg["error"]
+        elif t == "state_query":
+            self.links.reply(envelope, "state", qid=msg["qid"], recoverable=self.catalog.recoverable,
+                             data=[s for s in self.catalog.held_steps() if s in self.parity],
+                             parity=sorted(self.parity), rebuilding=self.rebuilding is not None)
+        elif t == "meta_query":
+            self.links.reply(envelope, "meta", qid=msg["qid"], step=msg["step"], node=msg["node"],
+                             meta=self._meta_for(msg["step"], msg["node"]))
+        elif t == "fetch":
+            self._serve_fetch(envelope, msg)
+
+    # ---- coordination -------------------------------------------------------------------------
+    def _on_sync(self, target: int, recoverable: int) -> None:
+        if not self.ready:
+            return  # the start-up rebuild decides first what this node holds
+        cat = self.catalog
+        if recoverable > cat.recoverable:
+            if self._holds(recoverable):
+                cat.recoverable = recoverable
+                self.lost_error = None
+            elif self.rebuilding is None and time.monotonic() - self._behind_since > 10:
+                self._behind_since = time.monotonic()
+                self._start_rebuild(f"the cluster's recoverable step is {recoverable}, which this node lacks")
+        if self.round is not None:
+            keep = self.round.step == cat.recoverable and self.round.complete
+            self._drop_round(keep_parity=keep)
+        self.done_unsynced = None
+        for step in [s for s in self.parity if s != cat.recoverable]:
+            self._drop_segment(self.parity.pop(step)[0])
+        self.group_protected = {s for s in self.group_protected if s >= cat.recoverable}
+        self._verified = {s: v for s, v in self._verified.items() if s == cat.recoverable}
+        cat.sync(target, cat.recoverable)
+        self._last_candidate = None
+        self.maybe_candidate()
+
+    def _holds(self, step: int) -> bool:
+        return step in self.parity and bool(self.catalog.buffers_of(step))
+
+    def maybe_candidate(self) -> None:
+        """Report the pinned step to the coordinator once every rank of the node pinned one."""
+        if not self.ready or self.round is not None or self.catalog.target is None:
+            return
+        cand = self.catalog.candidate()
+        if cand is None:
+            return
+        key = (self.catalog.target,) + cand
+        if key == self._last_candidate:
+            return
+        self._last_candidate = key
+        step, nbytes, mismatch = cand
+        self._to_coordinator("candidate", target=self.catalog.target, step=step, nbytes=nbytes,
+                             mismatch=mismatch, recoverable=self.catalog.recoverable, latest=self.latest_step)
+        self._flush_coordinator()
+
+    def _on_protect(self, round_id: int, step: int, sizes: list[int]) -> None:
+        if not self.ready:
+            return
+        if self.round is not None:
+            if self.round.round_id == round_id:
+                if self.round.complete:
+                    self._to_coordinator("done", round=round_id, step=step, latest=self.latest_step)
+                return
+            self._drop_round(keep_parity=False)
+        held = self.catalog.buffers_of(step)
+        if not held:
+            log.warning("asked to protect step %d, which this node no longer holds; the round restarts", step)
+            self._to_coordinator("hello", recoverable=self.catalog.recoverable)
+            return
+        maps = [shm.Mapping(self.config.shm_dir / b.name, populate=False, writable=False) for _, b in held]
+        image = NodeImage([m.view()[:b.manifest["nbytes"]] for m, (_, b) in zip(maps, held)])
+        shape = Shape.of([sizes[n] for n in self.group.nodes], self.layout.k, self.config.frame_size)
+        name = f"{self.config.shm_prefix}par{step}.{secrets.token_hex(6)}"
+        try:
+            shm.create(self.config.shm_dir / name, max(1, self.layout.m * shape.c))
+            pmap = shm.Mapping(self.config.shm_dir / name, populate=False)
+        except (OSError, FtdError) as e:
+            for m in maps:
+                m.close()
+            shm.unlink(self.config.shm_dir / name)
+            log.error("cannot hold the parity of step %d: %s", step, e)
+            return
+        self._round_maps = maps + [pmap]
+        self.round_segment = name
+        self.round = NodeRound(round_id, step, sizes, self.group, self.me, image, pmap.view(), self.codec,
+                               self.config.frame_size)
+        self._round_started = time.monotonic()
+        self.credits = {n: self.config.inflight_bytes for n in self.group.nodes if n != self.me}
+        meta = self._node_meta(step)
+        for n in self.group.nodes:
+            if n != self.me:
+                self._send(n, "node_meta", round=round_id, step=step, meta=meta)
+        for src, msg, payload in self._early.pop(round_id, []):
+            self._on_round_message(src, msg, payload)
+        self._early.clear()
+        self._check_done()
+
+    def _on_round_message(self, src: int, msg: dict, payload) -> None:
+        r = self.round
+        if r is None or r.round_id != msg["round"]:
+            if len(self._early) > 1 or (self._early and msg["round"] not in self._early):
+                self._early.clear()  # only the newest unknown round is kept
+            pending = self._early.setdefault(msg["round"], [])
+            if len(pending) < 4096:
+                pending.append((src, msg, None if payload is None else bytes(payload)))
+            return
+        if msg["step"] != r.step:
+            raise ProtocolError(f"{msg['type']} for step {msg['step']} in the round of step {r.step}")
+        if msg["type"] == "node_meta":
+            r.receive_meta(src, msg["meta"] or {})
+        else:
+            senders = r.receive_chunk(src, msg, payload)
+            self.stats["bytes_received"] += msg["length"]
+            if senders:
+                lo, hi = r.shape.frames[msg["frame"]]
+                for n in senders:
+                    self._send(n, "chunk_ack", round=r.round_id, step=r.step, stripe=msg["stripe"],
+                               frame=msg["frame"], length=hi - lo)
+        self._check_done()
+
+    def _check_done(self) -> None:
+        r = self.round
+        if r is None or not r.complete or self.done_unsynced == r.step:
+            return
+        record = r.parity_record()
+        shm.write_meta(self.config.shm_dir / self.round_segment, record)
+        old = self.parity.get(r.step)
+        if old and old[0] != self.round_segment:
+            self._drop_segment(old[0])
+        self.parity[r.step] = (self.round_segment, record)
+        self.done_unsynced = r.step
+        self.stats["rounds_done"] += 1
+        self.stats["last_round_seconds"] = time.monotonic() - self._round_started
+        self._to_coordinator("done", round=r.round_id, step=r.step, latest=self.latest_step)
+
+    def on_restored(self, step: int) -> None:
+        """A trainer restored ``step`` from this node: tell the coordinator where training goes on."""
+        self.latest_step = step
+        self._to_coordinator("restored", step=step)
+        self._flush_coordinator()
+
+    def _pump(self) -> None:
+        """Send queued chunk frames while the links have credit."""
+        r = self.round
+        if r is None or time.monotonic() - self._round_started < DEBUG_PROTECT_DELAY:
+            return
+        for dest in list(r.queue):
+            while True:
+                f = r.next_frame(dest)
+                if f is None or self.credits.get(dest, 0) < f.hi - f.lo:
+                    break
+                payload, digest, zero = r.frame_payload(f)
+                ok = self.links.send(dest, "chunk", b"" if zero else payload, round=r.round_id, step=r.step,
+                                     stripe=f.stripe, number=f.number, frame=f.frame, length=f.hi - f.lo,
+                                     hash=digest, zero=zero)
+                if not ok:
+                    break
+                self.credits[dest] -= f.hi - f.lo
+                self.stats["bytes_sent"] += f.hi - f.lo
+                r.pop_frame(dest)
+
+    def _drop_round(self, keep_parity: bool = False) -> None:
+        if self.round is None:
+            return
+        step = self.round.step
+        self.round = None
+        for m in self._round_maps:
+            m.close()
+        self._round_maps = []
+        if not keep_parity and self.round_segment and self.parity.get(step, ("",))[0] != self.round_segment:
+            self._drop_segment(self.round_segment)
+        elif not keep_parity and self.round_segment:
+            self.parity.pop(step, None)
+            self._drop_segment(self.round_segment)
+        self.round_segment = None
+
+    def _drop_segment(self, name: str) -> None:
+        path = self.config.shm_dir / name
+        shm.drop_meta(path)
+        shm.unlink(path)
+
+    # ---- metadata and fetches -----------------------------------------------------------------
+    def _node_meta(self, step: int) -> dict:
+        held = self.catalog.buffers_of(step)
+        return {"ranks": [{"rank": r.rank, "world": r.world, "capacity": b.capacity, "manifest": b.manifest,
+                           "committed_at": b.committed_at} for r, b in held],
+                "nbytes": sum(b.manifest["nbytes"] for _, b in held)}
+
+    def _meta_for(self, step: int, node: int) -> dict | None:
+        held = self.parity.get(step)
+        if held is None:
+            return None
+        record = held[1]
+        if node == self.me:
+            meta = self._node_meta(step) if self.catalog.buffers_of(step) else None
+        else:
+            meta = record["metas"].get(str(node))
+        if meta is None:
+            return None
+        return {"node": meta, "sizes": record["sizes"], "c": record["c"], "frame_size": record["frame_size"],
+                "round": record["round"]}
+
+    def _serve_fetch(self, envelope, msg: dict) -> None:
+        step, stripe, number, f = msg["step"], msg["stripe"], msg["number"], msg["frame"]
+
+        def fail(error: str) -> None:
+            self.links.reply(envelope, "block", b"", qid=msg["qid"], length=0, hash=0, error=error[:200])
+
+        held = self.parity.get(step)
+        if held is None or self.layout.block_number(self.pos, stripe) != number:
+            return fail(f"node {self.me} holds no block {number} of stripe {stripe} for step {step}")
+        name, record = held
+        c, fs = record["c"], record["frame_size"]
+        if not 0 <= f * fs < max(c, 1):
+            return fail(f"frame {f} is out of range")
+        lo, hi = f * fs, min(c, f * fs + fs)
+        if number < self.layout.k:
+            held_data = self.catalog.buffers_of(step)
+            if not held_data:
+                return fail(f"node {self.me} no longer holds step {step}")
+            bad = self._bad_ranges(step, held_data)
+            a, b = number * c + lo, number * c + hi
+            if any(x < b and a < y for x, y in bad):
+                self._schedule_repair(f"data of step {step} fails its checksums")
+                return fail(f"corrupt: node {self.me}'s data of step {step} fails its checksum")
+            maps = [shm.Mapping(self.config.shm_dir / bf.name, populate=False, writable=False) for _, bf in held_data]
+            try:
+                image = NodeImage([m.view()[:bf.manifest["nbytes"]] for m, (_, bf) in zip(maps, held_data)])
+                data = image.read(a, b)
+                payload = bytes(b - a) if data is None else bytes(data)
+            finally:
+                for m in maps:
+                    m.close()
+        else:
+            j = number - self.layout.k
+            block = record["blocks"][j] if j < len(record["blocks"]) else None
+            if block is None or block["stripe"] != stripe:
+                return fail(f"node {self.me} holds no parity block {number} of stripe {stripe}")
+            m = shm.Mapping(self.config.shm_dir / name, populate=False, writable=False)
+            try:
+                payload = bytes(m.view()[j * c + lo:j * c + hi])
+            finally:
+                m.close()
+            if chunk_checksum(payload) != block["checksums"][f]:
+                self._schedule_repair(f"parity of step {step} fails its checksums")
+                return fail(f"corrupt: node {self.me}'s parity block {number} of stripe {stripe} fails its checksum")
+        self.links.reply(envelope, "block", payload, qid=msg["qid"], length=len(payload),
+                         hash=chunk_checksum(payload), error="")
+
+    def _bad_ranges(self, step: int, held) -> list[tuple[int, int]]:
+        """Image byte ranges of this node's data of ``step`` that fail their checksums (cached)."""
+        if step in self._verified:
+            return self._verified[step]
+        bad, base = [], 0
+        for _, b in held:
+            manifest = Manifest.from_json(b.manifest)
+            m = shm.Mapping(self.config.shm_dir / b.name, populate=False, writable=False)
+            try:
+                for i in bad_chunks(m.view(), manifest.layout.nbytes, manifest.chunk_size, manifest.checksums):
+                    bad.append((base + i * manifest.chunk_size, base + (i + 1) * manifest.chunk_size))
+            finally:
+                m.close()
+            base += manifest.layout.nbytes
+        self._verified[step] = bad
+        return bad
+
+    # ---- rebuilds -------------------------------------------------------------------------------
+    def _holdings(self) -> Holdings:
+        h = Holdings(recoverable=self.catalog.recoverable)
+        for step in self.catalog.held_steps():
+            h.data[step] = [{"rank": r.rank, "world": r.world, "name": b.name, "capacity": b.capacity,
+                             "manifest": b.manifest, "committed_at": b.committed_at}
+                            for r, b in self.catalog.buffers_of(step)]
+        h.parity = dict(self.parity)
+        return h
+
+    def _start_rebuild(self, why: str) -> bool:
+        if self.rebuilding is not None:
+            return False
+        self.rebuilding = why
+        holdings = self._holdings()
+        log.info("rebuild started (%s)", why)
+
+        def work() -> None:
+            try:
+                rebuilder = Rebuilder(self.config, self.security, holdings, stop=self._rebuild_stop)
+                self._rebuild_results.put(("ok", rebuilder.run()))
+            except Exception as e:  # reported to the loop, which keeps serving
+                self._rebuild_results.put(("error", e))
+
+        self._rebuild_thread = threading.Thread(target=work, name="ftd-rebuild", daemon=True)
+        self._rebuild_thread.start()
+        return True
+
+    def start_recover(self) -> bool:
+        """`ftd recover`: rebuild whatever of the recoverable step this node lacks or holds corrupt."""
+        self._verified.clear()
+        return self._start_rebuild("ftd recover")
+
+    def _schedule_repair(self, why: str) -> None:
+        if self._repair_due is None and self._repair_tries < MAX_REPAIR_TRIES:
+            log.warning("%s; repairing it from the peers", why)
+            self._repair_due = time.monotonic() + REPAIR_DELAY
+
+    def on_corrupt(self) -> None:
+        """A trainer found the recoverable version corrupt: repair it from the peers at once."""
+        self._verified.clear()
+        self._start_rebuild("a trainer found a chunk failing its checksum")
+
+    def _record_rebuild(self, outcome: dict) -> None:
+        self.last_rebuild = outcome
+        self.rebuilds = (self.rebuilds + [outcome])[-5:]
+
+    def _finish_rebuild(self, kind: str, value) -> None:
+        why = self.rebuilding
+        self.rebuilding = None
+        self._rebuild_thread = None
+        self._verified.clear()
+        was_ready, self.ready = self.ready, True
+        if kind == "error":
+            err = str(value)
+            self._record_rebuild({"ok": False, "error": err, "why": why, "at": time.time()})
+            log.error("rebuild failed: %s", err)
+            if "cannot be rebuilt" in err or "lost" in err:
+                self.lost_error = err
+                for n in range(self.config.nodes):
+                    if n != self.me:
+                        self.links.send(n, "lost", step=self.catalog.recoverable, nodes=[self.me], error=err[:250])
+            if not was_ready:
+                self._to_coordinator("hello", recoverable=self.catalog.recoverable)
+            return
+        res = value
+        self._record_rebuild({"ok": True, "why": why, "at": time.time(), "step": res.step,
+                              "rebuilt_data": res.rebuilt_data, "rebuilt_parity": res.rebuilt_parity,
+                              "fetched_bytes": res.fetched_bytes, "seconds": res.seconds,
+                              "bad_blocks": res.bad_blocks, "lost_nodes": res.lost_nodes})
+        if res.step >= 0 and res.ranks:
+            known = {b.name for r in self.catalog.ranks.values() for b in r.buffers}
+            for r in res.ranks:
+                if r["name"] not in known:
+                    self.catalog.adopt(r["rank"], r["world"], r["name"], r["capacity"], res.step, r["manifest"],
+                                       r.get("committed_at"))
+            if res.parity:
+                old = self.parity.get(res.step)
+                if old and old[0] != res.parity[0]:
+                    self._drop_segment(old[0])
+                self.parity[res.step] = res.parity
+            self.catalog.recoverable = max(self.catalog.recoverable, res.step)
+            self.lost_error = None
+        if res.rebuilt_data or res.rebuilt_parity:
+            log.info("rebuild of step %d done in %.2f s: data %s, parity %s, %d bytes fetched", res.step,
+                     res.seconds, res.rebuilt_data, res.rebuilt_parity, res.fetched_bytes)
+        self._repair_tries = 0
+        if not was_ready or res.rebuilt_data or res.rebuilt_parity:
+            self._to_coordinator("hello", recoverable=self.catalog.recoverable)
+
+    # ---- loop turn ----------------------------------------------------------------------------------
+    def tick(self) -> None:
+        try:
+            kind, value = self._rebuild_results.get_nowait()
+        except queue.Empty:
+            pass
+        else:
+            self._finish_rebuild(kind, value)
+        if self._repair_due is not None and time.monotonic() > self._repair_due and self.rebuilding is None:
+            self._repair_due = None
+            self._repair_tries += 1
+            self._start_rebuild("a chunk failed its checksum while serving a peer")
+        self._pump()
+        if self.coordinator:
+            self.coordinator.tick()
+        self._flush_coordinator()
+
+    # ---- control-side hooks -----------------------------------------------------------------------
+    def restore_wait(self) -> str | None:
+        """Why a restore must wait now, or None."""
+        if not self.ready or self.rebuilding:
+            return f"node {self.me} is rebuilding from its peers ({self.rebuilding or 'start-up'})"
+        if self.done_unsynced is not None:
+            return f"waiting for the coordinator to settle whether step {self.done_unsynced} is recoverable"
+        return None
+
+    @property
+    def parity_bytes(self) -> int:
+        total = 0
+        for name in [n for n, _ in self.parity.values()] + ([self.round_segment] if self.round_segment else []):
+            try:
+                total += (self.config.shm_dir / name).stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    def status(self) -> dict:
+        cat = self.catalog
+        versions = []
+        steps = sorted(set(cat.held_steps()) | set(self.parity), reverse=True)
+        for s in steps:
+            held = cat.buffers_of(s)
+            versions.append({"step": s, "local": bool(held),
+                             "data_bytes": sum(b.manifest["nbytes"] for _, b in held),
+                             "parity_bytes": self._segment_size(self.parity[s][0]) if s in self.parity else 0,
+                             "protected": s in self.parity and (s in self.group_protected or s <= cat.recoverable),
+                             "recoverable": s == cat.recoverable})
+        r = self.round
+        return {
+            "node_rank": self.me, "nodes": self.config.nodes, "group": self.group.index,
+            "group_nodes": list(self.group.nodes), "position": self.pos, "k": self.layout.k, "m": self.layout.m,
+            "code": self.codec.kind, "peer_endpoint": self.config.peer_endpoint,
+            "secure": self.security.enabled, "ready": self.ready, "recoverable": cat.recoverable,
+            "target": cat.target, "versions": versions, "parity_bytes": self.parity_bytes,
+            "data_bytes": cat.used,
+            "round": None if r is None else {"step": r.step, "complete": r.complete, "frames_left": r.left,
+                                             "sent_all": r.sent_all},
+            "rebuilding": self.rebuilding, "last_rebuild": self.last_rebuild, "rebuilds": self.rebuilds,
+            "lost_error": self.lost_error,
+            "stats": dict(self.stats),
+            "coordinator": self.coordinator.status() if self.coordinator else None,
+        }
+
+    def _segment_size(self, name: str) -> int:
+        try:
+            return (self.config.shm_dir / name).stat().st_size
+        except FileNotFoundError:
+            return 0

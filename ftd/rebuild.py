@@ -1,0 +1,395 @@
+"""Make this node whole again for the cluster's recoverable step, from its peers' memory.
+
+Runs on its own thread with its own sockets (the daemon's loop goes on serving meanwhile), for a
+node that starts with an empty store after a node loss, for one whose daemon was restarted, and
+for a live node whose data or parity failed its checksums. Steps:
+
+1. ask every peer what it holds (``state``); the target is the newest step any of them calls
+   recoverable. A group peer that does not answer, or lacks that step, is lost;
+2. fetch this node's metadata (ranks, manifests; kept by every group peer) and the group's sizes;
+3. per stripe that holds something this node lacks, fetch k verified blocks frame by frame from
+   the survivors (data blocks first; a block whose checksum fails, at its holder or on arrival, is
+   an erasure and another is taken), decode, keep the lost data chunk, re-encode the lost parity;
+4. verify every rebuilt arena against its manifest's checksums, then write the sidecars that mark
+   the versions complete, so the daemon adopts them like any other.
+
+More than m unavailable nodes in the group: ``UnrecoverableLoss`` naming the nodes and the step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from . import shm
+from .checksum import bad_chunks, chunk_checksum
+from .codec import Codec
+from .config import Config
+from .errors import FtdError
+from .layout import Manifest
+from .peerauth import PeerSecurity
+from .peerproto import PeerMessages
+from .peers import dealer
+from .protection import NodeImage, Shape
+from .stripes import UnrecoverableLoss
+
+log = logging.getLogger("ftd.rebuild")
+
+WINDOW_FRAMES = 8
+REPLY_TIMEOUT = 10.0
+
+
+@dataclasses.dataclass
+class Holdings:
+    """What the node holds when the rebuild starts (handed over by the daemon's loop)."""
+    recoverable: int = -1
+    data: dict[int, list[dict]] = dataclasses.field(default_factory=dict)   # step -> rank records
+    parity: dict[int, tuple[str, dict]] = dataclasses.field(default_factory=dict)  # step -> (segment, record)
+
+
+@dataclasses.dataclass
+class Result:
+    step: int = -1
+    ranks: list[dict] = dataclasses.field(default_factory=list)  # rank, world, name, capacity, manifest, ...
+    parity: tuple[str, dict] | None = None
+    rebuilt_data: bool = False
+    rebuilt_parity: bool = False
+    fetched_bytes: int = 0
+    seconds: float = 0.0
+    bad_blocks: list[str] = dataclasses.field(default_factory=list)
+    lost_nodes: list[int] = dataclasses.field(default_factory=list)
+
+
+def parity_intact(path: Path, record: dict) -> bool:
+    """Whether a parity segment still matches the per-frame checksums its record holds."""
+    try:
+        m = shm.Mapping(path, populate=False, writable=False)
+    except OSError:
+        return False
+    try:
+        view, c, fs = m.view(), record["c"], record["frame_size"]
+        for j, block in enumerate(record["blocks"]):
+            for f, want in enumerate(block["checksums"]):
+                lo = j * c + f * fs
+                if want is None or chunk_checksum(view[lo:min(lo + fs, (j + 1) * c)]) != want:
+                    return False
+        return True
+    except (KeyError, TypeError, IndexError):
+        return False
+    finally:
+        m.close()
+
+
+class Unavailable(Exception):
+    """A source block could not be had (holder gone, or its checksum failed)."""
+
+
+class Rebuilder:
+    def __init__(self, config: Config, security: PeerSecurity, holdings: Holdings, *, peer_wait: float = 3.0,
+                 stop: threading.Event | None = None):
+        self.config = config
+        self.me = config.node_rank
+        self.holdings = holdings
+        self.grouping = config.grouping()
+        self.group = self.grouping.group_for(self.me)
+        self.layout = self.group.layout
+        self.codec = Codec(self.layout.k, self.layout.m, config.parity_code)
+        self.messages = PeerMessages(config.job, self.me, config.nodes, self.layout.g)
+        self.peer_wait = peer_wait
+        self.stop = stop or threading.Event()
+        self._ctx = zmq.Context()
+        self._security = security
+        self._socks: dict[int, zmq.Socket] = {}
+        self._qid = itertools.count(1)
+        self.result = Result()
+
+    # ---- links --------------------------------------------------------------------------------
+    def _sock(self, node: int) -> zmq.Socket:
+        if node not in self._socks:
+            self._socks[node] = dealer(self._ctx, self._security, self.config.peers[node], hwm=1024)
+        return self._socks[node]
+
+    def _ask(self, peer: int, mtype: str, **fields) -> int:
+        qid = next(self._qid)
+        frames = self.messages.encode(mtype, None, qid=qid, **fields)
+        try:
+            self._sock(peer).send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # not connected (yet): the caller's deadline decides
+        return qid
+
+    def _collect(self, wanted: dict[int, int], deadline: float) -> dict[int, tuple[dict, object]]:
+        """Answers to the queries ``wanted`` (qid -> node) until all came or the deadline passed."""
+        got: dict[int, tuple[dict, object]] = {}
+        poller = zmq.Poller()
+        for n in set(wanted.values()):
+            poller.register(self._sock(n), zmq.POLLIN)
+        while len(got) < len(wanted):
+            if self.stop.is_set():
+                raise FtdError("rebuild stopped: the daemon is shutting down")
+            left = min(deadline - time.monotonic(), 0.2)
+            if left <= 0:
+                break
+            for sock, _ in poller.poll(int(left * 1000) + 1):
+                frames = sock.recv_multipart(copy=False)
+                try:
+                    msg, payload = self.messages.decode(frames)
+                except FtdError as e:
+                    log.warning("rebuild: dropped an invalid answer: %s", e)
+                    continue
+                q = msg.get("qid")
+                if q in wanted and wanted[q] == msg["src"]:
+                    got[q] = (msg, None if payload is None else payload.buffer)
+        return got
+
+    def close(self) -> None:
+        for s in self._socks.values():
+            s.close(0)
+        self._ctx.term()
+
+    # ---- the rebuild --------------------------------------------------------------------------
+    def run(self) -> Result:
+        t0 = time.monotonic()
+        try:
+            self._run()
+        finally:
+            self.close()
+        self.result.seconds = time.monotonic() - t0
+        return self.result
+
+    def _states(self) -> dict[int, dict]:
+        """State of every peer that answers within ``peer_wait`` (asked again every 0.3 s)."""
+        states: dict[int, dict] = {}
+        deadline = time.monotonic() + self.peer_wait
+        peers = [n for n in range(self.config.nodes) if n != self.me]
+        while time.monotonic() < deadline and len(states) < len(peers):
+            wanted = {self._ask(n, "state_query"): n for n in peers if n not in states}
+            for msg, _ in self._collect(wanted, min(deadline, time.monotonic() + 0.3)).values():
+                states[msg["src"]] = msg
+        return states
+
+    def _run(self) -> None:
+        states = self._states()
+        target = max([s["recoverable"] for s in states.values()] + [self.holdings.recoverable])
+        res = self.result
+        res.step = target
+        if target < 0:
+            return
+        alive = {n for n, s in states.items() if n in self.group.nodes and target in s["data"]
+                 and target in s["parity"] and not s["rebuilding"]}
+        res.lost_nodes = sorted(n for n in self.group.nodes if n != self.me and n not in alive)
+        ranks = self.holdings.data.get(target)
+        parity = self.holdings.parity.get(target)
+        need_data = ranks is None or not self._data_intact(ranks)
+        need_parity = parity is None or not self._parity_intact(*parity)
+        if not need_data and not need_parity:
+            res.ranks, res.parity = ranks, parity
+            return
+        unavailable = res.lost_nodes + [self.me]
+        if len(unavailable) > self.layout.m and need_data:
+            raise self._unrecoverable(unavailable, target)
+        info = self._group_info(target, alive, ranks)
+        shape = Shape(info["c"], [(lo, min(info["c"], lo + info["frame_size"]))
+                                  for lo in range(0, info["c"], info["frame_size"])])
+        mine = info["metas"][self.me]
+        created: list[Path] = []
+        try:
+            ranks, arenas = self._data_targets(target, mine, ranks, need_data, created)
+            image = NodeImage([a.view()[:r["manifest"]["nbytes"]] for a, r in zip(arenas, ranks)])
+            pname, pmap = self._parity_target(target, shape.c, parity, need_parity, created)
+            checksums = self._repair(target, shape, image, alive, need_data,
+                                     pmap.view() if need_parity else None)
+            if need_data:
+                self._verify_and_mark(target, ranks, arenas)
+                res.rebuilt_data = True
+            record = dict(parity[1]) if parity else self._new_record(target, info)
+            if need_parity:
+                record["blocks"] = [{"stripe": s, "number": self.layout.k + j, "checksums": checksums[j]}
+                                    for j, s in enumerate(self.layout.parity_stripes(self.group.position(self.me)))]
+                record["metas"] = {str(n): m for n, m in info["metas"].items() if n != self.me}
+                shm.write_meta(self.config.shm_dir / pname, record)
+                res.rebuilt_parity = True
+            for a in arenas:
+                a.close()
+            pmap.close()
+            res.ranks, res.parity = ranks, (pname, record)
+        except BaseException:
+            for p in created:
+                shm.drop_meta(p)
+                shm.unlink(p)
+            raise
+
+    def _unrecoverable(self, nodes: list[int], step: int) -> UnrecoverableLoss:
+        err = UnrecoverableLoss(sorted(nodes), self.layout.m, self.group.index)
+        err.args = (f"step {step}: {err.args[0]}",)
+        return err
+
+    # ---- local checks -------------------------------------------------------------------------
+    def _data_intact(self, ranks: list[dict]) -> bool:
+        for r in ranks:
+            manifest = Manifest.from_json(r["manifest"])
+            m = shm.Mapping(self.config.shm_dir / r["name"], populate=False, writable=False)
+            try:
+                if bad_chunks(m.view(), manifest.layout.nbytes, manifest.chunk_size, manifest.checksums):
+                    return False
+            finally:
+                m.close()
+        return True
+
+    def _parity_intact(self, name: str, record: dict) -> bool:
+        return parity_intact(self.config.shm_dir / name, record)
+
+    # ---- metadata ---------------------------------------------------------------------------
+    def _group_info(self, step: int, alive: set[int], ranks: list[dict] | None) -> dict:
+        """c, frame size, sizes and every member's metadata for ``step``, from the survivors."""
+        if not alive:
+            raise self._unrecoverable(sorted(set(self.group.nodes)), step)
+        metas: dict[int, dict] = {}
+        info: dict = {}
+        for n in self.group.nodes:
+            askers = ([n] if n in alive else []) + sorted(alive - {n})
+            for p in askers:
+                q = self._ask(p, "meta_query", step=step, node=n)
+                got = self._collect({q: p}, time.monotonic() + REPLY_TIMEOUT)
+                if q in got and got[q][0]["meta"] and got[q][0]["meta"].get("node"):
+                    reply = got[q][0]["meta"]
+                    metas[n] = reply["node"]
+                    info = info or reply
+                    break
+        if self.me not in metas and ranks is not None:
+            metas[self.me] = {"ranks": ranks}
+        if self.me not in metas or not info:
+            raise FtdError(f"no surviving peer holds the metadata of node {self.me} for step {step}; "
+                           f"it cannot be rebuilt (peers asked: {sorted(alive)})")
+        return {"c": info["c"], "frame_size": info["frame_size"], "sizes": info["sizes"], "metas": metas,
+                "round": info.get("round", 0)}
+
+    def _new_record(self, step: int, info: dict) -> dict:
+        return {"kind": "parity", "step": step, "round": info["round"], "c": info["c"], "k": self.layout.k,
+                "m": self.layout.m, "code": self.codec.kind, "group": self.group.index,
+                "nodes": list(self.group.nodes), "frame_size": info["frame_size"], "sizes": info["sizes"],
+                "blocks": [], "metas": {}}
+
+    # ---- targets ------------------------------------------------------------------------------
+    def _data_targets(self, step, mine, ranks, need_data, created):
+        if ranks is not None:  # repair in place (or just read, for a parity repair)
+            return ranks, [shm.Mapping(self.config.shm_dir / r["name"], populate=False, writable=need_data)
+                           for r in ranks]
+        out, maps = [], []
+        for r in mine["ranks"]:
+            name = f"{self.config.shm_prefix}r{r['rank']}.{secrets.token_hex(6)}"
+            path = self.config.shm_dir / name
+            shm.create(path, r["capacity"])
+            created.append(path)
+            maps.append(shm.Mapping(path, populate=False))
+            out.append({**r, "name": name, "step": step})
+        return out, maps
+
+    def _parity_target(self, step, c, parity, need_parity, created):
+        if parity is not None:
+            return parity[0], shm.Mapping(self.config.shm_dir / parity[0], populate=False, writable=need_parity)
+        name = f"{self.config.shm_prefix}par{step}.{secrets.token_hex(6)}"
+        path = self.config.shm_dir / name
+        shm.create(path, max(1, self.layout.m * c))
+        created.append(path)
+        return name, shm.Mapping(path, populate=False)
+
+    # ---- decoding -----------------------------------------------------------------------------
+    def _repair(self, step, shape, image, alive, need_data, parity_view):
+        k, m = self.layout.k, self.layout.m
+        pos = self.group.position(self.me)
+        checksums = [[None] * len(shape.frames) for _ in range(m)]
+        for stripe in range(self.layout.g):
+            mine_num = self.layout.block_number(pos, stripe)
+            want_data = need_data and mine_num < k
+            want_parity = parity_view is not None and mine_num >= k
+            if not (want_data or want_parity):
+                continue
+            bad: set[int] = set()
+            for f0 in range(0, len(shape.frames), WINDOW_FRAMES):
+                frames = list(range(f0, min(f0 + WINDOW_FRAMES, len(shape.frames))))
+                while True:
+                    sources = self._sources(stripe, step, alive, bad, need_data)
+                    try:
+                        blocks = self._fetch(step, stripe, frames, sources, shape, image)
+                        break
+                    except Unavailable as e:
+                        number, why = e.args
+                        bad.add(number)
+                        self.result.bad_blocks.append(f"stripe {stripe} block {number}: {why}")
+                        log.warning("rebuild: stripe %d block %d unavailable (%s); using another", stripe, number, why)
+                for f in frames:
+                    lo, hi = shape.frames[f]
+                    nums = [num for num, _ in sources]
+                    data = self.codec.decode([blocks[(num, f)] for num in nums], nums)
+                    if want_data:
+                        image.write(mine_num * shape.c + lo, data[mine_num])
+                    if want_parity:
+                        j = mine_num - k
+                        out = parity_view[j * shape.c + lo:j * shape.c + hi]
+                        self.codec.encode(data, (mine_num,), out=[out])
+                        checksums[j][f] = chunk_checksum(out)
+        return checksums
+
+    def _sources(self, stripe, step, alive, bad, need_data) -> list[tuple[int, int | None]]:
+        """k (block number, holder node or None for this node) to decode ``stripe`` from."""
+        usable = []
+        for b in self.layout.blocks(stripe):
+            node = self.group.nodes[b.position]
+            if b.number in bad:
+                continue
+            if node == self.me:
+                if b.number < self.layout.k and not need_data:
+                    usable.append((b.number, None))
+            elif node in alive:
+                usable.append((b.number, node))
+        if len(usable) < self.layout.k:
+            missing = sorted({self.group.nodes[b.position] for b in self.layout.blocks(stripe)
+                              if b.number in bad or self.group.nodes[b.position] not in alive})
+            raise self._unrecoverable(missing, step)
+        return usable[:self.layout.k]
+
+    def _fetch(self, step, stripe, frames, sources, shape, image) -> dict:
+        blocks: dict[tuple[int, int], object] = {}
+        wanted: dict[int, int] = {}
+        what: dict[int, tuple[int, int]] = {}
+        for num, node in sources:
+            for f in frames:
+                if node is None:
+                    lo, hi = shape.frames[f]
+                    data = image.read(num * shape.c + lo, num * shape.c + hi)
+                    blocks[(num, f)] = bytes(hi - lo) if data is None else data
+                    continue
+                q = self._ask(node, "fetch", step=step, stripe=stripe, number=num, frame=f)
+                wanted[q], what[q] = node, (num, f)
+        got = self._collect(wanted, time.monotonic() + REPLY_TIMEOUT)
+        for q, (num, f) in what.items():
+            if q not in got:
+                raise Unavailable(num, f"node {wanted[q]} did not answer")
+            msg, payload = got[q]
+            lo, hi = shape.frames[f]
+            if msg["error"]:
+                raise Unavailable(num, f"node {wanted[q]}: {msg['error']}")
+            if payload is None or len(payload) != hi - lo or chunk_checksum(payload) != msg["hash"]:
+                raise Unavailable(num, f"frame {f} from node {wanted[q]} fails its checksum in transit")
+            blocks[(num, f)] = payload
+            self.result.fetched_bytes += len(payload)
+        return blocks
+
+    def _verify_and_mark(self, step, ranks, arenas) -> None:
+        for r, a in zip(ranks, arenas):
+            manifest = Manifest.from_json(r["manifest"], max_nbytes=a.size)
+            bad = bad_chunks(a.view(), manifest.layout.nbytes, manifest.chunk_size, manifest.checksums)
+            if bad:
+                raise FtdError(f"rank {r['rank']} of step {step} still fails {len(bad)} checksum(s) after the "
+                               f"rebuild; its sources disagree with its manifest")
+        for r in ranks:
+            shm.write_meta(self.config.shm_dir / r["name"],
+                           {"rank": r["rank"], "world": r["world"], "step": step, "seq": 0,
+                            "committed_at": r.get("committed_at"), "manifest": r["manifest"]})

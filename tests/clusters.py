@@ -1,0 +1,186 @@
+"""A local ftd cluster for tests: `ftd launch` as a subprocess, one tiny_trainer per node.
+
+Teardown stops the launcher, SIGKILLs whatever still runs from the cluster's directory (daemons
+restarted by hand, trainers), and deletes the job's /dev/shm files, even when the test failed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+
+from ftd.connection import Connection
+from ftd.errors import FtdError
+
+from conftest import ROOT, SHM, leftovers, read_losses, wait_for
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+for _key in ("RANK", "WORLD_SIZE", "FTD_ENDPOINT"):
+    ENV.pop(_key, None)
+
+
+class LocalCluster:
+    def __init__(self, nodes: int, parity: int, extra_args: tuple[str, ...] = ()):
+        self.nodes, self.parity = nodes, parity
+        self.dir = Path(tempfile.mkdtemp(prefix="ftdc-", dir="/tmp"))
+        self.job = f"c{uuid.uuid4().hex[:10]}"
+        self.procs: list[subprocess.Popen] = []
+        self.trainers: dict[int, subprocess.Popen] = {}
+        self.launcher = self._popen([sys.executable, "-m", "ftd.cli", "launch", "--nodes", str(nodes), "--parity",
+                                     str(parity), "--dir", str(self.dir), "--job", self.job,
+                                     "--memory-budget", "1GiB", *extra_args],
+                                    stdout=open(self.dir / "launch.out", "wb"), stderr=subprocess.STDOUT)
+        wait_for(lambda: (self.dir / "cluster.json").exists() or self.launcher.poll() is not None, 60,
+                 "ftd launch to write cluster.json")
+        assert self.launcher.poll() is None, (self.dir / "launch.out").read_text()
+        self.info = json.loads((self.dir / "cluster.json").read_text())
+        self.endpoints = [m["endpoint"] for m in self.info["members"]]
+
+    def _popen(self, cmd, **kw) -> subprocess.Popen:
+        p = subprocess.Popen(cmd, env=kw.pop("env", ENV), cwd=ROOT, **kw)
+        self.procs.append(p)
+        return p
+
+    # ---- ftd commands -------------------------------------------------------------------------
+    def ftd(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ftd.cli", *args], env=ENV, cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def config(self, node: int) -> str:
+        return str(self.dir / f"node-{node}.toml")
+
+    def kill_node(self, node: int) -> None:
+        r = self.ftd("kill-node", "--dir", str(self.dir), "--node-rank", str(node))
+        assert r.returncode == 0, r.stdout + r.stderr
+        self.trainers.pop(node, None)
+
+    def restart_daemon(self, node: int) -> None:
+        log = open(self.dir / f"node-{node}.restart.log", "ab")
+        self._popen([sys.executable, "-m", "ftd.cli", "daemon", "--config", self.config(node)],
+                    stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.ping(node), 30, f"node {node}'s restarted daemon")
+
+    def recover(self, node: int) -> subprocess.CompletedProcess:
+        return self.ftd("recover", "--config", self.config(node), "--timeout", "90")
+
+    def status(self, node: int) -> dict | None:
+        conn = Connection(self.endpoints[node], timeout=3.0)
+        try:
+            return conn.call("status")
+        except FtdError:
+            return None
+        finally:
+            conn.close()
+
+    def ping(self, node: int) -> bool:
+        st = self.status(node)
+        return bool(st and st["cluster"]["ready"])
+
+    def recoverable(self) -> list[int]:
+        return [(self.status(n) or {"cluster": {"recoverable": None}})["cluster"]["recoverable"]
+                for n in range(self.nodes)]
+
+    def settled(self, timeout: float = 60) -> int:
+        """Wait until every node agrees on a recoverable step and no round is left in flight."""
+        def agree():
+            sts = [self.status(n) for n in range(self.nodes)]
+            if any(s is None for s in sts):
+                return None
+            rs = {s["cluster"]["recoverable"] for s in sts}
+            idle = all(s["cluster"]["round"] is None for s in sts)
+            return rs.pop() + 1 if len(rs) == 1 and idle and None not in rs else None
+        return wait_for(agree, timeout, "the nodes to agree on a recoverable step") - 1
+
+    # ---- trainers -----------------------------------------------------------------------------
+    def losses(self, node: int) -> Path:
+        return self.dir / f"loss{node}"
+
+    def start_trainer(self, node: int, steps: int, step_sleep: float = 0.0) -> subprocess.Popen:
+        env = dict(ENV, FTD_ENDPOINT=self.endpoints[node])
+        out = open(self.dir / f"trainer{node}.out", "ab")
+        p = self._popen([sys.executable, "-m", "ftd.examples.tiny_trainer", "--steps", str(steps), "--losses",
+                         str(self.losses(node)), "--seed", str(1000 + node), "--width", "64", "--depth", "2",
+                         "--step-sleep", str(step_sleep)], env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.trainers[node] = p
+        return p
+
+    def run_trainers(self, steps: int, step_sleep: float = 0.0, timeout: float = 120) -> list[int | None]:
+        """Run one trainer per node to ``steps``; returns the step each resumed after (None: fresh)."""
+        marks = {n: self._trainer_out(n) for n in range(self.nodes)}
+        procs = [self.start_trainer(n, steps, step_sleep) for n in range(self.nodes)]
+        for n, p in enumerate(procs):
+            assert p.wait(timeout) == 0, f"trainer of node {n} failed:\n{self._trainer_out(n)[len(marks[n]):]}"
+        return [self.resumed(n, since=len(marks[n])) for n in range(self.nodes)]
+
+    def _trainer_out(self, node: int) -> str:
+        path = self.dir / f"trainer{node}.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def resumed(self, node: int, since: int = 0) -> int | None:
+        m = re.search(r"resuming after step (\d+)|starting fresh", self._trainer_out(node)[since:])
+        assert m, f"trainer of node {node} printed no start line"
+        return int(m.group(1)) if m.group(1) else None
+
+    def kill_trainers(self) -> None:
+        for p in self.trainers.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        self.trainers.clear()
+
+    # ---- teardown -----------------------------------------------------------------------------
+    def close(self) -> list[str]:
+        self.kill_trainers()
+        if self.launcher.poll() is None:
+            self.launcher.send_signal(signal.SIGINT)
+            try:
+                self.launcher.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        victims = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if proc.pid != os.getpid() and str(self.dir) in " ".join(proc.info["cmdline"] or []):
+                    proc.kill()
+                    victims.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        psutil.wait_procs(victims, timeout=10)
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        left = leftovers(self.job)
+        for name in left:
+            (SHM / name).unlink(missing_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return left
+
+
+def reference_losses(directory: Path, node: int, steps: int) -> dict[int, str]:
+    """Losses of an uninterrupted run of node ``node``'s trainer (same seed and size, no ftd)."""
+    path = directory / f"ref{node}"
+    if not path.exists():
+        subprocess.run([sys.executable, "-m", "ftd.examples.tiny_trainer", "--steps", str(steps), "--losses",
+                        str(path), "--seed", str(1000 + node), "--width", "64", "--depth", "2", "--no-ftd"],
+                       env=ENV, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=120)
+    return dict(read_losses(path))
+
+
+def assert_matches_reference(cluster: LocalCluster, ref: dict[int, dict[int, str]], upto: int) -> None:
+    """Every loss every node ever wrote (re-runs included) equals the uninterrupted run's."""
+    for node in range(cluster.nodes):
+        got = read_losses(cluster.losses(node))
+        assert {s for s, _ in got} == set(range(upto)), f"node {node} did not run every step below {upto}"
+        for step, value in got:
+            assert value == ref[node][step], f"node {node} step {step}: {value} != reference {ref[node][step]}"

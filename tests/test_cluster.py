@@ -1,0 +1,193 @@
+"""Whole nodes lost and rebuilt from their peers' parity, with real processes.
+
+Each test launches a local cluster (`ftd launch`: one daemon process per node, its own TCP port
+and shared-memory namespace) and one tiny_trainer process per node, each with its own seed. A node
+loss is `ftd kill-node` (daemon, trainers and shared memory gone); its daemon is restarted by hand
+and rebuilds by itself, `ftd recover` waits for that and reports. Then every trainer is restarted,
+as torchrun would: all must resume after the same step, and every loss any of them ever wrote must
+equal an uninterrupted run's, bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from ftd import shm
+
+from clusters import ENV, LocalCluster, assert_matches_reference, reference_losses
+from conftest import SHM, wait_for
+
+MAX_STEPS = 200
+
+
+@pytest.fixture
+def make_cluster():
+    made: list[LocalCluster] = []
+
+    def make(nodes: int, parity: int) -> LocalCluster:
+        c = LocalCluster(nodes, parity)
+        made.append(c)
+        return c
+
+    yield make
+    left = [name for c in made for name in c.close()]
+    assert not left, f"shared memory left behind: {left}"
+
+
+def references(c: LocalCluster) -> dict[int, dict[int, str]]:
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(range(c.nodes), pool.map(lambda n: reference_losses(c.dir, n, MAX_STEPS), range(c.nodes))))
+
+
+def lose_and_rebuild(c: LocalCluster, lost: list[int], recoverable: int) -> None:
+    for n in lost:
+        c.kill_node(n)
+    for n in lost:
+        assert not [p for p in SHM.iterdir() if p.name.startswith(f"ftd.{c.job}.n{n}.")], "kill-node left memory"
+    for n in lost:
+        c.restart_daemon(n)
+    for n in lost:
+        r = c.recover(n)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"holds step {recoverable}" in r.stdout, r.stdout
+
+
+def segment_of(c: LocalCluster, node: int, kind: str) -> list:
+    """The node's shared-memory segments holding rank data ("r") or parity ("par") with a sidecar."""
+    return sorted(p for p in SHM.iterdir() if p.name.startswith(f"ftd.{c.job}.n{node}.{kind}")
+                  and not p.name.endswith((".meta", ".tmp")) and shm.read_meta(p) is not None)
+
+
+def flip_byte(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+@pytest.mark.timeout(240)
+def test_four_nodes_lose_every_single_node_in_turn(make_cluster):
+    c = make_cluster(4, 1)
+    ref = references(c)
+    steps = 20
+    assert c.run_trainers(steps, step_sleep=0.01) == [None] * 4
+    recoverable = c.settled()
+    assert recoverable >= 0, "no step became recoverable"
+    for victim in range(4):
+        lose_and_rebuild(c, [victim], recoverable)
+        steps += 12
+        resumed = c.run_trainers(steps, step_sleep=0.01)
+        assert resumed == [recoverable] * 4, f"after losing node {victim}: resumed after {resumed}"
+        recoverable = c.settled()
+    assert_matches_reference(c, ref, steps)
+
+
+@pytest.mark.timeout(240)
+def test_node_lost_in_the_middle_of_a_protection(make_cluster, monkeypatch):
+    monkeypatch.setitem(ENV, "FTD_DEBUG_PROTECT_DELAY", "3")  # every round stays open 3 s before sending
+    c = make_cluster(4, 1)
+    ref = references(c)
+    assert c.run_trainers(10, step_sleep=0.01) == [None] * 4
+    first = c.settled(timeout=90)
+    for n in range(4):
+        c.start_trainer(n, 400, step_sleep=0.02)
+
+    def in_flight():
+        co = c.status(0)["cluster"]["coordinator"]
+        return co["phase"] == "protect" and co["round"]["step"] > first
+    wait_for(in_flight, 60, "a protection round of a step newer than the first")
+    c.kill_node(2)            # its trainer and daemon die mid-round
+    c.kill_trainers()         # the job's other ranks are restarted too, as torchrun would
+    before = c.status(0)["cluster"]["recoverable"]
+    c.restart_daemon(2)
+    r = c.recover(2)
+    assert r.returncode == 0 and f"holds step {before}" in r.stdout, r.stdout + r.stderr
+    assert c.status(0)["cluster"]["coordinator"]["rounds_abandoned"] >= 1  # the kill did land mid-round
+    resumed = c.run_trainers(MAX_STEPS, step_sleep=0.0)
+    assert resumed == [before] * 4
+    assert_matches_reference(c, ref, MAX_STEPS)
+
+
+@pytest.mark.timeout(300)
+def test_six_nodes_two_parity_lose_pairs_then_three(make_cluster):
+    c = make_cluster(6, 2)
+    ref = references(c)
+    steps = 15
+    c.run_trainers(steps, step_sleep=0.01)
+    recoverable = c.settled()
+    pairs = [(0, 1), (2, 5), (1, 3)] + [tuple(sorted(random.Random(os.getpid()).sample(range(6), 2)))]
+    for pair in pairs:
+        lose_and_rebuild(c, list(pair), recoverable)
+        steps += 10
+        resumed = c.run_trainers(steps, step_sleep=0.01)
+        assert resumed == [recoverable] * 6, f"after losing nodes {pair}: resumed after {resumed}"
+        recoverable = c.settled()
+    assert_matches_reference(c, ref, steps)
+
+    # m + 1 = 3 nodes of the group: a clear error naming them and the step, on every node
+    lost = [0, 2, 4]
+    for n in lost:
+        c.kill_node(n)
+    for n in lost:
+        c.restart_daemon(n)
+    r = c.recover(2)
+    assert r.returncode == 1
+    assert "lost 3 nodes [0, 2, 4]" in r.stderr and f"step {recoverable}" in r.stderr, r.stderr
+    st = wait_for(lambda: c.status(1)["cluster"]["lost_error"], 30, "the survivors to learn of the loss")
+    assert "[0, 2, 4]" in st
+
+
+@pytest.mark.timeout(240)
+def test_corrupted_data_and_parity_are_detected_and_repaired(make_cluster):
+    c = make_cluster(4, 1)
+    ref = references(c)
+    steps = 20
+    c.run_trainers(steps, step_sleep=0.01)
+    recoverable = c.settled()
+
+    # a flipped byte in node 1's snapshot: its trainer finds it, the daemon rebuilds it from peers
+    (seg,) = [p for p in segment_of(c, 1, "r") if shm.read_meta(p)["step"] == recoverable]
+    flip_byte(seg, 100)
+    steps += 10
+    assert c.run_trainers(steps, step_sleep=0.01) == [recoverable] * 4
+    assert c.status(1)["cluster"]["last_rebuild"]["rebuilt_data"]
+    recoverable = c.settled()
+
+    # a flipped byte in node 3's parity: `ftd recover` finds it and re-encodes it
+    (par,) = segment_of(c, 3, "par")
+    flip_byte(par, 10)
+    r = c.recover(3)
+    assert r.returncode == 0 and "parity rebuilt" in r.stdout, r.stdout + r.stderr
+    # and node 0, whose chunks that parity protects, is then lost and rebuilt
+    lose_and_rebuild(c, [0], recoverable)
+    steps += 10
+    assert c.run_trainers(steps, step_sleep=0.01) == [recoverable] * 4
+    assert_matches_reference(c, ref, steps)
+
+
+@pytest.mark.timeout(240)
+def test_corrupted_parity_found_during_a_rebuild_is_skipped(make_cluster):
+    """m = 2: a parity block that fails its checksum at its holder is an erasure; the rebuild of a lost
+    node takes the other parity block, and the holder repairs its own copy afterwards."""
+    c = make_cluster(6, 2)
+    ref = references(c)
+    c.run_trainers(15, step_sleep=0.01)
+    recoverable = c.settled()
+    # node 2 holds parity of stripes 2 and 1; node 4 gives data to both: losing node 4 needs them
+    (par,) = segment_of(c, 2, "par")
+    record = shm.read_meta(par)
+    flip_byte(par, 5)
+    lose_and_rebuild(c, [4], recoverable)
+    rebuilds = c.status(4)["cluster"]["rebuilds"]
+    assert any("fails its checksum" in b for r in rebuilds for b in r["bad_blocks"]), rebuilds
+    wait_for(lambda: (c.status(2)["cluster"]["last_rebuild"] or {}).get("rebuilt_parity"), 30,
+             "node 2 to repair its parity")
+    assert c.run_trainers(25, step_sleep=0.01) == [recoverable] * 6
+    assert_matches_reference(c, ref, 25)
+    assert record["k"] == 4 and record["m"] == 2

@@ -1,0 +1,170 @@
+"""The coordinator's state machine, driven with scripted messages and a fake clock."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from ftd.coordinator import COLLECT, PROTECT, Coordinator
+from ftd.stripes import Grouping
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def make(nodes=4, m=1, g=None, **kw):
+    g = g or nodes
+    clock = Clock()
+    ids = itertools.count(100)
+    c = Coordinator(Grouping(nodes, g - m, m), clock=clock, new_round_id=lambda: next(ids), **kw)
+    c.start()
+    return c, clock
+
+
+def sent(c, mtype):
+    return [o for o in c.take() if o.mtype == mtype]
+
+
+def all_candidates(c, step, nodes=4, target=None, latest=None):
+    for n in range(nodes):
+        c.on_candidate(n, c.target if target is None else target, step, 1000 + n, False, c.recoverable,
+                       step if latest is None else latest)
+
+
+def test_start_syncs_every_node_with_target_zero():
+    c, _ = make()
+    (sync,) = sent(c, "sync")
+    assert sync.dests == (0, 1, 2, 3) and sync.fields == {"target": 0, "recoverable": -1}
+
+
+def test_agreeing_candidates_start_a_round_and_done_makes_it_recoverable():
+    c, _ = make()
+    c.take()
+    all_candidates(c, 0)
+    (protect,) = sent(c, "protect")
+    assert protect.fields["step"] == 0 and protect.fields["sizes"] == [1000, 1001, 1002, 1003]
+    assert c.phase == PROTECT
+    rid = protect.fields["round"]
+    for n in range(3):
+        c.on_done(n, rid, 0, latest=5)
+    assert c.recoverable == -1 and not sent(c, "sync")
+    c.on_done(3, rid, 0, latest=7)
+    out = c.take()
+    assert [o.mtype for o in out] == ["protected", "sync"]
+    assert c.recoverable == 0 and c.phase == COLLECT
+    assert out[1].fields == {"target": 8, "recoverable": 0}  # newest step seen + lead 1
+
+
+def test_groups_are_protected_one_by_one():
+    c, _ = make(nodes=8, m=1, g=4)
+    c.take()
+    all_candidates(c, 3, nodes=8)
+    rid = sent(c, "protect")[0].fields["round"]
+    for n in (4, 5, 6, 7):
+        c.on_done(n, rid, 3)
+    (p,) = sent(c, "protected")
+    assert p.dests == (4, 5, 6, 7) and p.fields["group"] == 1
+    assert c.recoverable == -1  # group 0 is not done: not recoverable
+
+
+def test_disagreeing_candidates_retarget_further_ahead_with_a_growing_lead():
+    c, _ = make()
+    c.take()
+    for n, step in enumerate([4, 4, 5, 4]):
+        c.on_candidate(n, 0, step, 10, False, -1, step)
+    (sync,) = sent(c, "sync")
+    assert sync.fields["target"] == 5 + 2  # newest seen + lead, lead doubled to 2
+    assert c.retargets == 1 and c.phase == COLLECT
+    for n in range(4):
+        c.on_candidate(n, 7, 9 if n else 8, 10, False, -1, 9)
+    assert sent(c, "sync")[0].fields["target"] == 9 + 4
+
+
+def test_a_node_whose_ranks_disagree_is_a_mismatch():
+    c, _ = make()
+    c.take()
+    for n in range(4):
+        c.on_candidate(n, 0, 3, 10, n == 2, -1, 3)
+    assert not sent(c, "protect") and c.retargets == 1
+
+
+def test_late_candidates_for_an_old_target_are_ignored():
+    c, _ = make()
+    c.take()
+    for n, step in enumerate([1, 2, 2, 2]):
+        c.on_candidate(n, 0, step, 10, False, -1, step)
+    new_target = c.target
+    c.take()
+    c.on_candidate(0, 0, 2, 10, False, -1, 2)  # answers the old target 0
+    assert c.candidates == {}
+    for n in range(4):
+        c.on_candidate(n, new_target, new_target, 10, False, -1, new_target)
+    assert sent(c, "protect")
+
+
+def test_hello_during_a_round_abandons_it():
+    c, _ = make()
+    c.take()
+    all_candidates(c, 2)
+    rid = sent(c, "protect")[0].fields["round"]
+    c.on_done(0, rid, 2)
+    c.on_hello(3, -1)
+    out = c.take()
+    assert [o.mtype for o in out] == ["abort", "sync"]
+    assert out[0].fields["round"] == rid and "node 3 restarted" in out[0].fields["reason"]
+    assert c.phase == COLLECT and c.rounds_abandoned == 1 and out[1].fields["target"] >= 3
+    c.on_done(1, rid, 2)  # a late done of the abandoned round changes nothing
+    assert c.recoverable == -1
+
+
+def test_round_timeout_abandons_and_resends_are_periodic():
+    c, clock = make(timeout=30, resend=1)
+    c.take()
+    all_candidates(c, 1)
+    rid = sent(c, "protect")[0].fields["round"]
+    c.on_done(0, rid, 1)
+    clock.t = 1.5
+    c.tick()
+    (again,) = sent(c, "protect")
+    assert again.dests == (1, 2, 3)  # re-sent only to nodes that did not answer
+    clock.t = 31
+    c.tick()
+    assert [o.mtype for o in c.take()] == ["abort", "sync"]
+
+
+def test_collect_resends_sync_to_silent_nodes_only():
+    c, clock = make(resend=1)
+    c.take()
+    c.on_candidate(1, 0, 0, 10, False, -1, 0)
+    clock.t = 2
+    c.tick()
+    (sync,) = sent(c, "sync")
+    assert sync.dests == (0, 2, 3)
+
+
+def test_a_restarted_coordinator_learns_the_recoverable_step_from_candidates():
+    c, _ = make()
+    c.take()
+    c.on_candidate(1, 0, 12, 10, False, 11, 12)
+    assert c.recoverable == 11 and c.target == 12 and c.candidates == {}
+
+
+def test_restored_trainers_pull_the_target_back():
+    c, _ = make()
+    c.take()
+    for n, step in enumerate([40, 41, 41, 41]):
+        c.on_candidate(n, 0, step, 10, False, -1, step)
+    assert c.target > 41
+    c.take()
+    c.on_restored(2, 30)
+    (sync,) = sent(c, "sync")
+    assert sync.fields["target"] == 31 and c.lead == 1
+    c.on_restored(0, 30)
+    assert not sent(c, "sync")  # already aiming there
