@@ -77,6 +77,7 @@ class Catalog:
         self.ranks: dict[int, RankEntry] = {}
         self._seq = 0
         self.clustered = False
+        self.extra_used: Callable[[], int] = lambda: 0  # cluster: parity held for the peers
         self.recoverable = -1             # cluster: newest step recoverable in every group, -1 if none
         self.target: int | None = None    # cluster: pin the first commit at or after this step
 
@@ -88,12 +89,13 @@ class Catalog:
     def _allocate(self, entry: RankEntry, nbytes: int, replacing: Buffer | None) -> Buffer:
         capacity = round_up(max(nbytes, 1), CAPACITY_QUANTUM)
         freed = replacing.capacity if replacing else 0
-        after = self.used - freed + capacity
+        after = self.used + self.extra_used() - freed + capacity
         if after > self.budget:
             raise Refused(
                 f"rank {entry.rank} needs {format_size(capacity)} of shared memory for a snapshot of "
                 f"{format_size(nbytes)}, but the daemon's memory budget is {format_size(self.budget)} with "
-                f"{format_size(self.used - freed)} in use (two buffers per rank). Raise memory_budget in the "
+                f"{format_size(self.used + self.extra_used() - freed)} in use (two buffers per rank, and parity "
+                f"held for peers). Raise memory_budget in the "
                 f"daemon's config, or snapshot less state")
         available = self.available()
         if capacity - freed > available - self.reserve:
@@ -239,6 +241,16 @@ class Catalog:
         for r in self.ranks.values():
             later = [b.step for b in r.complete() if b.step >= target]
             r.pinned = min(later) if later else None
+
+    def forget_newer(self, step: int) -> None:
+        """Trainers went back to ``step`` (a restore): versions after it belong to a timeline that
+        no longer exists; never pin, protect or serve them."""
+        for r in self.ranks.values():
+            r.pinned = None
+            for b in r.buffers:
+                if b.state == "complete" and b.step > step:
+                    self.store.mark_writing(b.name)
+                    b.state, b.step, b.manifest = "free", None, None
 
     def held_steps(self) -> list[int]:
         """Steps that every rank of this node holds complete, newest first."""

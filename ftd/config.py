@@ -41,6 +41,7 @@ class Config:
     frame_size: int = 4 << 20       # bytes per peer message of chunk data
     inflight_bytes: int = 32 << 20  # unacknowledged chunk bytes per peer link
     peer_key_file: Path | None = None  # CURVE key of the cluster (`ftd keygen`); None: peer links unauthenticated
+    insecure_peers: bool = False    # allow unauthenticated peer links to other hosts (never on a shared network)
     round_timeout: float = 120.0    # seconds a protection round may take before it is abandoned
 
     def __post_init__(self) -> None:
@@ -61,6 +62,13 @@ class Config:
         for i, ep in enumerate(self.peers):
             if not isinstance(ep, str) or not re.match(r"^tcp://[^\s:/]+:\d{1,5}$", ep):
                 raise ValueError(f"peers[{i}] = {ep!r} must be a tcp://host:port endpoint")
+        remote = [ep for ep in self.peers if not _is_loopback(ep)]
+        if remote and self.peer_key_file is None and not self.insecure_peers:
+            raise ValueError(
+                f"peer links leave this host ({remote[0]}), but no peer_key_file is configured: anyone on the "
+                f"network could read or inject snapshot data. Create a key with `ftd keygen --out FILE`, copy it "
+                f"to every node (mode 0600) and set peer_key_file = FILE; or set insecure_peers = true on a "
+                f"private network")
         if len(set(self.peers)) != len(self.peers):
             raise ValueError("peers lists an endpoint twice; every node rank needs its own host:port")
         if self.node_rank >= len(self.peers):
@@ -121,6 +129,11 @@ class Config:
 _KEYS = {f.name for f in dataclasses.fields(Config)}
 
 
+def _is_loopback(endpoint: str) -> bool:
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 def load_config(path: str | os.PathLike | None = None, *, node_rank: int | None = None) -> Config:
     """Read a TOML config; ``None`` gives the defaults (with $FTD_JOB / $FTD_NODE_RANK applied)."""
     raw: dict = {}
@@ -157,6 +170,10 @@ def load_config(path: str | os.PathLike | None = None, *, node_rank: int | None 
             if not isinstance(value, list):
                 raise ValueError(f"config file {path}: peers must be a list of tcp://host:port strings")
             kwargs[key] = tuple(value)
+        elif key == "insecure_peers":
+            if not isinstance(value, bool):
+                raise ValueError(f"config file {path}: insecure_peers must be true or false")
+            kwargs[key] = value
         elif key == "peer_key_file":
             kwargs[key] = Path(value).expanduser() if value else None
         else:

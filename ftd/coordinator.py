@@ -152,11 +152,21 @@ class Coordinator:
             self.candidates.pop(src, None)
             self._sync((src,))
 
+    def on_refuse(self, src: int, round_id: int, reason: str) -> None:
+        """Node ``src`` cannot take part in the round (no memory for its parity, say)."""
+        if self.phase == PROTECT and self.round.id == round_id:
+            self._abandon(f"node {src} refused to protect step {self.round.step}: {reason}")
+
     def on_restored(self, src: int, step: int) -> None:
-        """A trainer of ``src`` restored ``step``: the job restarted there, so its trainers go on from
-        step + 1, possibly far below the current target; aim at the step they will commit next."""
+        """Trainers of ``src`` restored ``step`` (-1: started afresh): the job restarted. A round of a
+        later step belongs to the timeline before the restart and must not complete now that some
+        rank went back (the node dropped its part of it); training goes on from step + 1."""
         self.latest[src] = step
-        if self.phase == COLLECT and self.target != step + 1 and step >= self.recoverable:
+        if self.phase == PROTECT and self.round.step > step:
+            self._abandon(f"trainers of node {src} restored step {step}; step {self.round.step} belongs to "
+                          f"the run before the restart", target=step + 1)
+            self.lead = 1
+        elif self.phase == COLLECT and self.target != step + 1:
             self.lead = 1
             self._retarget(step + 1, f"trainers of node {src} restored step {step}")
 
@@ -176,13 +186,13 @@ class Coordinator:
             self._send([n for n in self.nodes if n not in r.done], "protect", round=r.id, step=r.step, sizes=r.sizes)
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _abandon(self, reason: str) -> None:
+    def _abandon(self, reason: str, target: int | None = None) -> None:
         r = self.round
         self.rounds_abandoned += 1
         self._send(self.nodes, "abort", round=r.id, reason=reason[:200])
         self.round = None
         self.phase = COLLECT
-        self._retarget(max(self.target, r.step + 1, self._ahead()), reason)
+        self._retarget(max(self.target, r.step + 1, self._ahead()) if target is None else target, reason)
 
     def _retarget(self, target: int, reason: str) -> None:
         self.target = target

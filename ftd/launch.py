@@ -554,7 +554,15 @@ def kill_node(directory: Path, node_rank: int) -> int:
 
 # ---- command line ---------------------------------------------------------------------------------------
 def _launch_cmd(args: argparse.Namespace) -> int:
-    extra = {"peer_key_file": str(Path(args.key_file).expanduser().absolute())} if args.key_file else None
+    key_file = args.key_file
+    if args.secure and not key_file:
+        from .peerauth import generate_key_file
+        directory = Path(args.dir)
+        ensure_private_dir(directory)
+        key_file = directory / "cluster.key"
+        if not key_file.exists():
+            generate_key_file(key_file)
+    extra = {"peer_key_file": str(Path(key_file).expanduser().absolute())} if key_file else None
     return launch(args.nodes, args.parity, Path(args.dir), job=args.job, group_size=args.group_size,
                   memory_budget=args.memory_budget, base_port=args.base_port, extra=extra)
 
@@ -575,6 +583,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--base-port", type=int, metavar="P",
                    help="peer ports P..P+G-1 on 127.0.0.1 (default: free ports chosen by the OS)")
     p.add_argument("--key-file", help="CURVE key file of the cluster (`ftd keygen`); default: no peer authentication")
+    p.add_argument("--secure", action="store_true",
+                   help="authenticate and encrypt the peer links with CURVE, with a new key DIR/cluster.key")
     p.add_argument("--foreground", action="store_true", default=True,
                    help="stay in the foreground until Ctrl-C (the default and only mode)")
     p.set_defaults(func=_launch_cmd)

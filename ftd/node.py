@@ -30,6 +30,7 @@ from .peerauth import PeerSecurity
 from .peerproto import PeerMessages
 from .peers import PeerLinks
 from .protection import NodeImage, NodeRound, Shape
+from .units import format_size
 from .rebuild import Holdings, Rebuilder, parity_intact
 
 log = logging.getLogger("ftd.node")
@@ -53,6 +54,7 @@ class ClusterNode:
         self.coordinator = Coordinator(self.grouping, timeout=config.round_timeout) if self.me == 0 else None
         self.links: PeerLinks | None = None
         catalog.clustered = True
+        catalog.extra_used = lambda: self.parity_bytes
         self.parity: dict[int, tuple[str, dict]] = {}     # step -> (segment name, record), complete
         self.round: NodeRound | None = None
         self.round_segment: str | None = None
@@ -72,6 +74,7 @@ class ClusterNode:
         self._repair_due: float | None = None
         self._repair_tries = 0
         self._verified: dict[int, list[tuple[int, int]]] = {}
+        self._serving: dict[str, shm.Mapping] = {}
         self._last_candidate: tuple | None = None
         self._behind_since = 0.0
         self.latest_step = -1                             # newest step a trainer asked to snapshot
@@ -115,6 +118,7 @@ class ClusterNode:
         if self._rebuild_thread is not None:
             self._rebuild_thread.join(15)
         self._drop_round()
+        self._forget_served()
         for name, _ in self.parity.values():
             self._drop_segment(name)
         self.parity.clear()
@@ -167,6 +171,8 @@ class ClusterNode:
             c.on_done(src, msg["round"], msg["step"], msg["latest"])
         elif t == "hello" and c:
             c.on_hello(src, msg["recoverable"])
+        elif t == "refuse" and c:
+            c.on_refuse(src, msg["round"], msg["reason"])
         elif t == "restored" and c:
             c.on_restored(src, msg["step"])
         elif t == "sync":
@@ -219,6 +225,7 @@ class ClusterNode:
             self._drop_segment(self.parity.pop(step)[0])
         self.group_protected = {s for s in self.group_protected if s >= cat.recoverable}
         self._verified = {s: v for s, v in self._verified.items() if s == cat.recoverable}
+        self._forget_served()  # rank buffers of older steps are about to be rewritten
         cat.sync(target, cat.recoverable)
         self._last_candidate = None
         self.maybe_candidate()
@@ -260,14 +267,21 @@ class ClusterNode:
         image = NodeImage([m.view()[:b.manifest["nbytes"]] for m, (_, b) in zip(maps, held)])
         shape = Shape.of([sizes[n] for n in self.group.nodes], self.layout.k, self.config.frame_size)
         name = f"{self.config.shm_prefix}par{step}.{secrets.token_hex(6)}"
+        need = max(1, self.layout.m * shape.c)
         try:
-            shm.create(self.config.shm_dir / name, max(1, self.layout.m * shape.c))
+            in_use = self.catalog.used + self.parity_bytes
+            if in_use + need > self.catalog.budget:
+                raise FtdError(f"its parity needs {format_size(need)} but the memory budget is "
+                               f"{format_size(self.catalog.budget)} with {format_size(in_use)} in use; "
+                               f"raise memory_budget on node {self.me}")
+            shm.create(self.config.shm_dir / name, need)
             pmap = shm.Mapping(self.config.shm_dir / name, populate=False)
         except (OSError, FtdError) as e:
             for m in maps:
                 m.close()
             shm.unlink(self.config.shm_dir / name)
             log.error("cannot hold the parity of step %d: %s", step, e)
+            self._to_coordinator("refuse", round=round_id, reason=str(e)[:250])
             return
         self._round_maps = maps + [pmap]
         self.round_segment = name
@@ -323,8 +337,19 @@ class ClusterNode:
         self._to_coordinator("done", round=r.round_id, step=r.step, latest=self.latest_step)
 
     def on_restored(self, step: int) -> None:
-        """A trainer restored ``step`` from this node: tell the coordinator where training goes on."""
+        """A trainer restored ``step`` from this node (-1: it found nothing and starts afresh): the job
+        restarted. Anything newer is from the run before the restart: drop this node's part of a round
+        protecting it (so it can never become recoverable after some rank went back), forget newer
+        versions, and tell the coordinator where training goes on."""
         self.latest_step = step
+        if self.round is not None and self.round.step > step:
+            self._drop_round(keep_parity=False)
+            self.done_unsynced = None
+        for s in [s for s in self.parity if s > step]:
+            self._drop_segment(self.parity.pop(s)[0])
+        self._forget_served()
+        self.catalog.forget_newer(step)
+        self._last_candidate = None
         self._to_coordinator("restored", step=step)
         self._flush_coordinator()
 
@@ -364,6 +389,9 @@ class ClusterNode:
         self.round_segment = None
 
     def _drop_segment(self, name: str) -> None:
+        m = self._serving.pop(name, None)
+        if m is not None:
+            m.close()
         path = self.config.shm_dir / name
         shm.drop_meta(path)
         shm.unlink(path)
@@ -412,29 +440,35 @@ class ClusterNode:
             if any(x < b and a < y for x, y in bad):
                 self._schedule_repair(f"data of step {step} fails its checksums")
                 return fail(f"corrupt: node {self.me}'s data of step {step} fails its checksum")
-            maps = [shm.Mapping(self.config.shm_dir / bf.name, populate=False, writable=False) for _, bf in held_data]
-            try:
-                image = NodeImage([m.view()[:bf.manifest["nbytes"]] for m, (_, bf) in zip(maps, held_data)])
-                data = image.read(a, b)
-                payload = bytes(b - a) if data is None else bytes(data)
-            finally:
-                for m in maps:
-                    m.close()
+            data = self._served_image(held_data).read(a, b)
+            payload = bytes(b - a) if data is None else data
         else:
             j = number - self.layout.k
             block = record["blocks"][j] if j < len(record["blocks"]) else None
             if block is None or block["stripe"] != stripe:
                 return fail(f"node {self.me} holds no parity block {number} of stripe {stripe}")
-            m = shm.Mapping(self.config.shm_dir / name, populate=False, writable=False)
-            try:
-                payload = bytes(m.view()[j * c + lo:j * c + hi])
-            finally:
-                m.close()
+            payload = self._served_mapping(name).view()[j * c + lo:j * c + hi]
             if chunk_checksum(payload) != block["checksums"][f]:
                 self._schedule_repair(f"parity of step {step} fails its checksums")
                 return fail(f"corrupt: node {self.me}'s parity block {number} of stripe {stripe} fails its checksum")
         self.links.reply(envelope, "block", payload, qid=msg["qid"], length=len(payload),
                          hash=chunk_checksum(payload), error="")
+
+    def _served_mapping(self, name: str) -> shm.Mapping:
+        """Read-only mappings of the segments peers fetch from, kept while the segment lives."""
+        m = self._serving.get(name)
+        if m is None:
+            m = self._serving[name] = shm.Mapping(self.config.shm_dir / name, populate=False, writable=False)
+        return m
+
+    def _served_image(self, held) -> NodeImage:
+        return NodeImage([self._served_mapping(b.name).view()[:b.manifest["nbytes"]] for _, b in held])
+
+    def _forget_served(self) -> None:
+        """Unmap what peers fetched from (call before segments may be dropped or rewritten)."""
+        for m in self._serving.values():
+            m.close()
+        self._serving.clear()
 
     def _bad_ranges(self, step: int, held) -> list[tuple[int, int]]:
         """Image byte ranges of this node's data of ``step`` that fail their checksums (cached)."""

@@ -36,8 +36,9 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "commit": {"round": (_I, True), "step": (_I, True)},
     "committed": {"round": (_I, True), "step": (_I, True)},
     "abort": {"round": (_I, True), "reason": (_STR, True)},
+    "refuse": {"round": (_I, True), "reason": (_STR, True)},
     "hello": {"recoverable": (_STEP, True)},
-    "restored": {"step": (_I, True)},
+    "restored": {"step": (_STEP, True)},
     "lost": {"step": (_STEP, True), "nodes": (_INTS, True), "error": (_STR, True)},
     # protection data path (data holder <-> parity holder)
     "node_meta": {"round": (_I, True), "step": (_I, True), "meta": (_META, True)},

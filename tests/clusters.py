@@ -90,16 +90,27 @@ class LocalCluster:
         return [(self.status(n) or {"cluster": {"recoverable": None}})["cluster"]["recoverable"]
                 for n in range(self.nodes)]
 
-    def settled(self, timeout: float = 60) -> int:
-        """Wait until every node agrees on a recoverable step and no round is left in flight."""
-        def agree():
+    def settled(self, timeout: float = 60, quiet: float = 2.5) -> int:
+        """The recoverable step once every node agrees on it, no round is in flight, and that stayed
+        so for ``quiet`` seconds (a round may still start just after the trainers stopped)."""
+        def agreed():
             sts = [self.status(n) for n in range(self.nodes)]
             if any(s is None for s in sts):
                 return None
             rs = {s["cluster"]["recoverable"] for s in sts}
             idle = all(s["cluster"]["round"] is None for s in sts)
-            return rs.pop() + 1 if len(rs) == 1 and idle and None not in rs else None
-        return wait_for(agree, timeout, "the nodes to agree on a recoverable step") - 1
+            return rs.pop() if len(rs) == 1 and idle else None
+
+        deadline = time.monotonic() + timeout
+        since, value = None, None
+        while time.monotonic() < deadline:
+            now = agreed()
+            if now is None or now != value:
+                since, value = time.monotonic(), now
+            elif time.monotonic() - since >= quiet:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"the nodes did not settle on a recoverable step within {timeout}s")
 
     # ---- trainers -----------------------------------------------------------------------------
     def losses(self, node: int) -> Path:

@@ -29,8 +29,8 @@ MAX_STEPS = 200
 def make_cluster():
     made: list[LocalCluster] = []
 
-    def make(nodes: int, parity: int) -> LocalCluster:
-        c = LocalCluster(nodes, parity)
+    def make(nodes: int, parity: int, *extra: str) -> LocalCluster:
+        c = LocalCluster(nodes, parity, extra)
         made.append(c)
         return c
 
@@ -86,6 +86,19 @@ def test_four_nodes_lose_every_single_node_in_turn(make_cluster):
         assert resumed == [recoverable] * 4, f"after losing node {victim}: resumed after {resumed}"
         recoverable = c.settled()
     assert_matches_reference(c, ref, steps)
+
+    # only the daemon of node 1 dies (SIGKILL), its memory stays: the restarted one adopts it all
+    os.kill(c.status(1)["pid"], 9)
+    wait_for(lambda: c.status(1) is None, 10, "node 1's daemon to die")
+    c.restart_daemon(1)
+    (startup,) = c.status(1)["cluster"]["rebuilds"]
+    assert startup["ok"] and startup["step"] == recoverable and startup["fetched_bytes"] == 0
+    assert not startup["rebuilt_data"] and not startup["rebuilt_parity"]
+    steps += 10
+    assert c.run_trainers(steps, step_sleep=0.01) == [recoverable] * 4
+    assert_matches_reference(c, ref, steps)
+    table = c.ftd("status", "--dir", str(c.dir))
+    assert table.returncode == 0 and table.stdout.count("recoverable") == 4, table.stdout
 
 
 @pytest.mark.timeout(240)
@@ -145,7 +158,8 @@ def test_six_nodes_two_parity_lose_pairs_then_three(make_cluster):
 
 @pytest.mark.timeout(240)
 def test_corrupted_data_and_parity_are_detected_and_repaired(make_cluster):
-    c = make_cluster(4, 1)
+    c = make_cluster(4, 1, "--secure")  # and the peer links are CURVE-encrypted
+    assert all(c.status(n)["cluster"]["secure"] for n in range(4))
     ref = references(c)
     steps = 20
     c.run_trainers(steps, step_sleep=0.01)

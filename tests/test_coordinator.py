@@ -168,3 +168,29 @@ def test_restored_trainers_pull_the_target_back():
     assert sync.fields["target"] == 31 and c.lead == 1
     c.on_restored(0, 30)
     assert not sent(c, "sync")  # already aiming there
+
+
+def test_a_node_refusing_its_part_abandons_the_round_with_its_reason():
+    c, _ = make()
+    c.take()
+    all_candidates(c, 4)
+    rid = sent(c, "protect")[0].fields["round"]
+    c.on_refuse(2, rid, "its parity needs 3.0 MiB but the memory budget is 2.0 MiB")
+    abort, sync = c.take()
+    assert abort.mtype == "abort" and "node 2 refused" in abort.fields["reason"] and "budget" in abort.fields["reason"]
+    assert sync.mtype == "sync" and c.phase == COLLECT and c.recoverable == -1
+
+
+def test_a_restore_abandons_a_round_of_a_later_step():
+    c, _ = make()
+    c.take()
+    all_candidates(c, 9)
+    rid = sent(c, "protect")[0].fields["round"]
+    for n in range(3):
+        c.on_done(n, rid, 9)
+    c.on_restored(3, 4)          # node 3's trainers went back to step 4: step 9 must not complete
+    abort, sync = c.take()
+    assert abort.mtype == "abort" and "restored step 4" in abort.fields["reason"]
+    assert sync.fields["target"] == 5 and c.phase == COLLECT
+    c.on_done(3, rid, 9)
+    assert c.recoverable == -1

@@ -47,3 +47,29 @@ def test_config_errors_name_the_problem(tmp_path):
         load_config(tmp_path / "missing.toml")
     with pytest.raises(ValueError, match="chunk_size"):
         Config(chunk_size=1000)
+
+
+def test_shipped_cluster_config_describes_four_nodes_with_curve():
+    from pathlib import Path
+    c = load_config(Path(__file__).parent.parent / "configs" / "cluster.toml", node_rank=2)
+    assert c.nodes == 4 and c.peer_endpoint == "tcp://10.0.0.13:7710" and c.peer_bind == "tcp://*:7710"
+    assert c.grouping().k == 3 and c.parity_code == "xor" and c.peer_key_file is not None
+
+
+def test_cluster_config_errors_name_the_problem():
+    four = tuple(f"tcp://127.0.0.1:{7000 + i}" for i in range(4))
+    with pytest.raises(ValueError, match="tcp://host:port"):
+        Config(peers=("10.0.0.1:7000",))
+    with pytest.raises(ValueError, match="twice"):
+        Config(peers=(four[0], four[0]))
+    with pytest.raises(ValueError, match="node_rank 4 has no entry"):
+        Config(peers=four, node_rank=4)
+    with pytest.raises(ValueError, match="1 <= parity < group size"):
+        Config(peers=four, parity=4)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        Config(peers=four, group_size=3)
+    with pytest.raises(ValueError, match="needs 'rs'"):
+        Config(peers=four, parity=2, parity_code="xor")
+    with pytest.raises(ValueError, match="ftd keygen"):
+        Config(peers=("tcp://10.0.0.1:7000", "tcp://10.0.0.2:7000"))
+    assert Config(peers=four, parity=2).parity_code == "rs"
