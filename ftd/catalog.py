@@ -80,6 +80,7 @@ class Catalog:
         self.extra_used: Callable[[], int] = lambda: 0  # cluster: parity held for the peers
         self.recoverable = -1             # cluster: newest step recoverable in every group, -1 if none
         self.target: int | None = None    # cluster: pin the first commit at or after this step
+        self.local_world = 0              # ranks on this node, as clients report it ($LOCAL_WORLD_SIZE)
 
     # ---- accounting -------------------------------------------------------------------------
     @property
@@ -137,7 +138,8 @@ class Catalog:
             self.store.release(oldest.name)
             entry.buffers.remove(oldest)
 
-    def register(self, rank: int, world: int, pid: int) -> dict:
+    def register(self, rank: int, world: int, pid: int, local_world: int | None = None) -> dict:
+        self._note_local_world(local_world)
         if rank >= world:
             raise Refused(f"rank {rank} is not below world size {world}")
         entry = self.ranks.setdefault(rank, RankEntry(rank, world))
@@ -196,14 +198,25 @@ class Catalog:
             buf.state, buf.step = "free", None
         return {}
 
-    def restore(self, rank: int) -> dict:
+    def _note_local_world(self, local_world: int | None) -> None:
+        if local_world:
+            self.local_world = max(self.local_world, local_world)
+
+    def restore(self, rank: int, local_world: int | None = None) -> dict:
         """Versions this rank should try, newest first: only steps every rank of the node holds.
         In a cluster: only the recoverable step."""
-        if rank not in self.ranks:
-            return {"versions": []}
-        if self.clustered:
-            mine = [b for b in self.ranks[rank].complete() if b.step == self.recoverable and self.recoverable >= 0]
+        self._note_local_world(local_world)
+        if self.clustered and self.recoverable >= 0:
+            entry = self.ranks.get(rank)
+            mine = [b for b in entry.complete() if b.step == self.recoverable] if entry else []
+            if not mine:
+                raise Refused(
+                    f"rank {rank} has no snapshot of the cluster's recoverable step {self.recoverable} on this node "
+                    f"(it holds ranks {sorted(self.ranks)}); every rank must restart on the node it ran on, "
+                    f"or the job must start afresh with a new job name")
             return {"versions": [{"step": b.step, "buffer": b.name, "manifest": b.manifest} for b in mine[:1]]}
+        if rank not in self.ranks or self.clustered:
+            return {"versions": []}
         holders = [r for r in self.ranks.values() if r.complete()]
         common = set.intersection(*({b.step for b in r.complete()} for r in holders)) if holders else set()
         mine = [b for b in self.ranks[rank].complete() if b.step in common]
@@ -227,6 +240,8 @@ class Catalog:
         mismatch: the ranks pinned different steps (step is then the largest)."""
         if self.target is None or not self.ranks or any(r.pinned is None for r in self.ranks.values()):
             return None
+        if len(self.ranks) < self.local_world:
+            return None  # a rank of this node has not registered yet
         steps = {r.pinned for r in self.ranks.values()}
         step = max(steps)
         nbytes = sum(b.manifest["nbytes"] for r in self.ranks.values() for b in r.complete() if b.step == r.pinned)
@@ -242,15 +257,19 @@ class Catalog:
             later = [b.step for b in r.complete() if b.step >= target]
             r.pinned = min(later) if later else None
 
-    def forget_newer(self, step: int) -> None:
-        """Trainers went back to ``step`` (a restore): versions after it belong to a timeline that
-        no longer exists; never pin, protect or serve them."""
-        for r in self.ranks.values():
-            r.pinned = None
-            for b in r.buffers:
-                if b.state == "complete" and b.step > step:
-                    self.store.mark_writing(b.name)
-                    b.state, b.step, b.manifest = "free", None, None
+    def forget_newer(self, rank: int, step: int) -> None:
+        """Rank ``rank`` went back to ``step`` (a restore): its versions after that belong to the run
+        before the restart; never pin, protect or serve them. The recoverable version always stays.
+        Other ranks' versions are left alone: they may already be the new run's."""
+        entry = self.ranks.get(rank)
+        if entry is None:
+            return
+        step = max(step, self.recoverable)
+        entry.pinned = None
+        for b in entry.buffers:
+            if b.state == "complete" and b.step > step:
+                self.store.mark_writing(b.name)
+                b.state, b.step, b.manifest = "free", None, None
 
     def held_steps(self) -> list[int]:
         """Steps that every rank of this node holds complete, newest first."""

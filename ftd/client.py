@@ -152,7 +152,7 @@ class Client:
         self.wait()
         deadline = time.monotonic() + RESTORE_WAIT_SECONDS
         while True:
-            reply = self._conn.call("restore", rank=self.rank)
+            reply = self._conn.call("restore", rank=self.rank, **self._local_world())
             if "wait" not in reply:
                 step = self._restore_from(reply, state)
                 if step is not _REPAIRING:
@@ -166,6 +166,13 @@ class Client:
                 log.info("ftd: rank %d waits to restore: %s", self.rank, reason)
                 self._told_wait = True
             time.sleep(0.2)
+
+    @staticmethod
+    def _local_world() -> dict:
+        """Ranks on this node ($LOCAL_WORLD_SIZE, set by torchrun), so the daemon knows when all of
+        them committed a step; omitted when unknown (the daemon counts the ranks that registered)."""
+        value = os.environ.get("LOCAL_WORLD_SIZE", "")
+        return {"local_world": int(value)} if value.isdigit() and int(value) > 0 else {}
 
     def _restore_from(self, reply: dict, state: dict):
         shm_dir = Path(reply["shm_dir"])
@@ -378,7 +385,8 @@ class Client:
         """A request that needs a registered session; registers (again) if the daemon forgot us."""
         for attempt in (0, 1):
             if self._session is None:
-                reply = self._conn.call("register", rank=self.rank, world=self.world_size, pid=os.getpid())
+                reply = self._conn.call("register", rank=self.rank, world=self.world_size, pid=os.getpid(),
+                                        **self._local_world())
                 self._session, self._shm_dir = reply["session"], Path(reply["shm_dir"])
                 self._ready_nbytes = -1
                 self._chunk_size = int(reply["chunk_size"])

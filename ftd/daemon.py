@@ -150,7 +150,7 @@ class Daemon:
             if mtype == "commit" and self.node is not None:
                 self.node.maybe_candidate()
             if mtype == "restore" and self.node is not None:
-                self.node.on_restored(result["versions"][0]["step"] if result["versions"] else -1)
+                self.node.on_restored(fields["rank"], result["versions"][0]["step"] if result["versions"] else -1)
             if mtype in ("register", "restore"):
                 result.update(shm_dir=str(self.config.shm_dir), chunk_size=self.config.chunk_size,
                               node_rank=self.config.node_rank)

@@ -336,19 +336,22 @@ class ClusterNode:
         self.stats["last_round_seconds"] = time.monotonic() - self._round_started
         self._to_coordinator("done", round=r.round_id, step=r.step, latest=self.latest_step)
 
-    def on_restored(self, step: int) -> None:
-        """A trainer restored ``step`` from this node (-1: it found nothing and starts afresh): the job
-        restarted. Anything newer is from the run before the restart: drop this node's part of a round
-        protecting it (so it can never become recoverable after some rank went back), forget newer
-        versions, and tell the coordinator where training goes on."""
+    def on_restored(self, rank: int, step: int) -> None:
+        """Trainer ``rank`` restored ``step`` from this node (-1: it found nothing and starts afresh):
+        the job restarted. That rank's newer versions are from the run before the restart: drop this
+        node's part of any round protecting a later step (it needs this rank's data, which it has not
+        written again yet), so no such step becomes recoverable after some rank went back; and tell
+        the coordinator where training goes on."""
         self.latest_step = step
+        if step < self.catalog.recoverable:
+            return  # a rank new to this node starting afresh, not a restart of the job
         if self.round is not None and self.round.step > step:
             self._drop_round(keep_parity=False)
             self.done_unsynced = None
         for s in [s for s in self.parity if s > step]:
             self._drop_segment(self.parity.pop(s)[0])
         self._forget_served()
-        self.catalog.forget_newer(step)
+        self.catalog.forget_newer(rank, step)
         self._last_candidate = None
         self._to_coordinator("restored", step=step)
         self._flush_coordinator()

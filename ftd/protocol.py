@@ -27,14 +27,14 @@ MAX_LIST = 1 << 16
 SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "ping": {},
     "status": {},
-    "register": {"rank": (_RANK, True), "world": (_POS, True), "pid": (_INT, True)},
+    "register": {"rank": (_RANK, True), "world": (_POS, True), "pid": (_INT, True), "local_world": (_POS, False)},
     "begin": {"session": (_STR, True), "step": (_INT, True), "nbytes": (_POS, True)},
     "commit": {
         "session": (_STR, True), "buffer": (_STR, True), "step": (_INT, True), "manifest": (_DICT, True),
         "copy_seconds": (_NUM, False), "blocked_seconds": (_NUM, False),
     },
     "abort": {"session": (_STR, True), "buffer": (_STR, True), "reason": (_STR, False)},
-    "restore": {"rank": (_RANK, True)},
+    "restore": {"rank": (_RANK, True), "local_world": (_POS, False)},
     "corrupt": {"rank": (_RANK, True), "buffer": (_STR, True), "step": (_INT, True)},
     "recover": {},
 }

@@ -194,3 +194,44 @@ def test_cluster_ranks_pinning_different_steps_is_a_mismatch(cat):
     assert cat.candidate() == (2, 2048, True)
     assert cat.held_steps() == []
     assert cat.buffers_of(1) == []
+
+
+def test_cluster_restore_forgets_the_restoring_ranks_newer_versions_only(cat):
+    cat.clustered = True
+    s0 = cat.register(0, 2, 1)["session"]
+    s1 = cat.register(1, 2, 2)["session"]
+    cat.sync(target=0, recoverable=-1)
+    snap(cat, s0, 0)
+    snap(cat, s1, 0)
+    cat.sync(target=1, recoverable=0)
+    snap(cat, s0, 5)
+    snap(cat, s1, 5)
+    assert cat.candidate()[0] == 5
+    cat.forget_newer(1, 0)                      # rank 1 restarted from step 0
+    assert cat.held_steps() == [0] and cat.ranks[1].pinned is None
+    assert [b.step for b in cat.ranks[0].complete()] == [5, 0]  # rank 0's own versions stay
+    assert cat.candidate() is None
+    cat.forget_newer(0, -1)                     # never drops the recoverable step
+    assert cat.held_steps() == [0]
+
+
+def test_cluster_restore_of_a_rank_without_the_recoverable_step_is_refused(cat):
+    cat.clustered = True
+    s0 = cat.register(0, 2, 1)["session"]
+    cat.sync(target=0, recoverable=-1)
+    snap(cat, s0, 0)
+    cat.sync(target=1, recoverable=0)
+    assert cat.restore(0)["versions"][0]["step"] == 0
+    with pytest.raises(Refused, match="rank 1 has no snapshot of the cluster's recoverable step 0"):
+        cat.restore(1)
+
+
+def test_cluster_waits_for_every_local_rank_before_a_candidate(cat):
+    cat.clustered = True
+    s0 = cat.register(0, 4, 1, local_world=2)["session"]
+    cat.sync(target=0, recoverable=-1)
+    snap(cat, s0, 0)
+    assert cat.candidate() is None              # rank 1 of this node has not registered yet
+    s1 = cat.register(1, 4, 2, local_world=2)["session"]
+    snap(cat, s1, 0)
+    assert cat.candidate()[0] == 0

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
+import re
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,7 +22,7 @@ import pytest
 from ftd import shm
 
 from clusters import ENV, LocalCluster, assert_matches_reference, reference_losses
-from conftest import SHM, wait_for
+from conftest import ROOT, SHM, read_losses, wait_for
 
 MAX_STEPS = 200
 
@@ -205,3 +207,52 @@ def test_corrupted_parity_found_during_a_rebuild_is_skipped(make_cluster):
     assert c.run_trainers(25, step_sleep=0.01) == [recoverable] * 6
     assert_matches_reference(c, ref, 25)
     assert record["k"] == 4 and record["m"] == 2
+
+
+@pytest.mark.timeout(240)
+def test_two_ranks_per_node_mirrored_pair(make_cluster):
+    """2 nodes, m = 1 (k = 1: the parity is a mirror), 2 trainer ranks per node: a node's image is
+    its ranks' arenas back to back, and both ranks come back from the peer after a node loss."""
+    c = make_cluster(2, 1)
+    world = 4
+    seeds = {r: 2000 + r for r in range(world)}
+    ref = {}
+    for r in range(world):
+        ref[r] = reference_losses_for_seed(c, seeds[r], 40)
+
+    def run(steps):
+        procs, outs = [], []
+        for r in range(world):
+            node = r // 2
+            env = dict(ENV, FTD_ENDPOINT=c.endpoints[node], RANK=str(r), WORLD_SIZE=str(world),
+                       LOCAL_WORLD_SIZE="2")
+            out = c.dir / f"rank{r}.out"
+            procs.append(c._popen([sys.executable, "-m", "ftd.examples.tiny_trainer", "--steps", str(steps),
+                                   "--losses", str(c.dir / f"rloss{r}"), "--seed", str(seeds[r]), "--width", "64",
+                                   "--depth", "2", "--step-sleep", "0.01"],
+                                  env=env, stdout=open(out, "ab"), stderr=subprocess.STDOUT))
+            outs.append(out)
+        for p in procs:
+            assert p.wait(120) == 0
+        return [re.findall(r"resuming after step (\d+)|(starting fresh)", o.read_text())[-1] for o in outs]
+
+    run(15)
+    recoverable = c.settled()
+    st = c.status(0)
+    assert [r["rank"] for r in st["ranks"]] == [0, 1]
+    (v,) = [v for v in st["cluster"]["versions"] if v["recoverable"]]
+    assert v["parity_bytes"] >= v["data_bytes"]  # k = 1: the parity block is as large as the image
+    lose_and_rebuild(c, [0], recoverable)
+    assert run(30) == [(str(recoverable), "")] * world
+    for r in range(world):
+        got = read_losses(c.dir / f"rloss{r}")
+        assert {s for s, _ in got} == set(range(30))
+        assert all(value == ref[r][step] for step, value in got), f"rank {r} diverged"
+
+
+def reference_losses_for_seed(c: LocalCluster, seed: int, steps: int) -> dict[int, str]:
+    path = c.dir / f"ref-seed{seed}"
+    subprocess.run([sys.executable, "-m", "ftd.examples.tiny_trainer", "--steps", str(steps), "--losses", str(path),
+                    "--seed", str(seed), "--width", "64", "--depth", "2", "--no-ftd"],
+                   env=ENV, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=120)
+    return dict(read_losses(path))
