@@ -333,15 +333,15 @@ class Client:
             return self._fail(job, f"snapshot of step {job.step} could not be committed: {e}")
         self._hook_wait_unreported = 0.0
         self._daemon_lost = False
-        self._prepare_next_arena(pin=any(t.is_cuda for t in job.sources))
-        self._ready_nbytes = job.layout.nbytes
         self.stats["committed"] += 1
         self.stats["last_copy_seconds"] = job.copy_seconds
         self.stats["last_step"] = job.step
         if self._failures:
             log.warning("ftd: snapshots work again (step %d committed after %d failure(s))", job.step, self._failures)
             self._failures = 0
-        job.finish(True)
+        self._ready_nbytes = job.layout.nbytes
+        job.finish(True)  # wait() returns now; the next buffer is prepared on this thread before the next job
+        self._prepare_next_arena(pin=any(t.is_cuda for t in job.sources))
 
     def _fail(self, job: SnapshotJob, message: str, abort: str | None = None) -> None:
         """End a job that produced no version: free its buffer, warn, then wake whoever waits on it."""

@@ -88,7 +88,7 @@ class Daemon:
         found = []
         removed = 0
         for path in shm.list_prefix(self.config.shm_dir, self.config.shm_prefix):
-            if self.node is not None and self.node.is_parity_file(path.name):
+            if self.node is not None and self.node.store.is_parity_file(path.name):
                 continue  # parity: the cluster side adopts it
             if path.name.endswith((".meta", ".tmp")):
                 if not (self.config.shm_dir / path.name.split(".meta")[0]).exists():
@@ -209,7 +209,7 @@ class Daemon:
         self._sock.bind(self.config.endpoint)
         os.chmod(sock_path, 0o600)
         if self.node is not None:
-            self.node.adopt_parity()
+            self.node.store.adopt_parity()
             self.node.start(self._ctx)
 
     def serve(self) -> None:

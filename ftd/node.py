@@ -11,27 +11,23 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
-import secrets
 import threading
 import time
 
 import zmq
 
-from . import shm
 from .catalog import Catalog
-from .checksum import bad_chunks, chunk_checksum
+from .checksum import chunk_checksum
 from .codec import Codec
 from .config import Config
 from .coordinator import Coordinator
 from .errors import FtdError, ProtocolError
-from .layout import Manifest
+from .nodestore import NodeStore
 from .peerauth import PeerSecurity
 from .peerproto import PeerMessages
 from .peers import PeerLinks
-from .protection import NodeImage, NodeRound, Shape
-from .units import format_size
-from .rebuild import Holdings, Rebuilder, parity_intact
+from .protection import NodeRound, Shape
+from .rebuild import Holdings, Rebuilder
 
 log = logging.getLogger("ftd.node")
 
@@ -54,11 +50,9 @@ class ClusterNode:
         self.coordinator = Coordinator(self.grouping, timeout=config.round_timeout) if self.me == 0 else None
         self.links: PeerLinks | None = None
         catalog.clustered = True
-        catalog.extra_used = lambda: self.parity_bytes
-        self.parity: dict[int, tuple[str, dict]] = {}     # step -> (segment name, record), complete
+        self.store = NodeStore(config, catalog, self.layout, self.pos)
+        catalog.extra_used = lambda: self.store.parity_bytes
         self.round: NodeRound | None = None
-        self.round_segment: str | None = None
-        self._round_maps: list[shm.Mapping] = []
         self._early: dict[int, list] = {}                 # round id -> messages that came before "protect"
         self.credits: dict[int, int] = {}
         self.done_unsynced: int | None = None             # reported done, not yet told whether it is recoverable
@@ -73,36 +67,14 @@ class ClusterNode:
         self.lost_error: str | None = None
         self._repair_due: float | None = None
         self._repair_tries = 0
-        self._verified: dict[int, list[tuple[int, int]]] = {}
-        self._serving: dict[str, shm.Mapping] = {}
         self._last_candidate: tuple | None = None
         self._behind_since = 0.0
         self.latest_step = -1                             # newest step a trainer asked to snapshot
         self.stats = {"rounds_done": 0, "rounds_aborted": 0, "bytes_sent": 0, "bytes_received": 0,
                       "last_round_seconds": None, "invalid_messages": 0}
         self._round_started = 0.0
-        self._par_re = re.compile(re.escape(config.shm_prefix) + r"par(\d+)\.[0-9a-f]{12}$")
 
     # ---- start and stop ---------------------------------------------------------------------
-    def adopt_parity(self) -> None:
-        """Keep parity segments a killed predecessor left, if their checksums hold (newest wins)."""
-        for path in shm.list_prefix(self.config.shm_dir, self.config.shm_prefix + "par"):
-            if not self._par_re.match(path.name):
-                continue
-            record = shm.read_meta(path)
-            if not isinstance(record, dict) or record.get("kind") != "parity" or not parity_intact(path, record):
-                shm.drop_meta(path)
-                shm.unlink(path)
-                continue
-            old = self.parity.get(record["step"])
-            if old:
-                self._drop_segment(old[0])
-            self.parity[record["step"]] = (path.name, record)
-
-    def is_parity_file(self, name: str) -> bool:
-        base = name[:-5] if name.endswith(".meta") else name[:-4] if name.endswith(".tmp") else name
-        return bool(self._par_re.match(base.removesuffix(".meta")))
-
     def start(self, ctx: zmq.Context) -> None:
         self.security.start(ctx)
         self.links = PeerLinks(self.config, ctx, self.security, self.messages)
@@ -118,10 +90,7 @@ class ClusterNode:
         if self._rebuild_thread is not None:
             self._rebuild_thread.join(15)
         self._drop_round()
-        self._forget_served()
-        for name, _ in self.parity.values():
-            self._drop_segment(name)
-        self.parity.clear()
+        self.store.close()
         if self.links:
             self.links.close()
         self.security.stop()
@@ -197,13 +166,17 @@ class ClusterNode:
             self.lost_error = msg["error"]
         elif t == "state_query":
             self.links.reply(envelope, "state", qid=msg["qid"], recoverable=self.catalog.recoverable,
-                             data=[s for s in self.catalog.held_steps() if s in self.parity],
-                             parity=sorted(self.parity), rebuilding=self.rebuilding is not None)
+                             data=[s for s in self.catalog.held_steps() if s in self.store.parity],
+                             parity=sorted(self.store.parity), rebuilding=self.rebuilding is not None)
         elif t == "meta_query":
             self.links.reply(envelope, "meta", qid=msg["qid"], step=msg["step"], node=msg["node"],
-                             meta=self._meta_for(msg["step"], msg["node"]))
+                             meta=self.store.meta_for(msg["step"], msg["node"]))
         elif t == "fetch":
-            self._serve_fetch(envelope, msg)
+            payload, error, corrupt = self.store.fetch(msg["step"], msg["stripe"], msg["number"], msg["frame"])
+            if corrupt:
+                self._schedule_repair(f"{corrupt} of step {msg['step']} fails its checksums")
+            self.links.reply(envelope, "block", payload, qid=msg["qid"], length=len(payload),
+                             hash=chunk_checksum(payload) if not error else 0, error=error[:200])
 
     # ---- coordination -------------------------------------------------------------------------
     def _on_sync(self, target: int, recoverable: int) -> None:
@@ -211,7 +184,7 @@ class ClusterNode:
             return  # the start-up rebuild decides first what this node holds
         cat = self.catalog
         if recoverable > cat.recoverable:
-            if self._holds(recoverable):
+            if self.store.holds(recoverable):
                 cat.recoverable = recoverable
                 self.lost_error = None
             elif self.rebuilding is None and time.monotonic() - self._behind_since > 10:
@@ -221,17 +194,13 @@ class ClusterNode:
             keep = self.round.step == cat.recoverable and self.round.complete
             self._drop_round(keep_parity=keep)
         self.done_unsynced = None
-        for step in [s for s in self.parity if s != cat.recoverable]:
-            self._drop_segment(self.parity.pop(step)[0])
+        self.store.drop_steps(keep=lambda s: s == cat.recoverable)
         self.group_protected = {s for s in self.group_protected if s >= cat.recoverable}
-        self._verified = {s: v for s, v in self._verified.items() if s == cat.recoverable}
-        self._forget_served()  # rank buffers of older steps are about to be rewritten
+        self.store.keep_verification(cat.recoverable)
+        self.store.prune_mappings()  # rank buffers of older steps are about to be rewritten
         cat.sync(target, cat.recoverable)
         self._last_candidate = None
         self.maybe_candidate()
-
-    def _holds(self, step: int) -> bool:
-        return step in self.parity and bool(self.catalog.buffers_of(step))
 
     def maybe_candidate(self) -> None:
         """Report the pinned step to the coordinator once every rank of the node pinned one."""
@@ -263,33 +232,22 @@ class ClusterNode:
             log.warning("asked to protect step %d, which this node no longer holds; the round restarts", step)
             self._to_coordinator("hello", recoverable=self.catalog.recoverable)
             return
-        maps = [shm.Mapping(self.config.shm_dir / b.name, populate=False, writable=False) for _, b in held]
-        image = NodeImage([m.view()[:b.manifest["nbytes"]] for m, (_, b) in zip(maps, held)])
+        image = self.store.image(held)
         shape = Shape.of([sizes[n] for n in self.group.nodes], self.layout.k, self.config.frame_size)
-        name = f"{self.config.shm_prefix}par{step}.{secrets.token_hex(6)}"
         need = max(1, self.layout.m * shape.c)
         try:
-            in_use = self.catalog.used + self.parity_bytes
-            if in_use + need > self.catalog.budget:
-                raise FtdError(f"its parity needs {format_size(need)} but the memory budget is "
-                               f"{format_size(self.catalog.budget)} with {format_size(in_use)} in use; "
-                               f"raise memory_budget on node {self.me}")
-            shm.create(self.config.shm_dir / name, need)
-            pmap = shm.Mapping(self.config.shm_dir / name, populate=False)
+            name = self.store.take_segment(need)
+            pmap = self.store.mapping(name, writable=True)
         except (OSError, FtdError) as e:
-            for m in maps:
-                m.close()
-            shm.unlink(self.config.shm_dir / name)
             log.error("cannot hold the parity of step %d: %s", step, e)
             self._to_coordinator("refuse", round=round_id, reason=str(e)[:250])
             return
-        self._round_maps = maps + [pmap]
-        self.round_segment = name
-        self.round = NodeRound(round_id, step, sizes, self.group, self.me, image, pmap.view(), self.codec,
+        self.store.round_segment = name
+        self.round = NodeRound(round_id, step, sizes, self.group, self.me, image, pmap.view()[:need], self.codec,
                                self.config.frame_size)
         self._round_started = time.monotonic()
         self.credits = {n: self.config.inflight_bytes for n in self.group.nodes if n != self.me}
-        meta = self._node_meta(step)
+        meta = self.store.node_meta(step)
         for n in self.group.nodes:
             if n != self.me:
                 self._send(n, "node_meta", round=round_id, step=step, meta=meta)
@@ -325,12 +283,7 @@ class ClusterNode:
         r = self.round
         if r is None or not r.complete or self.done_unsynced == r.step:
             return
-        record = r.parity_record()
-        shm.write_meta(self.config.shm_dir / self.round_segment, record)
-        old = self.parity.get(r.step)
-        if old and old[0] != self.round_segment:
-            self._drop_segment(old[0])
-        self.parity[r.step] = (self.round_segment, record)
+        self.store.complete_round(r.step, r.parity_record())
         self.done_unsynced = r.step
         self.stats["rounds_done"] += 1
         self.stats["last_round_seconds"] = time.monotonic() - self._round_started
@@ -348,9 +301,8 @@ class ClusterNode:
         if self.round is not None and self.round.step > step:
             self._drop_round(keep_parity=False)
             self.done_unsynced = None
-        for s in [s for s in self.parity if s > step]:
-            self._drop_segment(self.parity.pop(s)[0])
-        self._forget_served()
+        self.store.drop_steps(keep=lambda s: s <= step)
+        self.store.prune_mappings()
         self.catalog.forget_newer(rank, step)
         self._last_candidate = None
         self._to_coordinator("restored", step=step)
@@ -381,114 +333,11 @@ class ClusterNode:
             return
         step = self.round.step
         self.round = None
-        for m in self._round_maps:
-            m.close()
-        self._round_maps = []
-        if not keep_parity and self.round_segment and self.parity.get(step, ("",))[0] != self.round_segment:
-            self._drop_segment(self.round_segment)
-        elif not keep_parity and self.round_segment:
-            self.parity.pop(step, None)
-            self._drop_segment(self.round_segment)
-        self.round_segment = None
-
-    def _drop_segment(self, name: str) -> None:
-        m = self._serving.pop(name, None)
-        if m is not None:
-            m.close()
-        path = self.config.shm_dir / name
-        shm.drop_meta(path)
-        shm.unlink(path)
-
-    # ---- metadata and fetches -----------------------------------------------------------------
-    def _node_meta(self, step: int) -> dict:
-        held = self.catalog.buffers_of(step)
-        return {"ranks": [{"rank": r.rank, "world": r.world, "capacity": b.capacity, "manifest": b.manifest,
-                           "committed_at": b.committed_at} for r, b in held],
-                "nbytes": sum(b.manifest["nbytes"] for _, b in held)}
-
-    def _meta_for(self, step: int, node: int) -> dict | None:
-        held = self.parity.get(step)
-        if held is None:
-            return None
-        record = held[1]
-        if node == self.me:
-            meta = self._node_meta(step) if self.catalog.buffers_of(step) else None
-        else:
-            meta = record["metas"].get(str(node))
-        if meta is None:
-            return None
-        return {"node": meta, "sizes": record["sizes"], "c": record["c"], "frame_size": record["frame_size"],
-                "round": record["round"]}
-
-    def _serve_fetch(self, envelope, msg: dict) -> None:
-        step, stripe, number, f = msg["step"], msg["stripe"], msg["number"], msg["frame"]
-
-        def fail(error: str) -> None:
-            self.links.reply(envelope, "block", b"", qid=msg["qid"], length=0, hash=0, error=error[:200])
-
-        held = self.parity.get(step)
-        if held is None or self.layout.block_number(self.pos, stripe) != number:
-            return fail(f"node {self.me} holds no block {number} of stripe {stripe} for step {step}")
-        name, record = held
-        c, fs = record["c"], record["frame_size"]
-        if not 0 <= f * fs < max(c, 1):
-            return fail(f"frame {f} is out of range")
-        lo, hi = f * fs, min(c, f * fs + fs)
-        if number < self.layout.k:
-            held_data = self.catalog.buffers_of(step)
-            if not held_data:
-                return fail(f"node {self.me} no longer holds step {step}")
-            bad = self._bad_ranges(step, held_data)
-            a, b = number * c + lo, number * c + hi
-            if any(x < b and a < y for x, y in bad):
-                self._schedule_repair(f"data of step {step} fails its checksums")
-                return fail(f"corrupt: node {self.me}'s data of step {step} fails its checksum")
-            data = self._served_image(held_data).read(a, b)
-            payload = bytes(b - a) if data is None else data
-        else:
-            j = number - self.layout.k
-            block = record["blocks"][j] if j < len(record["blocks"]) else None
-            if block is None or block["stripe"] != stripe:
-                return fail(f"node {self.me} holds no parity block {number} of stripe {stripe}")
-            payload = self._served_mapping(name).view()[j * c + lo:j * c + hi]
-            if chunk_checksum(payload) != block["checksums"][f]:
-                self._schedule_repair(f"parity of step {step} fails its checksums")
-                return fail(f"corrupt: node {self.me}'s parity block {number} of stripe {stripe} fails its checksum")
-        self.links.reply(envelope, "block", payload, qid=msg["qid"], length=len(payload),
-                         hash=chunk_checksum(payload), error="")
-
-    def _served_mapping(self, name: str) -> shm.Mapping:
-        """Read-only mappings of the segments peers fetch from, kept while the segment lives."""
-        m = self._serving.get(name)
-        if m is None:
-            m = self._serving[name] = shm.Mapping(self.config.shm_dir / name, populate=False, writable=False)
-        return m
-
-    def _served_image(self, held) -> NodeImage:
-        return NodeImage([self._served_mapping(b.name).view()[:b.manifest["nbytes"]] for _, b in held])
-
-    def _forget_served(self) -> None:
-        """Unmap what peers fetched from (call before segments may be dropped or rewritten)."""
-        for m in self._serving.values():
-            m.close()
-        self._serving.clear()
-
-    def _bad_ranges(self, step: int, held) -> list[tuple[int, int]]:
-        """Image byte ranges of this node's data of ``step`` that fail their checksums (cached)."""
-        if step in self._verified:
-            return self._verified[step]
-        bad, base = [], 0
-        for _, b in held:
-            manifest = Manifest.from_json(b.manifest)
-            m = shm.Mapping(self.config.shm_dir / b.name, populate=False, writable=False)
-            try:
-                for i in bad_chunks(m.view(), manifest.layout.nbytes, manifest.chunk_size, manifest.checksums):
-                    bad.append((base + i * manifest.chunk_size, base + (i + 1) * manifest.chunk_size))
-            finally:
-                m.close()
-            base += manifest.layout.nbytes
-        self._verified[step] = bad
-        return bad
+        segment, self.store.round_segment = self.store.round_segment, None
+        if not keep_parity and segment:
+            if self.store.parity.get(step, ("",))[0] == segment:
+                self.store.parity.pop(step)
+            self.store.drop_segment(segment)
 
     # ---- rebuilds -------------------------------------------------------------------------------
     def _holdings(self) -> Holdings:
@@ -497,7 +346,7 @@ class ClusterNode:
             h.data[step] = [{"rank": r.rank, "world": r.world, "name": b.name, "capacity": b.capacity,
                              "manifest": b.manifest, "committed_at": b.committed_at}
                             for r, b in self.catalog.buffers_of(step)]
-        h.parity = dict(self.parity)
+        h.parity = dict(self.store.parity)
         return h
 
     def _start_rebuild(self, why: str) -> bool:
@@ -520,7 +369,7 @@ class ClusterNode:
 
     def start_recover(self) -> bool:
         """`ftd recover`: rebuild whatever of the recoverable step this node lacks or holds corrupt."""
-        self._verified.clear()
+        self.store.forget_verification()
         return self._start_rebuild("ftd recover")
 
     def _schedule_repair(self, why: str) -> None:
@@ -530,7 +379,7 @@ class ClusterNode:
 
     def on_corrupt(self) -> None:
         """A trainer found the recoverable version corrupt: repair it from the peers at once."""
-        self._verified.clear()
+        self.store.forget_verification()
         self._start_rebuild("a trainer found a chunk failing its checksum")
 
     def _record_rebuild(self, outcome: dict) -> None:
@@ -541,7 +390,7 @@ class ClusterNode:
         why = self.rebuilding
         self.rebuilding = None
         self._rebuild_thread = None
-        self._verified.clear()
+        self.store.forget_verification()
         was_ready, self.ready = self.ready, True
         if kind == "error":
             err = str(value)
@@ -567,10 +416,7 @@ class ClusterNode:
                     self.catalog.adopt(r["rank"], r["world"], r["name"], r["capacity"], res.step, r["manifest"],
                                        r.get("committed_at"))
             if res.parity:
-                old = self.parity.get(res.step)
-                if old and old[0] != res.parity[0]:
-                    self._drop_segment(old[0])
-                self.parity[res.step] = res.parity
+                self.store.keep(res.step, *res.parity)
             self.catalog.recoverable = max(self.catalog.recoverable, res.step)
             self.lost_error = None
         if res.rebuilt_data or res.rebuilt_parity:
@@ -606,26 +452,16 @@ class ClusterNode:
             return f"waiting for the coordinator to settle whether step {self.done_unsynced} is recoverable"
         return None
 
-    @property
-    def parity_bytes(self) -> int:
-        total = 0
-        for name in [n for n, _ in self.parity.values()] + ([self.round_segment] if self.round_segment else []):
-            try:
-                total += (self.config.shm_dir / name).stat().st_size
-            except FileNotFoundError:
-                pass
-        return total
-
     def status(self) -> dict:
         cat = self.catalog
         versions = []
-        steps = sorted(set(cat.held_steps()) | set(self.parity), reverse=True)
+        steps = sorted(set(cat.held_steps()) | set(self.store.parity), reverse=True)
         for s in steps:
             held = cat.buffers_of(s)
             versions.append({"step": s, "local": bool(held),
                              "data_bytes": sum(b.manifest["nbytes"] for _, b in held),
-                             "parity_bytes": self._segment_size(self.parity[s][0]) if s in self.parity else 0,
-                             "protected": s in self.parity and (s in self.group_protected or s <= cat.recoverable),
+                             "parity_bytes": self.store.segment_size(self.store.parity[s][0]) if s in self.store.parity else 0,
+                             "protected": s in self.store.parity and (s in self.group_protected or s <= cat.recoverable),
                              "recoverable": s == cat.recoverable})
         r = self.round
         return {
@@ -633,7 +469,7 @@ class ClusterNode:
             "group_nodes": list(self.group.nodes), "position": self.pos, "k": self.layout.k, "m": self.layout.m,
             "code": self.codec.kind, "peer_endpoint": self.config.peer_endpoint,
             "secure": self.security.enabled, "ready": self.ready, "recoverable": cat.recoverable,
-            "target": cat.target, "versions": versions, "parity_bytes": self.parity_bytes,
+            "target": cat.target, "versions": versions, "parity_bytes": self.store.parity_bytes,
             "data_bytes": cat.used,
             "round": None if r is None else {"step": r.step, "complete": r.complete, "frames_left": r.left,
                                              "sent_all": r.sent_all},
@@ -642,9 +478,3 @@ class ClusterNode:
             "stats": dict(self.stats),
             "coordinator": self.coordinator.status() if self.coordinator else None,
         }
-
-    def _segment_size(self, name: str) -> int:
-        try:
-            return (self.config.shm_dir / name).stat().st_size
-        except FileNotFoundError:
-            return 0

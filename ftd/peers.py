@@ -22,10 +22,11 @@ log = logging.getLogger("ftd.peers")
 MAX_PEER_MESSAGE = MAX_FRAME + MAX_HEADER
 
 
-def dealer(ctx: zmq.Context, security: PeerSecurity, endpoint: str, hwm: int = 256) -> zmq.Socket:
+def dealer(ctx: zmq.Context, security: PeerSecurity, endpoint: str, hwm: int = 256,
+           immediate: bool = True) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.IMMEDIATE, 1)
+    s.setsockopt(zmq.IMMEDIATE, int(immediate))
     s.setsockopt(zmq.SNDHWM, hwm)
     s.setsockopt(zmq.RECONNECT_IVL, 100)
     s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)

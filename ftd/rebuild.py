@@ -23,6 +23,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import zmq
@@ -41,7 +42,7 @@ from .stripes import UnrecoverableLoss
 
 log = logging.getLogger("ftd.rebuild")
 
-WINDOW_FRAMES = 8
+WINDOW_FRAMES = 16  # frames being fetched at once (4 MiB each by default)
 REPLY_TIMEOUT = 10.0
 
 
@@ -112,7 +113,8 @@ class Rebuilder:
     # ---- links --------------------------------------------------------------------------------
     def _sock(self, node: int) -> zmq.Socket:
         if node not in self._socks:
-            self._socks[node] = dealer(self._ctx, self._security, self.config.peers[node], hwm=1024)
+            # queue until connected: a rebuild asks right away, and a dropped first question costs a retry
+            self._socks[node] = dealer(self._ctx, self._security, self.config.peers[node], hwm=4096, immediate=False)
         return self._socks[node]
 
     def _ask(self, peer: int, mtype: str, **fields) -> int:
@@ -124,13 +126,15 @@ class Rebuilder:
             pass  # not connected (yet): the caller's deadline decides
         return qid
 
-    def _collect(self, wanted: dict[int, int], deadline: float) -> dict[int, tuple[dict, object]]:
-        """Answers to the queries ``wanted`` (qid -> node) until all came or the deadline passed."""
+    def _collect(self, wanted: dict[int, int], deadline: float,
+                 first_only: bool = False) -> dict[int, tuple[dict, object]]:
+        """Answers to the queries ``wanted`` (qid -> node) until all came or the deadline passed;
+        with ``first_only``, as soon as at least one came (and whatever else is waiting)."""
         got: dict[int, tuple[dict, object]] = {}
         poller = zmq.Poller()
         for n in set(wanted.values()):
             poller.register(self._sock(n), zmq.POLLIN)
-        while len(got) < len(wanted):
+        while len(got) < len(wanted) and not (first_only and got):
             if self.stop.is_set():
                 raise FtdError("rebuild stopped: the daemon is shutting down")
             left = min(deadline - time.monotonic(), 0.2)
@@ -138,15 +142,24 @@ class Rebuilder:
                 break
             for sock, _ in poller.poll(int(left * 1000) + 1):
                 frames = sock.recv_multipart(copy=False)
-                try:
-                    msg, payload = self.messages.decode(frames)
-                except FtdError as e:
-                    log.warning("rebuild: dropped an invalid answer: %s", e)
-                    continue
-                q = msg.get("qid")
-                if q in wanted and wanted[q] == msg["src"]:
-                    got[q] = (msg, None if payload is None else payload.buffer)
+                while True:
+                    self._take(frames, wanted, got)
+                    try:
+                        frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
         return got
+
+    def _take(self, frames, wanted: dict[int, int], got: dict) -> None:
+        """Keep one received answer if it is one of ``wanted`` from the node asked."""
+        try:
+            msg, payload = self.messages.decode(frames)
+        except FtdError as e:
+            log.warning("rebuild: dropped an invalid answer: %s", e)
+            return
+        q = msg.get("qid")
+        if q in wanted and wanted[q] == msg["src"]:
+            got[q] = (msg, None if payload is None else payload.buffer)
 
     def close(self) -> None:
         for s in self._socks.values():
@@ -287,54 +300,108 @@ class Rebuilder:
             path = self.config.shm_dir / name
             shm.create(path, r["capacity"])
             created.append(path)
-            maps.append(shm.Mapping(path, populate=False))
+            maps.append(shm.Mapping(path))  # page tables built in one go, not a fault per page
             out.append({**r, "name": name, "step": step})
         return out, maps
 
     def _parity_target(self, step, c, parity, need_parity, created):
         if parity is not None:
             return parity[0], shm.Mapping(self.config.shm_dir / parity[0], populate=False, writable=need_parity)
-        name = f"{self.config.shm_prefix}par{step}.{secrets.token_hex(6)}"
+        name = f"{self.config.shm_prefix}par.{secrets.token_hex(6)}"
         path = self.config.shm_dir / name
         shm.create(path, max(1, self.layout.m * c))
         created.append(path)
-        return name, shm.Mapping(path, populate=False)
+        return name, shm.Mapping(path)
 
     # ---- decoding -----------------------------------------------------------------------------
     def _repair(self, step, shape, image, alive, need_data, parity_view):
+        """Fetch, decode and write every frame this node lacks, ``WINDOW_FRAMES`` frames in flight
+        (across stripes), so fetching, decoding and writing overlap."""
         k, m = self.layout.k, self.layout.m
         pos = self.group.position(self.me)
         checksums = [[None] * len(shape.frames) for _ in range(m)]
+        todo = deque()
         for stripe in range(self.layout.g):
-            mine_num = self.layout.block_number(pos, stripe)
-            want_data = need_data and mine_num < k
-            want_parity = parity_view is not None and mine_num >= k
-            if not (want_data or want_parity):
+            num = self.layout.block_number(pos, stripe)
+            if (need_data and num < k) or (parity_view is not None and num >= k):
+                todo.extend((stripe, f) for f in range(len(shape.frames)))
+        bad: dict[int, set[int]] = {}
+        sources: dict[int, list[tuple[int, int | None]]] = {}
+        got: dict[tuple[int, int], dict[int, object]] = {}      # task -> {block number: bytes}
+        asked: dict[tuple[int, int], set[int]] = {}
+        inflight: dict[int, tuple[tuple[int, int], int, int]] = {}  # qid -> (task, number, node)
+
+        def sources_of(stripe):
+            if stripe not in sources:
+                sources[stripe] = self._sources(stripe, step, alive, bad.setdefault(stripe, set()), need_data)
+            return sources[stripe]
+
+        def request(task):
+            stripe, f = task
+            lo, hi = shape.frames[f]
+            for num, node in sources_of(stripe):
+                if num in asked[task]:
+                    continue
+                asked[task].add(num)
+                if node is None:
+                    data = image.read(num * shape.c + lo, num * shape.c + hi)
+                    got[task][num] = bytes(hi - lo) if data is None else data
+                else:
+                    q = self._ask(node, "fetch", step=step, stripe=stripe, number=num, frame=f)
+                    inflight[q] = (task, num, node)
+
+        def lose(stripe, num, why):
+            bad.setdefault(stripe, set()).add(num)
+            self.result.bad_blocks.append(f"stripe {stripe} block {num}: {why}")
+            log.warning("rebuild: stripe %d block %d unavailable (%s); using another", stripe, num, why)
+            sources.pop(stripe, None)
+            for task in [t for t in got if t[0] == stripe]:
+                got[task].pop(num, None)
+                request(task)
+
+        def finish(task):
+            stripe, f = task
+            lo, hi = shape.frames[f]
+            mine = self.layout.block_number(pos, stripe)
+            nums = [num for num, _ in sources_of(stripe)]
+            data = self.codec.decode([got[task][n] for n in nums], nums)
+            if mine < k:
+                image.write(mine * shape.c + lo, data[mine])
+            else:
+                out = parity_view[(mine - k) * shape.c + lo:(mine - k) * shape.c + hi]
+                self.codec.encode(data, (mine,), out=[out])
+                checksums[mine - k][f] = chunk_checksum(out)
+            del got[task], asked[task]
+
+        while todo or got:
+            while todo and len(got) < WINDOW_FRAMES:
+                task = todo.popleft()
+                got[task], asked[task] = {}, set()
+                request(task)
+            for task in [t for t in got if set(n for n, _ in sources_of(t[0])) <= set(got[t])]:
+                finish(task)
+            if not inflight:
                 continue
-            bad: set[int] = set()
-            for f0 in range(0, len(shape.frames), WINDOW_FRAMES):
-                frames = list(range(f0, min(f0 + WINDOW_FRAMES, len(shape.frames))))
-                while True:
-                    sources = self._sources(stripe, step, alive, bad, need_data)
-                    try:
-                        blocks = self._fetch(step, stripe, frames, sources, shape, image)
-                        break
-                    except Unavailable as e:
-                        number, why = e.args
-                        bad.add(number)
-                        self.result.bad_blocks.append(f"stripe {stripe} block {number}: {why}")
-                        log.warning("rebuild: stripe %d block %d unavailable (%s); using another", stripe, number, why)
-                for f in frames:
-                    lo, hi = shape.frames[f]
-                    nums = [num for num, _ in sources]
-                    data = self.codec.decode([blocks[(num, f)] for num in nums], nums)
-                    if want_data:
-                        image.write(mine_num * shape.c + lo, data[mine_num])
-                    if want_parity:
-                        j = mine_num - k
-                        out = parity_view[j * shape.c + lo:j * shape.c + hi]
-                        self.codec.encode(data, (mine_num,), out=[out])
-                        checksums[j][f] = chunk_checksum(out)
+            answers = self._collect({q: node for q, (_, _, node) in inflight.items()},
+                                    time.monotonic() + REPLY_TIMEOUT, first_only=True)
+            if not answers:
+                for q, (task, num, node) in list(inflight.items()):
+                    del inflight[q]
+                    if task in got:
+                        lose(task[0], num, f"node {node} did not answer")
+                continue
+            for q, (msg, payload) in answers.items():
+                task, num, node = inflight.pop(q)
+                if task not in got:
+                    continue
+                lo, hi = shape.frames[task[1]]
+                if msg["error"]:
+                    lose(task[0], num, f"node {node}: {msg['error']}")
+                elif payload is None or len(payload) != hi - lo or chunk_checksum(payload) != msg["hash"]:
+                    lose(task[0], num, f"frame {task[1]} from node {node} fails its checksum in transit")
+                elif num in {n for n, _ in sources_of(task[0])}:
+                    got[task][num] = payload
+                    self.result.fetched_bytes += len(payload)
         return checksums
 
     def _sources(self, stripe, step, alive, bad, need_data) -> list[tuple[int, int | None]]:
@@ -354,33 +421,6 @@ class Rebuilder:
                               if b.number in bad or self.group.nodes[b.position] not in alive})
             raise self._unrecoverable(missing, step)
         return usable[:self.layout.k]
-
-    def _fetch(self, step, stripe, frames, sources, shape, image) -> dict:
-        blocks: dict[tuple[int, int], object] = {}
-        wanted: dict[int, int] = {}
-        what: dict[int, tuple[int, int]] = {}
-        for num, node in sources:
-            for f in frames:
-                if node is None:
-                    lo, hi = shape.frames[f]
-                    data = image.read(num * shape.c + lo, num * shape.c + hi)
-                    blocks[(num, f)] = bytes(hi - lo) if data is None else data
-                    continue
-                q = self._ask(node, "fetch", step=step, stripe=stripe, number=num, frame=f)
-                wanted[q], what[q] = node, (num, f)
-        got = self._collect(wanted, time.monotonic() + REPLY_TIMEOUT)
-        for q, (num, f) in what.items():
-            if q not in got:
-                raise Unavailable(num, f"node {wanted[q]} did not answer")
-            msg, payload = got[q]
-            lo, hi = shape.frames[f]
-            if msg["error"]:
-                raise Unavailable(num, f"node {wanted[q]}: {msg['error']}")
-            if payload is None or len(payload) != hi - lo or chunk_checksum(payload) != msg["hash"]:
-                raise Unavailable(num, f"frame {f} from node {wanted[q]} fails its checksum in transit")
-            blocks[(num, f)] = payload
-            self.result.fetched_bytes += len(payload)
-        return blocks
 
     def _verify_and_mark(self, step, ranks, arenas) -> None:
         for r, a in zip(ranks, arenas):

@@ -249,7 +249,7 @@ class Grouping:
                 f"{self.nodes} nodes cannot be split into groups of g = k + m = {self.k} + {self.m} = {self.g}"
                 + (f" with stride {self.stride}" if self.stride > 1 else "")
                 + f": the node count must be a multiple of {span}"
-                + (f" (g * stride)" if self.stride > 1 else "")
+                + (" (g * stride)" if self.stride > 1 else "")
                 + "; change the node count, k, m or the stride")
 
     @property

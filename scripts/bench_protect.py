@@ -54,7 +54,7 @@ an error: the launcher gets SIGINT (it stops its daemons, also the one restarted
 still has the cluster's directory in its command line is SIGKILLed, the job's /dev/shm files are
 deleted and the directory removed. Results: ``bench-results/bench_protect-<timestamp>.json``.
 Phases that allocate fresh memory (torch.load, the restarted daemon's segments) are preceded by an
-untimed touch of as much memory (see bench_snapshot.py's ``prefault``; ``--no-prefault`` turns it off).
+untimed touch of as much memory (see ``prefault`` in benchutil.py; ``--no-prefault`` turns it off).
 """
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ import numpy as np
 import psutil
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from benchutil import (REPO, CpuWatch, evict_from_page_cache, ftd_revision, mount_of, ms, prefault,
+                       sigterm_to_exit, table, timed, verdict)  # scripts/benchutil.py
+
 sys.path.insert(0, str(REPO))
 from ftd.codec import Codec  # noqa: E402  (the repo's ftd, also when the venv has it installed elsewhere)
 from ftd.connection import Connection  # noqa: E402
@@ -103,44 +105,8 @@ LOG_PATTERN = re.compile(r"WARNING|ERROR|Traceback|rebuild|abandon|protect|refus
 
 
 # ---- small helpers ------------------------------------------------------------------------------
-def timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def default_mib(nodes: int) -> int:
     return 256 if nodes <= 4 else 128
-
-
-def mount_of(path: Path) -> tuple[str, str, str]:
-    """(device, filesystem type, mount point) of the mount holding ``path``."""
-    best = ("?", "?", "")
-    with open("/proc/mounts") as f:
-        for line in f:
-            dev, mnt, fstype = line.split()[:3]
-            inside = str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")
-            if inside and len(mnt) >= len(best[2]):
-                best = (dev, fstype, mnt)
-    return best
-
-
-def prefault(nbytes: int, enabled: bool) -> None:
-    """Touch and free ``nbytes`` right before a timed phase that allocates fresh memory: this VM hands
-    pages back to its host, and re-touching those costs up to 10x more (bench_snapshot.py explains)."""
-    if enabled and nbytes > 0:
-        scratch = torch.empty(nbytes, dtype=torch.uint8)
-        scratch.fill_(0)
-        del scratch
-
-
-def evict_from_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def random_state(nbytes: int, seed: int) -> torch.Tensor:
@@ -173,35 +139,6 @@ def log_excerpt(path: Path, limit: int = 40) -> list[str]:
     except OSError:
         return []
     return [line for line in lines if LOG_PATTERN.search(line)][-limit:]
-
-
-class CpuWatch:
-    """Cores other processes kept busy since the last reset (all busy CPU time minus this process's
-    and its children's). The daemons are children of the launcher, not of this process, so during a
-    cluster phase use ``busy()`` instead; ``others()`` is for the side-by-side baselines."""
-
-    def __init__(self):
-        self.reset()
-
-    @staticmethod
-    def _busy() -> float:
-        c = psutil.cpu_times()
-        return sum(c) - c.idle - getattr(c, "iowait", 0.0) - getattr(c, "guest", 0.0) - getattr(c, "guest_nice", 0.0)
-
-    @staticmethod
-    def _own() -> float:
-        t = os.times()
-        return t.user + t.system + t.children_user + t.children_system
-
-    def reset(self) -> None:
-        self._t0, self._busy0, self._own0 = time.monotonic(), self._busy(), self._own()
-
-    def busy(self) -> float:
-        return (self._busy() - self._busy0) / max(time.monotonic() - self._t0, 1e-9)
-
-    def others(self) -> float:
-        wall = max(time.monotonic() - self._t0, 1e-9)
-        return max(0.0, (self._busy() - self._busy0 - (self._own() - self._own0)) / wall)
 
 
 # ---- side-by-side baselines ---------------------------------------------------------------------
@@ -242,11 +179,11 @@ def measure_load(nbytes: int, disk_dir: Path, repeat: int, pre: bool) -> dict:
     try:
         for _ in range(repeat):
             evict_from_page_cache(path)
-            prefault(nbytes, pre)
+            prefault(nbytes if pre else 0)
             cold.append(timed(lambda: torch.load(path, weights_only=True)))
         torch.load(path, weights_only=True)  # into the page cache
         for _ in range(repeat):
-            prefault(nbytes, pre)
+            prefault(nbytes if pre else 0)
             warm.append(timed(lambda: torch.load(path, weights_only=True)))
     finally:
         path.unlink(missing_ok=True)
@@ -626,7 +563,7 @@ def measure_config(nodes: int, m: int, nbytes: int, args: argparse.Namespace, di
         left = shm_usage(cluster.job, 1)
         if left[1]:
             raise RuntimeError(f"node 1 still holds {left[1]} shared-memory files after kill-node")
-        prefault(nbytes + nbytes * m // k, not args.no_prefault)
+        prefault(0 if args.no_prefault else nbytes + nbytes * m // k)
         ep1 = cluster.endpoints[1]
         rebuilt = RecoverableWatch(ep1, lambda st: st["cluster"]["ready"] and st["cluster"]["recoverable"] == last_step
                                    and st["cluster"]["rebuilding"] is None, REBUILD_TIMEOUT)
@@ -669,20 +606,6 @@ def measure_config(nodes: int, m: int, nbytes: int, args: argparse.Namespace, di
 
 
 # ---- report -------------------------------------------------------------------------------------
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(row) for row in rows])
-
-
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else "PASS" if ok else "MISS"
-
-
-def ms(s: float | None) -> str:
-    return "n/a" if s is None else f"{s * 1e3:.0f}" if s >= 0.1 else f"{s * 1e3:.1f}"
-
-
 def summarize(r: dict) -> dict:
     s: dict = {"name": f"N={r['nodes']} m={r['m']} (k={r['k']})", "S_mib": r["S"] / MiB, "rounds": {}}
     rs = r["encode_rs"]["mb_s"]
@@ -738,7 +661,7 @@ def report_config(r: dict, s: dict, fs: str) -> str:
                  ["daemon CPU s per node, mean (user + sys)"]
                  + [f"{statistics.mean(rounds[t]['daemon_cpu_user_s']):.2f} + "
                     f"{statistics.mean(rounds[t]['daemon_cpu_sys_s']):.2f}" for t in steps],
-                 ["cores used by daemons / bench+trainers / others"]
+                 ["cores used in the window: daemons / bench+trainers / others"]
                  + [f"{rounds[t]['daemon_cores']:.2f} / {rounds[t]['bench_cores']:.2f} / "
                     f"{max(0.0, rounds[t]['other_cores']):.2f}" for t in steps],
                  ["S per daemon CPU-second, MB/s (/ raw zfec RS)"]
@@ -803,7 +726,9 @@ def report_summary(results: list[dict], summaries: list[dict]) -> str:
         agg = "/".join(f"{rd[t]['protect_aggregate_mb_s']:,.0f}" if t in rd else "n/a" for t in (0, 1))
         ok = " / ".join(f"{verdict(s['rounds'][t]['ok'])} {s['rounds'][t]['ratio_rs']:.2f}x" if t in s["rounds"]
                         else "n/a" for t in (0, 1))
-        rows.append([s["name"], f"{s['S_mib']:g}", node, agg,
+        cpu = (f"{s['rounds'][1]['node_mb_per_cpu_s']:,.0f} ({s['rounds'][1]['cpu_ratio_rs']:.2f}x)"
+               if 1 in s["rounds"] else "n/a")
+        rows.append([s["name"], f"{s['S_mib']:g}", node, agg, cpu,
                      f"{r['encode_rs']['mb_s']:,.0f}", f"{r['encode']['mb_s']:,.0f}", f"{r['memcpy']['mb_s']:,.0f}", ok,
                      (f"{ms(r['rebuild']['own_s'])} / {ms(r['rebuild']['start_to_recoverable_s'])}"
                       if "rebuild" in r else "n/a"),
@@ -812,22 +737,11 @@ def report_summary(results: list[dict], summaries: list[dict]) -> str:
                      f"{verdict(s.get('memory_ok'))} {100 * s['memory_worst_dev']:.2f}%" if "memory_ok" in s else "n/a"])
     return ("Summary (MB/s = 1e6 bytes/s; protection figures: step 0 / step 1; rebuild: its own time / from "
             "daemon start, ms)\n" + table(
-        ["config", "S MiB", "protect/node", "aggregate", "raw RS", "raw code", "memcpy", "per-node >= 0.7x RS",
+        ["config", "S MiB", "protect/node", "aggregate", "step 1 S/CPU-s (/RS)", "raw RS", "raw code", "memcpy", "per-node >= 0.7x RS",
          "rebuild ms", "cold load ms", "rebuild <= cold", "mem within 5%"], rows))
 
 
 # ---- main ---------------------------------------------------------------------------------------
-def ftd_revision() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ftd"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="only (4,1) and (4,2), S = 16 MiB")
@@ -855,15 +769,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _sigterm_to_exit(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # run every finally block: stop the clusters, remove their files
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.trainers_worker:
         return trainers_worker(json.loads(args.trainers_worker))
-    signal.signal(signal.SIGTERM, _sigterm_to_exit)
+    signal.signal(signal.SIGTERM, sigterm_to_exit)
     torch.set_num_threads(1)
     command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv)
     disk_root = Path(args.disk_dir).resolve()
@@ -905,6 +815,8 @@ def main(argv: list[str] | None = None) -> int:
     for r, s in zip(results, summaries):
         print(report_config(r, s, fs) + "\n")
     print(report_summary(results, summaries))
+    print("\nS/CPU-s: S divided by the CPU seconds one daemon spent in the step-1 round (mean over nodes), "
+          "i.e. the per-node rate if each daemon had a core to itself and never waited for its peers.")
     print(f"\nPer-node vs aggregate: the N daemons of a configuration all run on this machine's {os.cpu_count()} "
           "cores, so during a round each gets about cores/N of a core for its share (send ~m*S, receive ~m*S, "
           "checksum both, encode): the per-node rate falls with N while the aggregate N*S/round is what the "

@@ -59,14 +59,16 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import psutil
 import torch
 import xxhash
 from torch import nn
 
-REPO = Path(__file__).resolve().parent.parent
+from benchutil import (REPO, CpuWatch, evict_from_page_cache, ftd_revision, mount_of, ms, prefault,
+                       sigterm_to_exit, table, timed, verdict)  # scripts/benchutil.py
+
 sys.path.insert(0, str(REPO))
 import ftd  # noqa: E402  (the repo's ftd, also when the venv has it installed elsewhere)
 
@@ -98,76 +100,8 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def free_memory() -> None:
     gc.collect()
-
-
-def mount_of(path: Path) -> tuple[str, str]:
-    """(device, filesystem type) of the mount holding ``path``."""
-    best = ("?", "?", "")
-    with open("/proc/mounts") as f:
-        for line in f:
-            dev, mnt, fstype = line.split()[:3]
-            if str(path).startswith(mnt) and len(mnt) > len(best[2]):
-                best = (dev, fstype, mnt)
-    return best[0], best[1]
-
-
-def prefault(nbytes: int) -> None:
-    """Touch ``nbytes`` of fresh memory and free it again, just before a timed phase that allocates.
-
-    This machine is a VM whose balloon reports free pages back to the host (virtio-balloon free page
-    reporting): touching a page the host took back costs ~10 us (0.4 GB/s) instead of ~1.3 us
-    (3 GB/s), and which pages a phase gets is luck, so figures dominated by first touch (restore,
-    torch.load, torch.save to /dev/shm, DCP staging) swing by up to 8x. Pages freed a moment ago are
-    handed out first and are still backed, so touching as much as the phase will allocate right before
-    it makes those phases behave as on bare metal. ``--no-prefault`` shows the raw VM behaviour.
-    """
-    if nbytes > 0:
-        scratch = torch.empty(nbytes, dtype=torch.uint8)
-        scratch.fill_(0)
-        del scratch
-
-
-def evict_from_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-class CpuWatch:
-    """Cores other processes kept busy since the last reset: the machine's busy CPU time minus this
-    process's and its finished children's. Two cores only: another job's tests running alongside
-    make every figure noisy, and this says when that happened."""
-
-    def __init__(self):
-        self.reset()
-
-    @staticmethod
-    def _busy() -> float:
-        c = psutil.cpu_times()
-        return sum(c) - c.idle - getattr(c, "iowait", 0.0) - getattr(c, "guest", 0.0) - getattr(c, "guest_nice", 0.0)
-
-    @staticmethod
-    def _own() -> float:
-        t = os.times()
-        return t.user + t.system + t.children_user + t.children_system
-
-    def reset(self) -> None:
-        self._t0, self._busy0, self._own0 = time.monotonic(), self._busy(), self._own()
-
-    def others(self) -> float:
-        wall = max(time.monotonic() - self._t0, 1e-9)
-        return max(0.0, (self._busy() - self._busy0 - (self._own() - self._own0)) / wall)
 
 
 class MemoryWatch:
@@ -621,41 +555,31 @@ def progress(phase: str, cpu: CpuWatch) -> None:
           f"available, other processes used {cpu.others():.2f} cores)", flush=True)
 
 
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(row) for row in rows])
-
-
-def ms(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.1f}" if x < 100 else f"{x:.0f}"
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
 def report(results: list[dict], summaries: list[dict]) -> str:
     sizes = [r["size"] for r in results]
+
+    def ms_of(s: dict, key: str) -> str:  # the summaries keep milliseconds, ms() takes seconds
+        return ms(None if s[key] is None else s[key] / 1e3)
+
     parts = ["Trainer blocked per checkpoint (ms, median)",
              table(["size", "D ms", "ftd overlap", "ftd D=0", "(in snapshot())", "(skipped)", "torch.save shm",
                     "torch.save disk", "dcp async_save", "(dcp until written)"],
-                   [[z, ms(s["D_ms"]), ms(s["blocked_overlap_ms"]), ms(s["blocked_worst_ms"]),
-                     ms(s["snapshot_call_ms"]), s["skipped"], ms(s["save_shm_ms"]), ms(s["save_disk_ms"]),
-                     ms(s["dcp_blocked_ms"]), ms(s["dcp_total_ms"])] for z, s in zip(sizes, summaries)]),
+                   [[z, ms_of(s, "D_ms"), ms_of(s, "blocked_overlap_ms"), ms_of(s, "blocked_worst_ms"),
+                     ms_of(s, "snapshot_call_ms"), s["skipped"], ms_of(s, "save_shm_ms"), ms_of(s, "save_disk_ms"),
+                     ms_of(s, "dcp_blocked_ms"), ms_of(s, "dcp_total_ms")] for z, s in zip(sizes, summaries)]),
              "",
              "Copy bandwidth (GB/s, median)",
              table(["size", "memcpy 1 thr", "memcpy 2 thr", "ftd copy ms", "ftd copy", "ftd/memcpy 1t",
                     "ftd/memcpy 2t", "ftd copy in overlapped loop", "first 2 snapshots ms"],
-                   [[z, f"{s['memcpy_1t_gbs']:.2f}", f"{s['memcpy_2t_gbs']:.2f}", ms(s["ftd_copy_ms"]),
+                   [[z, f"{s['memcpy_1t_gbs']:.2f}", f"{s['memcpy_2t_gbs']:.2f}", ms_of(s, "ftd_copy_ms"),
                      f"{s['ftd_copy_gbs']:.2f}", f"{s['copy_ratio_1t']:.2f}", f"{s['copy_ratio_2t']:.2f}",
                      "n/a" if s["ftd_copy_under_compute_gbs"] is None else f"{s['ftd_copy_under_compute_gbs']:.2f}",
-                     ms(s["warmup_ms"])]
+                     ms_of(s, "warmup_ms")]
                     for z, s in zip(sizes, summaries)]),
              "",
              "Restore into a fresh model + optimizer (ms, median)",
              table(["size", "ftd restore", "torch.load cold", "torch.load warm", "cold/ftd", "warm/ftd"],
-                   [[z, ms(s["restore_ftd_ms"]), ms(s["load_cold_ms"]), ms(s["load_warm_ms"]),
+                   [[z, ms_of(s, "restore_ftd_ms"), ms_of(s, "load_cold_ms"), ms_of(s, "load_warm_ms"),
                      f"{s['restore_speedup_cold']:.1f}x", f"{s['restore_speedup_warm']:.1f}x"]
                     for z, s in zip(sizes, summaries)]),
              "",
@@ -690,22 +614,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def ftd_revision() -> str:
-    """The commit the benchmarked ftd comes from, '+dirty' if ftd/ has uncommitted changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ftd"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _sigterm_to_exit(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # run every finally block: stop the daemon, remove temp files
-
-
 def check_memory(nbytes: int) -> None:
     """Peak use is about 5x the state (state + grads + 2 daemon buffers + restored copy); refuse early."""
     need = 5 * nbytes + GiB
@@ -719,11 +627,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.restore_worker:
         return restore_worker(json.loads(args.restore_worker))
-    signal.signal(signal.SIGTERM, _sigterm_to_exit)
+    signal.signal(signal.SIGTERM, sigterm_to_exit)
     torch.set_num_threads(1)
     command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv)
     disk_root = Path(args.disk_dir)
-    dev, fstype = mount_of(disk_root.resolve())
+    dev, fstype, _ = mount_of(disk_root.resolve())
     if fstype in ("tmpfs", "ramfs"):
         print(f"warning: --disk-dir {disk_root} is on {fstype}, not a disk", file=sys.stderr)
     revision = ftd_revision()

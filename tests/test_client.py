@@ -1,6 +1,5 @@
 """The trainer hook against a daemon served from a thread of the test process."""
 import logging
-import os
 
 import pytest
 import torch

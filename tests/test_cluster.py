@@ -9,7 +9,6 @@ equal an uninterrupted run's, bit for bit.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
