@@ -43,6 +43,7 @@ class Buffer:
     manifest: dict | None = None
     seq: int = 0                      # commit order, to tell the newest version
     committed_at: float | None = None
+    pid: int | None = None            # the trainer process that committed it (None: adopted, rebuilt)
 
 
 @dataclasses.dataclass
@@ -66,7 +67,8 @@ class RankEntry:
 class Catalog:
     def __init__(self, store: SegmentStore, *, budget: int, available: Callable[[], int], reserve: int,
                  segment_name: Callable[[int], str], clock: Callable[[], float] = time.time,
-                 new_session: Callable[[], str] = lambda: secrets.token_hex(8)):
+                 new_session: Callable[[], str] = lambda: secrets.token_hex(8),
+                 alive: Callable[[int], bool] = lambda pid: True):
         self.store = store
         self.budget = budget
         self.available = available
@@ -74,6 +76,7 @@ class Catalog:
         self.segment_name = segment_name
         self.clock = clock
         self.new_session = new_session
+        self.alive = alive
         self.ranks: dict[int, RankEntry] = {}
         self._seq = 0
         self.clustered = False
@@ -184,7 +187,7 @@ class Catalog:
         meta = {"rank": entry.rank, "world": entry.world, "step": step, "seq": self._seq,
                 "committed_at": now, "manifest": manifest}
         self.store.mark_complete(buf.name, meta)
-        buf.state, buf.manifest, buf.seq, buf.committed_at = "complete", manifest, self._seq, now
+        buf.state, buf.manifest, buf.seq, buf.committed_at, buf.pid = "complete", manifest, self._seq, now, entry.pid
         entry.commits += 1
         entry.last_commit_at, entry.last_copy_seconds, entry.last_blocked_seconds = now, copy_seconds, blocked_seconds
         if self.clustered and self.target is not None and entry.pinned is None and step >= self.target:
@@ -235,10 +238,18 @@ class Catalog:
         return {}
 
     # ---- cluster ------------------------------------------------------------------------------
+    def _pinnable(self, entry: RankEntry, b: Buffer) -> bool:
+        """Only versions the rank's live trainer committed may be protected: a dead trainer's last
+        versions belong to a run that is over (its restart restores the recoverable step, so
+        protecting them now could hand a later-restoring rank a step the others did not restore)."""
+        return b.state == "complete" and b.pid is not None and b.pid == entry.pid and self.alive(entry.pid)
+
     def candidate(self) -> tuple[int, int, bool] | None:
-        """(step, node bytes, mismatch) once every rank pinned a step for the current target.
-        mismatch: the ranks pinned different steps (step is then the largest)."""
+        """(step, node bytes, mismatch) once every rank's live trainer pinned a step for the current
+        target. mismatch: the ranks pinned different steps (step is then the largest)."""
         if self.target is None or not self.ranks or any(r.pinned is None for r in self.ranks.values()):
+            return None
+        if not all(r.pid is not None and self.alive(r.pid) for r in self.ranks.values()):
             return None
         if len(self.ranks) < self.local_world:
             return None  # a rank of this node has not registered yet
@@ -254,7 +265,7 @@ class Catalog:
             self.recoverable = recoverable
         self.target = target
         for r in self.ranks.values():
-            later = [b.step for b in r.complete() if b.step >= target]
+            later = [b.step for b in r.complete() if b.step >= target and self._pinnable(r, b)]
             r.pinned = min(later) if later else None
 
     def forget_newer(self, rank: int, step: int) -> None:

@@ -30,6 +30,14 @@ from .layout import Manifest
 log = logging.getLogger("ftd.daemon")
 
 
+def process_alive(pid: int) -> bool:
+    """Whether the trainer process ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 class ShmStore:
     """The catalog's store: segments as files in ``shm_dir``."""
 
@@ -58,7 +66,8 @@ class Daemon:
         self.catalog = Catalog(
             self.store, budget=config.memory_budget, reserve=config.memory_reserve,
             available=lambda: psutil.virtual_memory().available,
-            segment_name=lambda rank: f"{config.shm_prefix}r{rank}.{secrets.token_hex(6)}")
+            segment_name=lambda rank: f"{config.shm_prefix}r{rank}.{secrets.token_hex(6)}",
+            alive=process_alive)
         self._segment_re = re.compile(re.escape(config.shm_prefix) + r"r(\d+)\.([0-9a-f]{12})$")
         self.node = None
         if config.clustered:
@@ -182,7 +191,7 @@ class Daemon:
     def status(self) -> dict:
         st = self.catalog.status()
         for r in st["ranks"]:
-            r["alive"] = bool(r["pid"]) and psutil.pid_exists(r["pid"])
+            r["alive"] = bool(r["pid"]) and process_alive(r["pid"])
         st.update(job=self.config.job, node_rank=self.config.node_rank, endpoint=self.config.endpoint,
                   pid=os.getpid(), uptime=time.time() - self.started_at, shm_dir=str(self.config.shm_dir))
         if self.node is not None:

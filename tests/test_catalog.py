@@ -235,3 +235,24 @@ def test_cluster_waits_for_every_local_rank_before_a_candidate(cat):
     s1 = cat.register(1, 4, 2, local_world=2)["session"]
     snap(cat, s1, 0)
     assert cat.candidate()[0] == 0
+
+
+def test_cluster_never_pins_what_a_dead_trainer_committed(cat):
+    dead = set()
+    cat.alive = lambda pid: pid not in dead
+    cat.clustered = True
+    s0 = cat.register(0, 1, 100)["session"]
+    cat.sync(target=0, recoverable=-1)
+    snap(cat, s0, 0)
+    cat.sync(target=1, recoverable=0)
+    snap(cat, s0, 7)
+    assert cat.candidate() == (7, 1024, False)
+    dead.add(100)                               # the trainer exits or dies: its step 7 is from a run that is over
+    assert cat.candidate() is None
+    cat.sync(target=1, recoverable=0)
+    assert cat.ranks[0].pinned is None
+    s1 = cat.register(0, 1, 101)["session"]     # its restart, before it restores: still not pinned
+    cat.sync(target=1, recoverable=0)
+    assert cat.ranks[0].pinned is None and cat.candidate() is None
+    snap(cat, s1, 1)                            # what the new trainer commits is
+    assert cat.candidate() == (1, 1024, False)
