@@ -66,8 +66,16 @@ class NodeStore:
             raise FtdError(f"its parity needs {format_size(need)} but the memory budget is "
                            f"{format_size(self.catalog.budget)} with {format_size(in_use)} in use; "
                            f"raise memory_budget on node {self.me}")
+        name = self._create(need)
+        if in_use + 2 * need <= self.catalog.budget:
+            # and the spare now: the next round would need it while this one's parity is kept
+            self.spare.append(self._create(need))
+            self.mapping(self.spare[-1], writable=True)
+        return name
+
+    def _create(self, size: int) -> str:
         name = f"{self.config.shm_prefix}par.{secrets.token_hex(6)}"
-        shm.create(self.config.shm_dir / name, need)
+        shm.create(self.config.shm_dir / name, size)
         return name
 
     def drop_segment(self, name: str, reuse: bool = True) -> None:

@@ -118,6 +118,7 @@ class NodeRound:
         self.checksums = [[None] * len(frames) for _ in range(self.m)]
         self.left = self.m * len(frames)
         self.metas: dict[int, dict] = {}
+        self._digests: dict[int, int] = {}  # image offset -> checksum of the frame starting there
 
     # ---- sending ------------------------------------------------------------------------------
     def next_frame(self, dest: int) -> OutFrame | None:
@@ -128,11 +129,15 @@ class NodeRound:
         self.queue[dest].popleft()
 
     def frame_payload(self, f: OutFrame) -> tuple[Any, int, bool]:
-        """(payload or None, checksum, zero) of an outgoing frame."""
+        """(payload or None, checksum, zero) of an outgoing frame. With m > 1 the same frame goes to
+        m parity holders: its checksum is computed once."""
         data = self.image.read(f.lo, f.hi)
         if data is None:
             return None, 0, True
-        return data, chunk_checksum(data), False
+        digest = self._digests.get(f.lo)
+        if digest is None:
+            digest = self._digests[f.lo] = chunk_checksum(data)
+        return data, digest, False
 
     @property
     def sent_all(self) -> bool:

@@ -36,9 +36,10 @@ For each configuration (N nodes, m parity; one group of g = N nodes, k = N - m d
    Target: the rebuild at least as fast as the cold torch.load.
 3. Memory per node for the recoverable version, from each node's status: (data_bytes + parity_bytes)
    / data_bytes against the ideal 1 + m/k (target: within 5%), and everything the node holds in
-   /dev/shm (files ``ftd.<job>.n<N>.*``, allocated blocks) / S, which is about 2 + m/k because the
+   /dev/shm (files ``ftd.<job>.n<N>.*``, allocated blocks) / S, which is about 2 + 2m/k because the
    daemon keeps two buffers per trainer rank (double buffering: one being written while the other
-   holds the newest complete version).
+   holds the newest complete version) and two parity segments (the recoverable step's, and the one
+   the next round writes into, reserved once and reused).
 
 Default S: 256 MiB per node for N <= 4, 128 MiB for N = 8 (so the 8-node runs stay well under a
 minute and 8 nodes x 2 buffers fit comfortably); ``--mib S`` sets it for all; ``--quick``: 16 MiB.
@@ -699,16 +700,17 @@ def report_config(r: dict, s: dict, fs: str) -> str:
     if "per_node" in r:
         rows = [[f"{p['node']}", f"{p['data_bytes'] / MiB:.2f}", f"{p['parity_bytes'] / MiB:.2f}", f"{p['ratio']:.4f}",
                  f"{r['ideal_ratio']:.4f}", f"{100 * (p['ratio'] / r['ideal_ratio'] - 1):+.2f}%",
-                 f"{p['shm_bytes'] / MiB:.1f}", f"{p['shm_over_S']:.3f}", f"{2 + r['m'] / r['k']:.3f}"]
+                 f"{p['shm_bytes'] / MiB:.1f}", f"{p['shm_over_S']:.3f}", f"{2 + 2 * r['m'] / r['k']:.3f}"]
                 for p in r["per_node"]]
         out.append(f"  3. memory per node for the recoverable step {r['per_node'][0]['step']} (status versions; "
                    "/dev/shm = every file of the node, allocated blocks)")
         out.append("\n".join("     " + line for line in table(
-            ["node", "data MiB", "parity MiB", "(d+p)/d", "1+m/k", "dev", "/dev/shm MiB", "shm/S", "2+m/k"],
+            ["node", "data MiB", "parity MiB", "(d+p)/d", "1+m/k", "dev", "/dev/shm MiB", "shm/S", "2+2m/k"],
             rows).splitlines()))
         out.append(f"     target (d+p)/d within {100 * TARGET_MEMORY_DEVIATION:.0f}% of 1+m/k: "
-                   f"{verdict(s['memory_ok'])} (worst {100 * s['memory_worst_dev']:.2f}%). shm/S is about 2+m/k, "
-                   f"not 1+m/k: the daemon keeps 2 buffers per trainer rank (double buffering)")
+                   f"{verdict(s['memory_ok'])} (worst {100 * s['memory_worst_dev']:.2f}%). shm/S is about 2+2m/k, "
+                   f"not 1+m/k: the daemon keeps 2 buffers per trainer rank (double buffering) and 2 parity "
+                   f"segments (the recoverable step's, and the next round's, reserved once and reused)")
         if "rebuild" in r:
             out.append(f"     node 1 after its rebuild: {r['rebuild']['shm_bytes_after'] / MiB:.1f} MiB in /dev/shm "
                        f"({r['rebuild']['shm_bytes_after'] / S:.3f} S; the rebuild restores one buffer, the second "
