@@ -29,6 +29,8 @@ from .layout import Manifest
 
 log = logging.getLogger("ftd.daemon")
 
+PEER_SLICE = 0.005  # seconds of peer work between two looks at the control socket
+
 
 def process_alive(pid: int) -> bool:
     """Whether the trainer process ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
@@ -239,11 +241,14 @@ class Daemon:
                     log.exception("internal error in the cluster side of the daemon")
 
     def _serve_peers(self, sockets: list, events: dict) -> None:
+        # Drain the peers' messages, but for at most PEER_SLICE seconds: a trainer's begin or commit
+        # waiting on the control socket must not sit behind a round's worth of frames to encode.
+        deadline = time.monotonic() + PEER_SLICE
         for s in sockets:
             if s in events:
-                for _ in range(64):  # drain, but let the control socket have its turn
+                while True:
                     self.node.on_socket(s)
-                    if not s.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    if time.monotonic() > deadline or not s.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         break
         self.node.tick()
 
