@@ -207,6 +207,25 @@ def stop_processes(pids, *, children: list[subprocess.Popen] = (), timeout: floa
     return terminated, killed
 
 
+def kill_everything_from(directory: Path) -> list[str]:
+    """SIGKILL every process of this user whose command line names ``directory`` (a cluster's
+    launcher, daemons, trainers started with its configs), except the caller; wait until they are
+    gone. For tests and benchmarks cleaning up after themselves, even after a failure. Returns what
+    was killed, one line each."""
+    victims, killed = [], []
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if proc.pid != os.getpid() and proc.info["uids"].real == os.getuid() and str(directory) in cmdline:
+                proc.kill()
+                victims.append(proc)
+                killed.append(f"pid {proc.pid} ({cmdline[:80]})")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
+            pass
+    psutil.wait_procs(victims, timeout=10)
+    return killed
+
+
 def _log_tail(path: Path, lines: int = 20) -> str:
     try:
         text = path.read_text(errors="replace")

@@ -87,6 +87,7 @@ sys.path.insert(0, str(REPO))
 from ftd.codec import Codec  # noqa: E402  (the repo's ftd, also when the venv has it installed elsewhere)
 from ftd.connection import Connection  # noqa: E402
 from ftd.errors import FtdError  # noqa: E402
+from ftd.launch import kill_everything_from  # noqa: E402
 from ftd.protection import ALIGN  # noqa: E402
 from ftd.stripes import chunk_bytes  # noqa: E402
 
@@ -425,16 +426,7 @@ class Cluster:
                 self.launcher.wait(40)
             except subprocess.TimeoutExpired:
                 forced.append(f"launcher {self.launcher.pid} ignored SIGINT")
-        victims = []
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if proc.pid != os.getpid() and str(self.dir) in " ".join(proc.info["cmdline"] or []):
-                    proc.kill()
-                    victims.append(proc)
-                    forced.append(f"pid {proc.pid} ({' '.join(proc.info['cmdline'] or [])[:80]})")
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        psutil.wait_procs(victims, timeout=10)
+        forced += kill_everything_from(self.dir)
         for p in self.procs:
             if p.poll() is None:
                 p.kill()

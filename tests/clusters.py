@@ -17,10 +17,9 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
-
 from ftd.connection import Connection
 from ftd.errors import FtdError
+from ftd.launch import kill_everything_from
 
 from conftest import ROOT, SHM, leftovers, read_losses, wait_for
 
@@ -158,15 +157,7 @@ class LocalCluster:
                 self.launcher.wait(30)
             except subprocess.TimeoutExpired:
                 pass
-        victims = []
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if proc.pid != os.getpid() and str(self.dir) in " ".join(proc.info["cmdline"] or []):
-                    proc.kill()
-                    victims.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        psutil.wait_procs(victims, timeout=10)
+        kill_everything_from(self.dir)
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
