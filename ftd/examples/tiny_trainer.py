@@ -8,6 +8,7 @@ BatchNorm statistics come back). Each step's loss is appended to --losses as "st
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step (stands in for a bigger model)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--stats", help="write the ftd client's counters (client.stats) to this JSON file at the end")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -80,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     os.close(fd)
     if client:
         client.close()
+        if args.stats:
+            with open(args.stats, "w") as f:
+                json.dump(client.stats, f)
     return 0
 
 
