@@ -145,6 +145,18 @@ def test_status_command(job):
     assert gone.returncode == 1 and "ftd daemon" in gone.stderr
 
 
+@pytest.mark.timeout(60)
+def test_recover_needs_a_cluster_daemon(job):
+    recover = lambda ep: subprocess.run([sys.executable, "-m", "ftd.cli", "recover", "--endpoint", ep],
+                                        capture_output=True, text=True, timeout=30)
+    d = job.daemon()
+    standalone = recover(d.endpoint)
+    assert standalone.returncode == 2 and "no peers in its config" in standalone.stderr
+    d.stop()
+    missing = recover(d.endpoint)
+    assert missing.returncode == 1 and "rebuilds by itself at start" in missing.stderr
+
+
 def test_zero_configuration_on_one_machine(tmp_path):
     """`ftd daemon` with no arguments and `ftd.Client()` with no arguments find each other.
     (Only the job name comes from the environment, to keep the test apart from a real daemon.)"""
