@@ -103,28 +103,32 @@ def test_four_nodes_lose_every_single_node_in_turn(make_cluster):
 
 
 @pytest.mark.timeout(240)
-def test_node_lost_in_the_middle_of_a_protection(make_cluster, monkeypatch):
+@pytest.mark.parametrize("nodes,parity,lost", [(4, 1, [2]), (6, 2, [1, 4])], ids=["4x1-node2", "6x2-nodes1+4"])
+def test_nodes_lost_in_the_middle_of_a_protection(make_cluster, monkeypatch, nodes, parity, lost):
     monkeypatch.setitem(ENV, "FTD_DEBUG_PROTECT_DELAY", "3")  # every round stays open 3 s before sending
-    c = make_cluster(4, 1)
+    c = make_cluster(nodes, parity)
     ref = references(c)
-    assert c.run_trainers(10, step_sleep=0.01) == [None] * 4
+    assert c.run_trainers(10, step_sleep=0.01) == [None] * nodes
     first = c.settled(timeout=90)
-    for n in range(4):
+    for n in range(nodes):
         c.start_trainer(n, 400, step_sleep=0.02)
 
     def in_flight():
         co = c.status(0)["cluster"]["coordinator"]
         return co["phase"] == "protect" and co["round"]["step"] > first
     wait_for(in_flight, 60, "a protection round of a step newer than the first")
-    c.kill_node(2)            # its trainer and daemon die mid-round
+    for n in lost:
+        c.kill_node(n)        # its trainer and daemon die mid-round
     c.kill_trainers()         # the job's other ranks are restarted too, as torchrun would
-    before = c.status(0)["cluster"]["recoverable"]
-    c.restart_daemon(2)
-    r = c.recover(2)
-    assert r.returncode == 0 and f"holds step {before}" in r.stdout, r.stdout + r.stderr
+    before = c.status(0 if 0 not in lost else 3)["cluster"]["recoverable"]
+    for n in lost:
+        c.restart_daemon(n)
+    for n in lost:
+        r = c.recover(n)
+        assert r.returncode == 0 and f"holds step {before}" in r.stdout, r.stdout + r.stderr
     assert c.status(0)["cluster"]["coordinator"]["rounds_abandoned"] >= 1  # the kill did land mid-round
     resumed = c.run_trainers(MAX_STEPS, step_sleep=0.0)
-    assert resumed == [before] * 4
+    assert resumed == [before] * nodes
     assert_matches_reference(c, ref, MAX_STEPS)
 
 
