@@ -32,13 +32,13 @@ from . import shm
 from .checksum import bad_chunks, chunk_checksum
 from .codec import Codec
 from .config import Config
-from .errors import FtdError
+from .errors import FtdError, ProtocolError
 from .layout import Manifest
 from .peerauth import PeerSecurity
 from .peerproto import PeerMessages
 from .peers import dealer
-from .protection import NodeImage, Shape
-from .stripes import UnrecoverableLoss
+from .protection import ALIGN, NodeImage, Shape
+from .stripes import UnrecoverableLoss, chunk_bytes
 
 log = logging.getLogger("ftd.rebuild")
 
@@ -270,8 +270,13 @@ class Rebuilder:
             for p in askers:
                 q = self._ask(p, "meta_query", step=step, node=n)
                 got = self._collect({q: p}, time.monotonic() + REPLY_TIMEOUT)
-                if q in got and got[q][0]["meta"] and got[q][0]["meta"].get("node"):
-                    reply = got[q][0]["meta"]
+                reply = got[q][0]["meta"] if q in got else None
+                if reply and reply.get("node"):
+                    try:
+                        self._check_meta(n, reply)
+                    except (ValueError, KeyError, TypeError, ProtocolError) as e:
+                        log.warning("rebuild: node %d sent unusable metadata of node %d: %s", p, n, e)
+                        continue
                     metas[n] = reply["node"]
                     info = info or reply
                     break
@@ -282,6 +287,29 @@ class Rebuilder:
                            f"it cannot be rebuilt (peers asked: {sorted(alive)})")
         return {"c": info["c"], "frame_size": info["frame_size"], "sizes": info["sizes"], "metas": metas,
                 "round": info.get("round", 0)}
+
+    def _check_meta(self, node: int, reply: dict) -> None:
+        """Refuse metadata a rebuild could not trust: segment sizes beyond the memory budget,
+        manifests that do not fit them, group sizes that do not give the chunk size it claims."""
+        sizes, c, fs = reply["sizes"], reply["c"], reply["frame_size"]
+        if not (isinstance(sizes, list) and len(sizes) == self.layout.g
+                and all(isinstance(x, int) and 0 <= x <= self.config.memory_budget for x in sizes)):
+            raise ValueError(f"group sizes {sizes!r:.80} are not {self.layout.g} sizes within the memory budget")
+        if c != chunk_bytes(max(sizes), self.layout.k, ALIGN):
+            raise ValueError(f"chunk size {c} does not follow from the group's sizes")
+        if not isinstance(fs, int) or not 4096 <= fs <= 16 << 20:
+            raise ValueError(f"frame size {fs!r} is out of bounds")
+        ranks = reply["node"]["ranks"]
+        total = 0
+        for r in ranks:
+            if not (isinstance(r["rank"], int) and isinstance(r["world"], int) and 0 <= r["rank"] < r["world"]):
+                raise ValueError(f"rank {r.get('rank')!r} of world {r.get('world')!r}")
+            cap = r["capacity"]
+            if not isinstance(cap, int) or not 0 < cap <= self.config.memory_budget:
+                raise ValueError(f"rank {r['rank']} claims a buffer of {cap!r} bytes")
+            total += Manifest.from_json(r["manifest"], max_nbytes=cap).layout.nbytes
+        if total != sizes[self.group.position(node)]:
+            raise ValueError(f"its ranks hold {total} bytes, the group's sizes say {sizes[self.group.position(node)]}")
 
     def _new_record(self, step: int, info: dict) -> dict:
         return {"kind": "parity", "step": step, "round": info["round"], "c": info["c"], "k": self.layout.k,

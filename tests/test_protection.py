@@ -159,3 +159,33 @@ def test_peer_messages_are_validated_against_the_cluster():
             "fetch", qid=1, step=1, stripe=9, number=0, frame=0))
     with pytest.raises(ProtocolError, match="unknown"):
         pm.encode("candidate", target=0, step=0, nbytes=1, mismatch=False, recoverable=-1, latest=0, extra=1)
+
+
+def test_a_rebuild_refuses_metadata_it_could_not_trust():
+    from ftd.config import Config
+    from ftd.layout import Manifest, chunk_count, plan_layout
+    from ftd.peerauth import PeerSecurity
+    from ftd.rebuild import Holdings, Rebuilder
+    config = Config(job="t", peers=tuple(f"tcp://127.0.0.1:{7100 + i}" for i in range(4)), node_rank=1,
+                    memory_budget=1 << 30)
+    rb = Rebuilder(config, PeerSecurity(None), Holdings())
+    try:
+        layout = plan_layout([("float32", (1000,))])
+        manifest = Manifest(layout, 4 << 20, (0,) * chunk_count(layout.nbytes, 4 << 20), {"state": {}}).to_json()
+        sizes = [4032, 4032, 4032, 4032]  # 1000 float32, padded to 64 bytes
+        good = {"node": {"ranks": [{"rank": 0, "world": 1, "capacity": 1 << 20, "manifest": manifest}]},
+                "sizes": sizes, "c": 1344, "frame_size": 4 << 20}
+        rb._check_meta(0, good)
+        bad = [
+            ({**good, "c": 999}, "chunk size"),
+            ({**good, "sizes": [4032] * 3}, "sizes"),
+            ({**good, "frame_size": 12}, "frame size"),
+            ({**good, "node": {"ranks": [{**good["node"]["ranks"][0], "capacity": 1 << 40}]}}, "buffer of"),
+            ({**good, "node": {"ranks": [{**good["node"]["ranks"][0], "capacity": 100}]}}, "manifest"),
+            ({**good, "sizes": [8064, 4032, 4032, 4032], "c": 2688}, "hold 4032 bytes"),
+        ]
+        for reply, match in bad:
+            with pytest.raises((ValueError, ProtocolError), match=match):
+                rb._check_meta(0, reply)
+    finally:
+        rb.close()
