@@ -12,17 +12,17 @@ import os
 import random
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from clusters import LocalCluster, assert_matches_reference
+from clusters import LocalCluster, assert_matches_reference, reference_losses
 from conftest import wait_for
-from test_cluster import references
 
 SOAK = os.environ.get("FTD_SOAK") == "1"
 FAILURES = 25 if SOAK else 4
-STEPS_PER_LIFE = 40
-FINAL_STEPS = 200
+STEPS_PER_LIFE = 30
+FINAL_STEPS = STEPS_PER_LIFE * FAILURES + 40
 
 
 @pytest.mark.soak
@@ -32,12 +32,13 @@ def test_random_failures_while_training_resume_bit_exact():
     rng = random.Random(seed)
     c = LocalCluster(4, 1)
     try:
-        ref = references(c)
+        with ThreadPoolExecutor(2) as pool:
+            ref = dict(enumerate(pool.map(lambda n: reference_losses(c.dir, n, FINAL_STEPS), range(c.nodes))))
         kinds = {"node": 0, "trainer": 0, "daemon": 0}
         resumed_at = []
         goal = 0
         for failure in range(FAILURES):
-            goal = min(goal + STEPS_PER_LIFE, FINAL_STEPS - 1)
+            goal += STEPS_PER_LIFE
             marks = {n: len(c._trainer_out(n)) for n in range(c.nodes)}
             for n in range(c.nodes):
                 c.start_trainer(n, goal, step_sleep=0.02)
