@@ -89,7 +89,7 @@ class LocalCluster:
         return [(self.status(n) or {"cluster": {"recoverable": None}})["cluster"]["recoverable"]
                 for n in range(self.nodes)]
 
-    def settled(self, timeout: float = 60, quiet: float = 2.5) -> int:
+    def settled(self, timeout: float = 60, quiet: float = 1.0) -> int:
         """The recoverable step once every node agrees on it, no round is in flight, and that stayed
         so for ``quiet`` seconds (a round may still start just after the trainers stopped)."""
         def agreed():
