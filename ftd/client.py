@@ -137,7 +137,8 @@ class Client:
             self.stats["snapshot_seconds"] += time.perf_counter() - t0
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the last snapshot is copied and committed; True if it was committed."""
+        """Block until the last snapshot is copied and committed (and the buffer of the next one is
+        mapped, so the next snapshot finds the worker free); True if it was committed."""
         job = self._worker.latest
         if job is None:
             return True
@@ -339,9 +340,9 @@ class Client:
         if self._failures:
             log.warning("ftd: snapshots work again (step %d committed after %d failure(s))", job.step, self._failures)
             self._failures = 0
-        self._ready_nbytes = job.layout.nbytes
-        job.finish(True)  # wait() returns now; the next buffer is prepared on this thread before the next job
         self._prepare_next_arena(pin=any(t.is_cuda for t in job.sources))
+        self._ready_nbytes = job.layout.nbytes
+        job.finish(True)  # after preparing the next buffer: the worker is then free for the next job
 
     def _fail(self, job: SnapshotJob, message: str, abort: str | None = None) -> None:
         """End a job that produced no version: free its buffer, warn, then wake whoever waits on it."""
