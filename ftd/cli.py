@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import launch, peerauth
 from .config import load_config
-from .connection import Connection
+from .connection import Connection, status_or_none
 from .errors import FtdError
 from .units import format_size
 
@@ -161,13 +161,8 @@ def _cluster_status(args: argparse.Namespace) -> int:
     for member in cluster["members"]:
         n = member["node_rank"]
         nodes.append(n)
-        conn = Connection(member["endpoint"], timeout=3.0)
-        try:
-            cl = conn.call("status").get("cluster") or {}
-        except FtdError:
-            cl = None
-        finally:
-            conn.close()
+        st = status_or_none(member["endpoint"])
+        cl = None if st is None else st.get("cluster") or {}
         if cl is None:
             rows.setdefault(-1, {})[n] = "DOWN"
             continue

@@ -64,3 +64,15 @@ class Connection:
         with self._lock:
             self._drop()
             self._ctx.term()
+
+
+def status_or_none(endpoint: str, timeout: float = 3.0) -> dict | None:
+    """One `status` request to the daemon at ``endpoint``; None if none answers (or it refuses).
+    For tools that poll several daemons and treat a silent one as down."""
+    conn = Connection(endpoint, timeout)
+    try:
+        return conn.call("status")
+    except (DaemonUnavailable, Refused):
+        return None
+    finally:
+        conn.close()

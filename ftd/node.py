@@ -475,6 +475,6 @@ class ClusterNode:
                                              "sent_all": r.sent_all},
             "rebuilding": self.rebuilding, "last_rebuild": self.last_rebuild, "rebuilds": self.rebuilds,
             "lost_error": self.lost_error,
-            "stats": dict(self.stats),
+            "stats": {**self.stats, "sends_dropped": self.links.dropped if self.links else 0},
             "coordinator": self.coordinator.status() if self.coordinator else None,
         }

@@ -50,8 +50,8 @@ class NodeStore:
             self.parity[record["step"]] = (path.name, record)
 
     def is_parity_file(self, name: str) -> bool:
-        base = name[:-5] if name.endswith(".meta") else name[:-4] if name.endswith(".tmp") else name
-        return bool(self._par_re.match(base.removesuffix(".meta")))
+        """A parity segment, its sidecar (``.meta``) or a sidecar being written (``.meta.tmp``)."""
+        return bool(self._par_re.match(re.sub(r"\.meta(\.tmp)?$", "", name)))
 
     def take_segment(self, need: int) -> str:
         """A parity segment of at least ``need`` bytes: the spare one if it is large enough (already

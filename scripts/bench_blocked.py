@@ -27,7 +27,7 @@ from pathlib import Path
 from benchutil import REPO, ftd_revision, ms, table
 
 sys.path.insert(0, str(REPO))
-from ftd.connection import Connection  # noqa: E402
+from ftd.connection import status_or_none  # noqa: E402
 from ftd.launch import kill_everything_from  # noqa: E402
 
 
@@ -49,13 +49,7 @@ def wait_for(fn, timeout: float):
 
 
 def status(endpoint: str) -> dict | None:
-    conn = Connection(endpoint, timeout=3.0)
-    try:
-        return conn.call("status")
-    except Exception:
-        return None
-    finally:
-        conn.close()
+    return status_or_none(endpoint)
 
 
 def standalone_daemons(d: Path, nodes: int, job: str) -> list[str]:

@@ -85,7 +85,7 @@ from benchutil import (REPO, CpuWatch, evict_from_page_cache, ftd_revision, moun
 
 sys.path.insert(0, str(REPO))
 from ftd.codec import Codec  # noqa: E402  (the repo's ftd, also when the venv has it installed elsewhere)
-from ftd.connection import Connection  # noqa: E402
+from ftd.connection import Connection, status_or_none  # noqa: E402
 from ftd.errors import FtdError  # noqa: E402
 from ftd.launch import kill_everything_from  # noqa: E402
 from ftd.protection import ALIGN  # noqa: E402
@@ -270,13 +270,7 @@ class RecoverableWatch(threading.Thread):
 
 
 def status_of(endpoint: str, timeout: float = 5.0) -> dict | None:
-    conn = Connection(endpoint, timeout=timeout)
-    try:
-        return conn.call("status")
-    except FtdError:
-        return None
-    finally:
-        conn.close()
+    return status_or_none(endpoint, timeout)
 
 
 def wait_until(fn: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:

@@ -17,8 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ftd.connection import Connection
-from ftd.errors import FtdError
+from ftd.connection import status_or_none
 from ftd.launch import kill_everything_from
 
 from conftest import ROOT, SHM, leftovers, read_losses, wait_for
@@ -73,13 +72,7 @@ class LocalCluster:
         return self.ftd("recover", "--config", self.config(node), "--timeout", "90")
 
     def status(self, node: int) -> dict | None:
-        conn = Connection(self.endpoints[node], timeout=3.0)
-        try:
-            return conn.call("status")
-        except FtdError:
-            return None
-        finally:
-            conn.close()
+        return status_or_none(self.endpoints[node])
 
     def ping(self, node: int) -> bool:
         st = self.status(node)
