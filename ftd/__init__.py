@@ -4,7 +4,7 @@
     start = client.restore(state)
     ... client.snapshot(step, state) after every optimizer.step() ...
 
-``Client`` is imported lazily, so the daemon and the CLI start without importing torch.
+``Client`` and ``ddp`` are imported lazily, so the daemon and the CLI start without importing torch.
 """
 from .errors import DaemonUnavailable, FtdError, ProtocolError, Refused, SerializationError
 
@@ -17,4 +17,7 @@ def __getattr__(name: str):
     if name == "Client":
         from .client import Client
         return Client
+    if name == "ddp":  # ftd.ddp.ordered_allreduce_hook, imported only by those who use it (it needs torch)
+        import importlib
+        return importlib.import_module(".ddp", __name__)
     raise AttributeError(f"module 'ftd' has no attribute {name!r}")

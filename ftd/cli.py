@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import launch, peerauth
+from . import agent, demo, launch, peerauth
 from .config import load_config
 from .connection import Connection, status_or_none
 from .errors import FtdError
@@ -179,11 +179,6 @@ def _cluster_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from . import demo
-    return demo.main(steps=args.steps, workdir=args.dir)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ftd", description="In-memory fault tolerance for PyTorch training.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -211,12 +206,9 @@ def main(argv: list[str] | None = None) -> int:
 
     launch.add_commands(sub)
     peerauth.add_commands(sub)
+    agent.add_command(sub)
 
-    p = sub.add_parser("demo", help="single-node demo: crash a trainer, resume bit-exact from memory")
-    p.add_argument("--steps", type=int, default=60,
-                   help="training steps (default 60); the trainer is killed at two thirds of them")
-    p.add_argument("--dir", help="work directory, kept afterwards (default: a temporary one, removed at the end)")
-    p.set_defaults(func=_demo)
+    demo.add_command(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

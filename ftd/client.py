@@ -20,7 +20,7 @@ import torch
 
 from . import rng, shm, treecodec
 from .checksum import ChunkHasher, chunk_checksum
-from .config import load_config
+from .config import Config, load_config, node_rank_from_env
 from .connection import Connection
 from .copier import SnapshotJob, Worker, copy_and_hash
 from .errors import DaemonUnavailable, FtdError, Refused, SerializationError
@@ -44,6 +44,25 @@ def _is_stateful(x: Any) -> bool:
 
 def _identity(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t.dtype, tuple(t.shape), t.device)
+
+
+def find_daemon(endpoint: str | None = None) -> tuple[str, Config, str]:
+    """(endpoint, config, how it was found) of this process's node daemon. In order: the argument,
+    $FTD_ENDPOINT, the node config named by $FTD_CONFIG, else the default config for job $FTD_JOB on
+    the node whose rank $FTD_NODE_RANK, $GROUP_RANK (torchrun) or $SLURM_NODEID gives."""
+    if os.environ.get("FTD_CONFIG"):
+        config = load_config(os.environ["FTD_CONFIG"])
+        found = f"the config $FTD_CONFIG={os.environ['FTD_CONFIG']}"
+    else:
+        config = load_config(None)
+        source = node_rank_from_env()
+        found = (f"job '{config.job}', node rank {config.node_rank} from "
+                 f"{'$' + source[1] if source else 'the default (no $FTD_NODE_RANK, $GROUP_RANK or $SLURM_NODEID)'}")
+    if endpoint:
+        return endpoint, config, "the endpoint argument"
+    if os.environ.get("FTD_ENDPOINT"):
+        return os.environ["FTD_ENDPOINT"], config, "$FTD_ENDPOINT"
+    return config.endpoint, config, found
 
 
 def _detect_rank_world() -> tuple[int, int]:
@@ -83,15 +102,16 @@ class _Arena:
 class Client:
     """Asynchronous in-memory snapshots of a training state, held by the node's ftd daemon.
 
-    endpoint: the daemon's control endpoint; default $FTD_ENDPOINT, else the default local daemon.
+    endpoint: the daemon's control endpoint; by default found from the environment (find_daemon:
+      $FTD_ENDPOINT, $FTD_CONFIG, or the node rank torchrun or SLURM set), so a trainer started by
+      torchrun, srun or `ftd agent` needs no arguments.
     rank, world_size: default torch.distributed's, else $RANK/$WORLD_SIZE, else 0/1.
     capture_rng: also snapshot and restore python, numpy, torch and CUDA RNG states.
     """
 
     def __init__(self, endpoint: str | None = None, *, rank: int | None = None, world_size: int | None = None,
                  capture_rng: bool = True, timeout: float | None = None):
-        config = load_config(None)
-        self.endpoint = endpoint or os.environ.get("FTD_ENDPOINT") or config.endpoint
+        self.endpoint, config, self.found_by = find_daemon(endpoint)
         detected = _detect_rank_world()
         self.rank = detected[0] if rank is None else rank
         self.world_size = detected[1] if world_size is None else world_size
@@ -153,7 +173,10 @@ class Client:
         self.wait()
         deadline = time.monotonic() + RESTORE_WAIT_SECONDS
         while True:
-            reply = self._conn.call("restore", rank=self.rank, **self._local_world())
+            try:
+                reply = self._conn.call("restore", rank=self.rank, **self._local_world())
+            except DaemonUnavailable as e:
+                raise DaemonUnavailable(f"{e} (this trainer looked there because of {self.found_by})") from None
             if "wait" not in reply:
                 step = self._restore_from(reply, state)
                 if step is not _REPAIRING:

@@ -43,6 +43,8 @@ class Config:
     peer_key_file: Path | None = None  # CURVE key of the cluster (`ftd keygen`); None: peer links unauthenticated
     insecure_peers: bool = False    # allow unauthenticated peer links to other hosts (never on a shared network)
     round_timeout: float = 120.0    # seconds a protection round may take before it is abandoned
+    peer_timeout: float = 10.0      # seconds of silence after which a peer is declared lost (a round in
+                                    # flight with it is abandoned; a rebuild asks another peer)
 
     def __post_init__(self) -> None:
         if not _JOB_NAME.match(self.job):
@@ -51,6 +53,9 @@ class Config:
             raise ValueError(f"node_rank must be >= 0, got {self.node_rank}")
         if not (4096 <= self.chunk_size <= 64 << 20) or self.chunk_size % 4096:
             raise ValueError(f"chunk_size must be a multiple of 4 KiB between 4 KiB and 64 MiB, got {self.chunk_size}")
+        for name in ("request_timeout", "round_timeout", "peer_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, got {getattr(self, name)}")
         if self.memory_budget == 0:
             object.__setattr__(self, "memory_budget", psutil.virtual_memory().total // 2)
         self._check_peers()
@@ -134,8 +139,24 @@ def _is_loopback(endpoint: str) -> bool:
     return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
+# Where a process learns its node's rank, in order: ftd's own variable, torchrun's, SLURM's.
+NODE_RANK_VARIABLES = ("FTD_NODE_RANK", "GROUP_RANK", "SLURM_NODEID")
+
+
+def node_rank_from_env() -> tuple[int, str] | None:
+    """(node rank, the variable it came from), from the first of NODE_RANK_VARIABLES that is set."""
+    for name in NODE_RANK_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value:
+            if not value.isdigit():
+                raise ValueError(f"${name}={value!r} is not a node rank (a number >= 0); unset it or fix it")
+            return int(value), name
+    return None
+
+
 def load_config(path: str | os.PathLike | None = None, *, node_rank: int | None = None) -> Config:
-    """Read a TOML config; ``None`` gives the defaults (with $FTD_JOB / $FTD_NODE_RANK applied)."""
+    """Read a TOML config; ``None`` gives the defaults, with $FTD_JOB applied. The node rank comes from
+    the argument, else the file, else the environment (NODE_RANK_VARIABLES), else 0."""
     raw: dict = {}
     if path is not None:
         try:
@@ -148,11 +169,16 @@ def load_config(path: str | os.PathLike | None = None, *, node_rank: int | None 
         unknown = set(raw) - _KEYS
         if unknown:
             raise ValueError(f"config file {path}: unknown keys {sorted(unknown)}; known: {sorted(_KEYS)}")
+        if "node_rank" not in raw and node_rank is None:
+            found = node_rank_from_env()  # one config shared by all nodes of a job (SLURM, torchrun)
+            if found is not None:
+                raw["node_rank"] = found[0]
     else:
         if "FTD_JOB" in os.environ:
             raw["job"] = os.environ["FTD_JOB"]
-        if "FTD_NODE_RANK" in os.environ:
-            raw["node_rank"] = int(os.environ["FTD_NODE_RANK"])
+        found = node_rank_from_env()
+        if found is not None:
+            raw["node_rank"] = found[0]
     total = psutil.virtual_memory().total
     kwargs: dict = {}
     for key, value in raw.items():
@@ -162,7 +188,7 @@ def load_config(path: str | os.PathLike | None = None, *, node_rank: int | None 
             kwargs[key] = Path(value).expanduser() if value else Path("/dev/shm")
         elif key in ("memory_budget", "memory_reserve", "chunk_size", "frame_size", "inflight_bytes"):
             kwargs[key] = parse_size(value, total=total)
-        elif key in ("request_timeout", "round_timeout"):
+        elif key in ("request_timeout", "round_timeout", "peer_timeout"):
             kwargs[key] = float(value)
         elif key in ("node_rank", "parity", "group_size", "group_stride"):
             kwargs[key] = int(value)

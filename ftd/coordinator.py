@@ -22,6 +22,12 @@ step the coordinator knows to be recoverable. A node that reported ``done`` but 
 Messages may be lost (peers restart): the coordinator re-sends its current phase's message every
 ``resend`` seconds to nodes that have not answered, and nodes answer idempotently. A node that
 (re)starts says ``hello``, which abandons a round in progress: that node lost its half of it.
+
+Liveness: every node answers each ``sync`` and ``protect`` with at least an ``alive``, so a node the
+coordinator has not heard from for ``peer_timeout`` seconds is *silent* (frozen, partitioned or
+dead): a round waiting for it is abandoned at once instead of after ``timeout``, and it is listed
+in ``status()`` until it speaks again. Training never waits for any of this; protection resumes
+with a newer step once the node answers (or its replacement has rebuilt).
 """
 from __future__ import annotations
 
@@ -54,12 +60,14 @@ class Outgoing:
 
 
 class Coordinator:
-    def __init__(self, grouping: Grouping, *, timeout: float = 120.0, resend: float = 1.0,
+    def __init__(self, grouping: Grouping, *, timeout: float = 120.0, resend: float = 1.0, peer_timeout: float = 10.0,
                  clock: Callable[[], float] = time.monotonic,
                  new_round_id: Callable[[], int] = lambda: random.getrandbits(52)):
         self.grouping = grouping
         self.nodes = tuple(range(grouping.nodes))
         self.timeout, self.resend, self.clock, self.new_round_id = timeout, resend, clock, new_round_id
+        self.peer_timeout = peer_timeout
+        self.heard: dict[int, float] = {n: clock() for n in self.nodes}  # last message from each node
         self.phase = COLLECT
         self.target = 0
         self.recoverable = -1
@@ -92,6 +100,19 @@ class Coordinator:
         self._sync()
 
     # ---- inputs -------------------------------------------------------------------------------
+    def heard_from(self, src: int) -> None:
+        """Any message from ``src`` (call for every one, before the handler): it is alive."""
+        self.heard[src] = self.clock()
+
+    def on_alive(self, src: int, latest: int) -> None:
+        self.latest[src] = max(self.latest.get(src, -1), latest)
+
+    def silent(self) -> list[int]:
+        """Nodes the coordinator waits for and has not heard from for peer_timeout seconds."""
+        now = self.clock()
+        waiting = self.candidates if self.phase == COLLECT else self.round.done
+        return [n for n in self.nodes if n not in waiting and now - self.heard[n] > self.peer_timeout]
+
     def _ahead(self) -> int:
         return max(self.latest.values(), default=-1) + self.lead
 
@@ -177,6 +198,12 @@ class Coordinator:
             missing = sorted(set(self.nodes) - self.round.done)
             self._abandon(f"protection of step {self.round.step} timed out waiting for nodes {missing}")
             return
+        if self.phase == PROTECT:
+            silent = self.silent()
+            if silent:
+                self._abandon(f"node(s) {silent} silent for more than {self.peer_timeout:g} s (peer_timeout): "
+                              f"declared lost; protection of step {self.round.step} abandoned")
+                return
         if now - self._last_send < self.resend:
             return
         if self.phase == COLLECT:
@@ -208,4 +235,5 @@ class Coordinator:
                                                  "protected_groups": sorted(r.protected_groups),
                                                  "seconds": self.clock() - r.started},
                 "rounds_done": self.rounds_done, "rounds_abandoned": self.rounds_abandoned,
-                "retargets": self.retargets, "lead": self.lead, "last_event": self.last_event}
+                "retargets": self.retargets, "lead": self.lead, "last_event": self.last_event,
+                "silent": self.silent()}

@@ -76,6 +76,7 @@ class Daemon:
             from .node import ClusterNode
             self.node = ClusterNode(config, self.catalog)
         self._stop = False
+        self.invalid_requests = 0  # control messages dropped or refused as malformed
         self._lock_fd: int | None = None
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
@@ -167,6 +168,8 @@ class Daemon:
                               node_rank=self.config.node_rank)
             return protocol.ok(**result)
         except (ProtocolError, Refused) as e:
+            if isinstance(e, ProtocolError):
+                self.invalid_requests += 1
             log.warning("request refused: %s", e)
             return protocol.error(str(e))
         except Exception as e:  # the daemon must stay up for the other ranks
@@ -195,7 +198,8 @@ class Daemon:
         for r in st["ranks"]:
             r["alive"] = bool(r["pid"]) and process_alive(r["pid"])
         st.update(job=self.config.job, node_rank=self.config.node_rank, endpoint=self.config.endpoint,
-                  pid=os.getpid(), uptime=time.time() - self.started_at, shm_dir=str(self.config.shm_dir))
+                  pid=os.getpid(), uptime=time.time() - self.started_at, shm_dir=str(self.config.shm_dir),
+                  invalid_requests=self.invalid_requests)
         if self.node is not None:
             st["cluster"] = self.node.status()
             st["used"] += st["cluster"]["parity_bytes"]
@@ -256,9 +260,14 @@ class Daemon:
         frames = self._sock.recv_multipart()
         envelope, body = _split_envelope(frames)
         if envelope is None:
+            self.invalid_requests += 1
             return  # not even a routable message
-        reply = self.handle(body[0]) if len(body) == 1 else protocol.error(
-            f"expected one frame per request, got {len(body)}")
+        if len(body) == 1:
+            reply = self.handle(body[0])
+        else:
+            self.invalid_requests += 1
+            log.warning("request refused: %d frames", len(body))
+            reply = protocol.error(f"expected one frame per request, got {len(body)}")
         self._sock.send_multipart(envelope + [reply])
 
     def close(self) -> None:
@@ -310,6 +319,10 @@ def run(config: Config) -> int:
         print(f"ftd daemon: peer link {config.peer_endpoint} ({'CURVE' if config.peer_key_file else 'unauthenticated'}); "
               f"group {group.index} = nodes {list(group.nodes)}, k={grouping.k} data + m={grouping.m} parity "
               f"({config.parity_code})", flush=True)
+        if config.insecure_peers and not config.peer_key_file:
+            log.warning("peer links are NOT authenticated or encrypted (insecure_peers = true): anyone who can "
+                        "reach %s can read snapshot data or inject some; use `ftd keygen` and peer_key_file "
+                        "unless this network is private to the job", config.peer_endpoint)
     try:
         daemon.serve()
     finally:

@@ -1,431 +1,466 @@
-"""``ftd demo``: kill a trainer mid-run and watch it resume, bit-exact, from the daemon's memory.
+"""``ftd demo``: a 4-node cluster on this machine loses a worker, then a whole node, and trains on bit-exact.
 
-What it does, on one machine:
-  1. starts a node daemon (``ftd daemon``) with a private job name, socket directory and config;
-  2. runs the tiny example trainer once without ftd, never interrupted: the reference losses;
-  3. runs it again with ftd, SIGKILLs it part-way, shows what the daemon holds, restarts it
-     (it restores from the daemon and says where it resumes) and lets it finish;
-  4. checks that every loss of the ftd run, including the steps re-run after the crash, equals the
-     reference loss of that step bit for bit (``float.hex()`` strings, not a tolerance).
-Whatever happens (an error, Ctrl-C, SIGTERM) it stops the trainers and the daemon, which releases
-its shared memory, and removes its temporary files. Exit status 0 only if the run was bit-exact.
+What it does:
+  1. an uninterrupted reference run of the job (DDP over gloo, one rank per node, no ftd);
+  2. the same job under ftd: one ``ftd agent`` per simulated node (each runs its node's daemon and
+     its worker), erasure coding k = 3, m = 1 across the nodes, a snapshot every step;
+  3. at steps announced up front, SIGKILLs one worker (the agents restart every worker, which all
+     restore the same step from their daemons), then loses a whole node: its agent, daemon, worker
+     and shared memory; a replacement agent rebuilds the node's snapshots from the 3 survivors and
+     the job goes on;
+  4. checks that every loss every rank wrote (re-runs included) equals the reference bit for bit,
+     times a synchronous torch.save + torch.load of the same state, and writes a JSON report and a
+     PNG plot.
+Whatever happens (an error, Ctrl-C, SIGTERM), every process it started is stopped and every
+shared-memory segment of its job removed. Exit status 0 only if the run was bit-exact.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
+import json
 import os
-import re
-import secrets
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from .config import Config
-from .connection import Connection
-from .errors import FtdError
+from . import demoreport
+from .agent import stop_process_group
+from .connection import status_or_none
+from .launch import config_path, kill_everything_from
+from .localjob import AgentCluster, DaemonWatch, RankLog, start_reference
 
-STEP_SLEEP = 0.03                 # seconds per step added to the trainer, so the run is watchable
-DAEMON_START_TIMEOUT = 30.0       # seconds to wait for the daemon's socket
-DAEMON_STOP_TIMEOUT = 10.0        # seconds between SIGTERM and SIGKILL of the daemon
-TRAINER_TIMEOUT = 120.0           # seconds one trainer run may take before the demo gives up
+RUN_TIMEOUT = 600.0        # seconds the whole ftd run may take before the demo gives up
+REFERENCE_TIMEOUT = 300.0
+REPLACEMENT_DELAY = 1.0    # seconds between losing a node and its replacement arriving
 INDENT = "      "
-
-_STEP_LINE = re.compile(r"^step\s+(\d+)\s")
-_RESUME_LINE = re.compile(r"resuming after step (\d+)")
 
 
 class DemoError(Exception):
     """Something kept the demo from running; the message says what."""
 
 
-@dataclass
-class Demo:
-    """Paths, names and processes of one demo run (everything cleanup needs)."""
-    steps: int
-    workdir: Path
-    keep_workdir: bool
-    runtime_dir: Path
-    job: str = field(default_factory=lambda: f"demo-{os.getpid()}-{secrets.token_hex(2)}")
-    daemon: subprocess.Popen | None = None
-    trainer: subprocess.Popen | None = None
-    conn: Connection | None = None
+@dataclasses.dataclass
+class Plan:
+    """What the demo runs and when it breaks things."""
+    nodes: int = 4
+    parity: int = 1
+    nproc: int = 1               # workers (ranks) per node
+    steps: int = 80
+    crash_at: int = 25           # step after which the worker of crash_node is SIGKILLed
+    crash_node: int = 1
+    lose_at: int = 55            # step after which node lose_node is lost entirely
+    lose_node: int = 2
+    model: tuple[str, ...] = ("--layers", "2", "--dim", "128", "--heads", "4", "--context", "64", "--batch", "16",
+                              "--lr", "1e-3")
+    step_sleep: float = 0.0
+
+    @classmethod
+    def quick(cls) -> "Plan":
+        """The short mode the tests run: a tiny model and fewer steps, same failures."""
+        return cls(steps=24, crash_at=7, lose_at=15,
+                   model=("--layers", "1", "--dim", "32", "--heads", "2", "--context", "16", "--batch", "4"))
 
     @property
-    def config_file(self) -> Path:
-        return self.workdir / "ftd.toml"
+    def world(self) -> int:
+        return self.nodes * self.nproc
 
-    @property
-    def daemon_log(self) -> Path:
-        return self.workdir / "daemon.log"
-
-    @property
-    def ref_losses(self) -> Path:
-        return self.workdir / "ref-losses.txt"
-
-    @property
-    def ftd_losses(self) -> Path:
-        return self.workdir / "ftd-losses.txt"
-
-    @property
-    def config(self) -> Config:
-        """The daemon's config (also written to config_file): socket path and endpoint derive from it."""
-        return Config(job=self.job, runtime_dir=self.runtime_dir, memory_budget=256 << 20, memory_reserve=128 << 20)
-
-    @property
-    def socket_path(self) -> Path:
-        return self.config.socket_path
-
-    @property
-    def endpoint(self) -> str:
-        return self.config.endpoint
-
-    @property
-    def shm_prefix(self) -> str:
-        return f"ftd.{self.job}."
+    def check(self) -> None:
+        if self.nodes < max(2, self.parity + 1) or self.nproc < 1:
+            raise DemoError(f"{self.nodes} nodes with parity {self.parity}: need at least 2 nodes and parity + 1")
+        if not 1 <= self.crash_at < self.lose_at < self.steps - 2:
+            raise DemoError(f"need 1 <= --crash-at ({self.crash_at}) < --lose-at ({self.lose_at}) < "
+                            f"--steps - 2 ({self.steps - 2})")
+        self.crash_node = min(self.crash_node, self.nodes - 1)
+        self.lose_node = min(self.lose_node, self.nodes - 1)  # never node 0: it hosts the agents' job store
 
 
-def _say(text: str = "") -> None:
+def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-# ---- the daemon -----------------------------------------------------------------------------------
-def _write_config(demo: Demo) -> None:
-    demo.config_file.write_text(
-        "# written by `ftd demo`; every key is explained in configs/local.toml\n"
-        f'job = "{demo.job}"\n'
-        f'runtime_dir = "{demo.runtime_dir}"\n'
-        'shm_dir = "/dev/shm"\n'
-        f'memory_budget = {demo.config.memory_budget}\n'
-        f'memory_reserve = {demo.config.memory_reserve}\n')
+# ---- the demo run -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Demo:
+    plan: Plan
+    workdir: Path
+    out: Path
+    keep: bool
+    reference: list[subprocess.Popen] = dataclasses.field(default_factory=list)
+    cluster: AgentCluster | None = None
+
+    def trainer(self, out_dir: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "ftd.examples.gpt_trainer", "--steps", str(self.plan.steps),
+                "--out", str(out_dir), *self.plan.model, "--step-sleep", str(self.plan.step_sleep), *extra]
 
 
-def _start_daemon(demo: Demo) -> None:
-    _write_config(demo)
-    _say(f"{INDENT}$ ftd daemon --config {demo.config_file}")
-    with open(demo.daemon_log, "wb") as log:
-        demo.daemon = subprocess.Popen([sys.executable, "-m", "ftd.cli", "daemon", "--config", str(demo.config_file)],
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    demo.conn = Connection(demo.endpoint, timeout=5.0)
-    deadline = time.monotonic() + DAEMON_START_TIMEOUT
-    while True:
-        if demo.daemon.poll() is not None:
-            raise DemoError(f"the daemon exited with status {demo.daemon.returncode}:\n{_tail(demo.daemon_log)}")
-        try:
-            demo.conn.call("ping")
-            break
-        except FtdError:
-            if time.monotonic() > deadline:
-                raise DemoError(f"the daemon did not open {demo.socket_path} within {DAEMON_START_TIMEOUT:g} s")
-            time.sleep(0.05)
-    _say(f"{INDENT}daemon pid {demo.daemon.pid} serving at {demo.endpoint}")
-
-
-def _show_daemon_status(demo: Demo) -> None:
-    _say(f"{INDENT}what the daemon holds now:")
-    _say(f"{INDENT}$ ftd status --endpoint {demo.endpoint}")
-    out = subprocess.run([sys.executable, "-m", "ftd.cli", "status", "--endpoint", demo.endpoint],
-                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
-    for line in (out.stdout + out.stderr).splitlines():
-        _say(f"{INDENT}  daemon | {line}")
-
-
-@dataclass
-class SnapshotTimes:
-    """Per-snapshot timings as the daemon reports them, sampled while the trainer runs."""
-    seen: dict = field(default_factory=dict)   # commit time -> (trainer blocked s, copy s)
-
-    def sample(self, conn: Connection) -> None:
-        try:
-            ranks = conn.call("status")["ranks"]
-        except FtdError:
-            return
-        for r in ranks:
-            if r["last_commit_at"] is not None and r["last_blocked_seconds"] is not None:
-                self.seen[r["last_commit_at"]] = (r["last_blocked_seconds"], r["last_copy_seconds"])
-
-    def summary(self) -> str:
-        if not self.seen:
-            return "no snapshot timings reported"
-        blocked = statistics.median(b for b, _ in self.seen.values())
-        copies = [c for _, c in self.seen.values() if c is not None]
-        copy = f", background copy {statistics.median(copies) * 1000:.2f} ms" if copies else ""
-        return f"trainer blocked in snapshot() {blocked * 1000:.2f} ms{copy} (medians of {len(self.seen)} snapshots)"
-
-
-# ---- the trainer ----------------------------------------------------------------------------------
-def _trainer_cmd(demo: Demo, losses: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ftd.examples.tiny_trainer", "--steps", str(demo.steps),
-            "--losses", str(losses), *extra]
-
-
-def _run_reference(demo: Demo) -> float:
-    """The uninterrupted run without ftd; returns how long it took to print its first line (start-up cost)."""
+def run_reference(demo: Demo) -> float:
+    """The job without ftd, never interrupted: ranks started directly with torchrun's environment."""
+    plan, ref = demo.plan, demo.workdir / "reference"
     t0 = time.monotonic()
-    startup: list[float] = []
-    _stream(demo, _trainer_cmd(demo, demo.ref_losses, "--no-ftd"), os.environ.copy(),
-            lambda line: startup or startup.append(time.monotonic() - t0), echo=False)
-    if demo.trainer.returncode != 0:
-        raise DemoError(f"the reference run failed with status {demo.trainer.returncode}")
-    _say(f"{INDENT}done in {time.monotonic() - t0:.1f} s; losses in {demo.ref_losses.name}")
-    return startup[0] if startup else float("nan")
+    demo.reference = start_reference(plan.nodes, plan.nproc, demo.trainer(ref, "--no-ftd"), ref)
+    watch = RankLog(ref / "rank0.log")
+    shown = -1
+    while any(p.poll() is None for p in demo.reference):
+        watch.poll()
+        if watch.last_step >= shown + 20:
+            shown = watch.last_step
+            say(f"{INDENT}reference step {shown:3d}  loss {watch.last_loss}")
+        if time.monotonic() - t0 > REFERENCE_TIMEOUT:
+            raise DemoError(f"the reference run did not finish within {REFERENCE_TIMEOUT:g} s")
+        time.sleep(0.1)
+    bad = [(r, p.returncode) for r, p in enumerate(demo.reference) if p.returncode != 0]
+    if bad:
+        rank = bad[0][0]
+        raise DemoError(f"reference rank {rank} exited with status {bad[0][1]}:\n"
+                        + _tail(ref / f"rank{rank}.log"))
+    seconds = time.monotonic() - t0
+    say(f"{INDENT}done: {plan.steps} steps in {seconds:.1f} s")
+    return seconds
 
 
-def _stream(demo: Demo, cmd: list[str], env: dict, on_line: Callable[[str], object], echo: bool = True) -> None:
-    """Run a trainer, echo its output with a prefix and pass each line to ``on_line``; wait for its end."""
-    demo.trainer = proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                           stderr=subprocess.STDOUT, text=True, bufsize=1)
-    timed_out = threading.Event()
+class Run:
+    """The ftd run: follows logs and daemons, injects the failures, records what happened."""
 
-    def give_up() -> None:
-        timed_out.set()
-        proc.kill()
+    def __init__(self, demo: Demo):
+        self.demo, self.plan = demo, demo.plan
+        self.cluster = demo.cluster
+        self.logs = [RankLog(self.cluster.rank_log(r)) for r in range(self.plan.world)]
+        self.daemons = DaemonWatch(self.cluster)
+        self.failures: list[dict] = []
+        self._shown = -1
 
-    watchdog = threading.Timer(TRAINER_TIMEOUT, give_up)
-    watchdog.start()
+    def poll(self) -> None:
+        for log in self.logs:
+            log.poll()
+        lead = self.logs[0]
+        if lead.last_step >= self._shown + 10:
+            self._shown = lead.last_step
+            say(f"{INDENT}step {lead.last_step:3d}  loss {lead.last_loss}   {self.daemons.recoverable()}")
+
+    def wait(self, what: str, predicate, deadline: float, agents_may_finish: bool = False) -> None:
+        while not predicate():
+            dead = [n for n, p in self.cluster.agents.items() if p.poll() not in ((None, 0) if agents_may_finish else (None,))]
+            if dead:
+                n = dead[0]
+                raise DemoError(f"the agent of node {n} exited with status {self.cluster.agents[n].returncode} "
+                                f"while waiting for {what}:\n{_tail(self.demo.workdir / f'agent{n}.out')}")
+            if time.monotonic() > deadline:
+                raise DemoError(f"timed out waiting for {what}")
+            self.poll()
+            time.sleep(0.05)
+
+    def wait_resumed(self, after_generation: int, failure: dict, deadline: float) -> None:
+        """Until every rank printed its start line in a generation newer than ``after_generation``."""
+        def resumed():
+            return all(log.generation > after_generation and log.generation in log.resumed for log in self.logs)
+        self.wait("the workers to restart", resumed, deadline)
+        steps = {log.resumed[log.generation] for log in self.logs}
+        if len(steps) != 1 or None in steps:
+            raise DemoError(f"the ranks resumed after different steps or started fresh: {sorted(steps, key=str)}")
+        failure["resumed_after"] = steps.pop()
+        # the furthest any rank got before the failure: everything after the restored step is re-run
+        failure["at_step"] = max(log.reached.get(failure["failed_generation"], -1) for log in self.logs)
+        failure["steps_lost"] = failure["at_step"] - failure["resumed_after"]
+        failure["seconds_to_resume"] = time.monotonic() - failure["t"]
+        failure["generation"] = self.logs[0].generation
+        say(f"{INDENT}<<< every rank restored step {failure['resumed_after']} from memory and goes on "
+            f"({demoreport.plural(failure['steps_lost'], 'step')} re-run, {failure['seconds_to_resume']:.1f} s "
+            "after the failure)")
+
+    def crash_worker(self) -> dict:
+        node = self.plan.crash_node
+        log = self.logs[node * self.plan.nproc]
+        os.kill(log.pid, signal.SIGKILL)
+        failure = {"what": f"worker crash (rank {node * self.plan.nproc}, SIGKILL)", "node": node, "t": time.monotonic(), "pid": log.pid,
+                   "failed_generation": log.generation}
+        say(f"{INDENT}>>> SIGKILL the worker of node {node} (pid {log.pid}) after step {log.last_step}")
+        return failure
+
+    def node_logs(self, node: int) -> list[RankLog]:
+        return self.logs[node * self.plan.nproc:(node + 1) * self.plan.nproc]
+
+    def lose_node(self) -> dict:
+        node = self.plan.lose_node
+        daemon = self.daemons.status.pop(node, {}).get("pid")
+        workers = [log.pid for log in self.node_logs(node)]
+        failure = {"what": f"loss of node {node} (agent, daemon, workers, shared memory)", "node": node,
+                   "t": time.monotonic(), "failed_generation": self.node_logs(node)[0].generation}
+        say(f"{INDENT}>>> losing node {node} after step {self.node_logs(node)[0].last_step}: SIGKILL its agent, "
+            "daemon and workers, delete its shared memory")
+        deleted = self.cluster.lose(node, [*workers, daemon])
+        say(f"{INDENT}    killed agent, daemon (pid {daemon}) and worker(s) (pid {' '.join(map(str, workers))}); "
+            f"deleted {deleted} shared-memory files of the node")
+        return failure
+
+    def replace_node(self, failure: dict, deadline: float) -> None:
+        node = self.plan.lose_node
+        time.sleep(REPLACEMENT_DELAY)
+        self.cluster.start_agent(node)
+        say(f"{INDENT}    a replacement node {node} starts: its agent starts an empty daemon, which rebuilds "
+            "the node's snapshots from its peers before the worker starts")
+
+        def rebuilt():
+            st = status_or_none(self.cluster.endpoint(node), timeout=1.0)
+            last = (st or {}).get("cluster", {}).get("last_rebuild") if st else None
+            return last if last and last.get("ok") and st["cluster"]["rebuilding"] is None else None
+        self.wait("the replacement node's rebuild", rebuilt, deadline)
+        r = rebuilt()
+        failure["rebuild"] = {"step": r["step"], "seconds": r["seconds"], "fetched_bytes": r["fetched_bytes"]}
+        say(f"{INDENT}    node {node} rebuilt step {r['step']} in {1000 * r['seconds']:.0f} ms "
+            f"({r['fetched_bytes'] / 2**20:.2f} MiB fetched from its peers)")
+
+    def run(self) -> None:
+        plan, cluster = self.plan, self.cluster
+        deadline = time.monotonic() + RUN_TIMEOUT
+        self.daemons.start()
+        for n in range(plan.nodes):
+            cluster.start_agent(n)
+        say(f"{INDENT}agents started: {' '.join(f'node{n}=pid {p.pid}' for n, p in cluster.agents.items())}")
+        self.wait("the workers to start", lambda: all(log.pid for log in self.logs), deadline)
+        say(f"{INDENT}training: DDP over gloo, {plan.world} ranks, a snapshot every step")
+
+        crashing = self.logs[plan.crash_node * plan.nproc]
+        self.wait(f"step {plan.crash_at}", lambda: crashing.last_step >= plan.crash_at, deadline)
+        crash = self.crash_worker()
+        self.wait_resumed(crash["failed_generation"], crash, deadline)
+        self.failures.append(crash)
+
+        self.wait(f"step {plan.lose_at}",
+                  lambda: self.node_logs(plan.lose_node)[0].last_step >= plan.lose_at, deadline)
+        loss = self.lose_node()
+        self.replace_node(loss, deadline)
+        self.wait_resumed(loss["failed_generation"], loss, deadline)
+        self.failures.append(loss)
+
+        self.wait("the end of training", lambda: all(p.poll() is not None for p in cluster.agents.values()),
+                  deadline, agents_may_finish=True)
+        bad = {n: p.returncode for n, p in cluster.agents.items() if p.returncode != 0}
+        if bad:
+            n = next(iter(bad))
+            raise DemoError(f"the agent of node {n} exited with status {bad[n]}:\n"
+                            f"{_tail(self.demo.workdir / f'agent{n}.out')}")
+        for log in self.logs:
+            log.poll()
+        say(f"{INDENT}every node finished step {plan.steps - 1}; the agents stopped their daemons")
+
+
+# ---- verification and report ------------------------------------------------------------------------
+def verify_all(demo: Demo) -> tuple[bool, list[str], dict]:
+    ok, lines, per_rank = True, [], {}
+    for rank in range(demo.plan.world):
+        ref = demoreport.read_losses(demo.workdir / "reference" / f"losses-rank{rank}.txt")
+        run = demoreport.read_losses(demo.workdir / "run" / f"losses-rank{rank}.txt")
+        good, verdict, twice = demoreport.verify(ref, run, demo.plan.steps)
+        ok &= good
+        per_rank[rank] = {"bit_exact": good, "verdict": verdict, "steps_run_twice": twice}
+        lines.append(f"{INDENT}rank {rank}: {verdict}" + (f" ({twice} re-run steps identical both times)" if twice else ""))
+    return ok, lines, per_rank
+
+
+def save_load_baseline(demo: Demo) -> dict:
+    """A synchronous torch.save + torch.load of the same state (model, AdamW moments, scheduler)."""
+    import torch
+    from .examples import gpt_trainer
+    args = gpt_trainer.parse_args(list(demo.plan.model))
+    torch.manual_seed(args.seed)
+    model, optimizer, scheduler = gpt_trainer.build(args)
+    model(torch.zeros(1, args.context, dtype=torch.long)).sum().backward()
+    optimizer.step()  # creates the optimizer's moments, as in training
+    state = {"model": model, "optim": optimizer, "sched": scheduler}
+    save_s, load_s = gpt_trainer.save_load_seconds(state, demo.workdir)
+    return {"save_seconds": save_s, "load_seconds": load_s}
+
+
+def _read_stats(demo: Demo) -> list[dict]:
+    stats = []
+    for rank in range(demo.plan.world):
+        with contextlib.suppress(OSError, ValueError):
+            stats.append(json.loads((demo.workdir / "run" / f"stats-rank{rank}.json").read_text()))
+    return stats
+
+
+def write_plot(demo: Demo, report: dict, rank0: RankLog, path: Path) -> str | None:
+    """Loss per step of rank 0: the reference, each generation of the ftd job, the failures.
+    Returns why there is no plot, or None."""
     try:
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            if echo:
-                _say(f"{INDENT}  trainer | {line}")
-            on_line(line)
-        proc.wait()
-    finally:
-        watchdog.cancel()
-        proc.stdout.close()
-    if timed_out.is_set():
-        raise DemoError(f"the trainer did not finish within {TRAINER_TIMEOUT:g} s")
+        import logging
+        import matplotlib
+        matplotlib.use("Agg")
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'ftd[demo]'); no plot"
+    ref = demoreport.read_losses(demo.workdir / "reference" / "losses-rank0.txt")
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    ax.plot([s for s, _ in ref], [float.fromhex(v) for _, v in ref], color="0.55", lw=3.5, alpha=0.6,
+            label="uninterrupted reference")
+    for generation in sorted({g for g, _, _ in rank0.points}):
+        points = [(s, v) for g, s, v in rank0.points if g == generation]
+        start = rank0.resumed.get(generation)
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", ms=2.5, lw=1,
+                label="ftd run: start" if start is None else f"ftd run: restart {generation}, resumed after step {start}")
+    for f in report["failures"]:
+        ax.axvline(f["at_step"] + 0.5, color="crimson", ls="--", lw=1)
+        ax.annotate(f["what"].split(" (")[0], (f["at_step"] + 0.5, 0.97), xycoords=("data", "axes fraction"),
+                    rotation=90, va="top", ha="right", fontsize=8, color="crimson")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (rank 0)")
+    verdict = "bit-exact" if report["bit_exact"] else "NOT bit-exact"
+    ax.set_title(f"ftd demo: {report['nodes']} nodes, k={report['k']} m={report['m']}; every rank {verdict} "
+                 "with the uninterrupted run")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return None
 
 
-def _ftd_env(demo: Demo) -> dict:
-    env = os.environ.copy()
-    env["FTD_ENDPOINT"] = demo.endpoint
-    return env
-
-
-def _run_until_killed(demo: Demo, kill_at: int, times: SnapshotTimes) -> float:
-    """First ftd run: SIGKILL the trainer once it reports step ``kill_at``; returns the time of the kill."""
-    killed_at: list[float] = []
-
-    def on_line(line: str) -> None:
-        times.sample(demo.conn)
-        m = _STEP_LINE.match(line)
-        if m and int(m.group(1)) >= kill_at and not killed_at:
-            demo.trainer.send_signal(signal.SIGKILL)
-            killed_at.append(time.monotonic())
-            _say(f"{INDENT}>>> SIGKILL trainer pid {demo.trainer.pid} after it reported step {m.group(1)}")
-
-    _stream(demo, _trainer_cmd(demo, demo.ftd_losses, "--step-sleep", str(STEP_SLEEP)), _ftd_env(demo), on_line)
-    if not killed_at:
-        raise DemoError(f"the trainer ended (status {demo.trainer.returncode}) before step {kill_at}")
-    return killed_at[0]
-
-
-def _run_resumed(demo: Demo, times: SnapshotTimes) -> tuple[int | None, float]:
-    """Restarted trainer: returns (the step it resumed after, the time it said so)."""
-    resumed: list[tuple[int, float]] = []
-
-    def on_line(line: str) -> None:
-        times.sample(demo.conn)
-        m = _RESUME_LINE.search(line)
-        if m and not resumed:
-            resumed.append((int(m.group(1)), time.monotonic()))
-
-    _stream(demo, _trainer_cmd(demo, demo.ftd_losses, "--step-sleep", str(STEP_SLEEP)), _ftd_env(demo), on_line)
-    if demo.trainer.returncode != 0:
-        raise DemoError(f"the restarted trainer failed with status {demo.trainer.returncode}")
-    return resumed[0] if resumed else (None, float("nan"))
-
-
-# ---- verification ---------------------------------------------------------------------------------
-def _read_losses(path: Path) -> list[tuple[int, str]]:
-    """Lines of ``step float.hex()``; a malformed line becomes (step or -1, the raw text)."""
-    rows = []
-    for line in path.read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0].isdigit():
-            rows.append((int(parts[0]), parts[1]))
-        else:
-            rows.append((-1, line))
-    return rows
-
-
-def verify(reference: list[tuple[int, str]], resumed: list[tuple[int, str]], steps: int) -> tuple[bool, str]:
-    """Compare the ftd run's losses, line by line, with the reference losses. Returns (bit-exact, verdict)."""
-    ref = dict(reference)
-    if sorted(ref) != list(range(steps)) or len(reference) != steps:
-        return False, f"the reference run did not write exactly one loss for each of steps 0..{steps - 1}"
-    for step, value in resumed:
-        if step not in ref:
-            return False, f"unexpected line in the ftd run's losses: {value!r}"
-        if ref[step] != value:
-            return False, (f"MISMATCH at step {step}: ftd run {value} ({_decimal(value)}), "
-                           f"uninterrupted run {ref[step]} ({_decimal(ref[step])})")
-    missing = sorted(set(range(steps)) - {s for s, _ in resumed})
-    if missing:
-        return False, f"the ftd run has no loss for step(s) {', '.join(map(str, missing[:10]))}"
-    twice = len(resumed) - steps
-    return True, (f"bit-exact: all {steps} steps match the uninterrupted run"
-                  + (f" ({_plural(twice, 'step')} ran twice, identical both times)" if twice else ""))
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def _decimal(hex_value: str) -> str:
+def _tail(path: Path, lines: int = 15) -> str:
     try:
-        return repr(float.fromhex(hex_value))
-    except ValueError:
-        return "unreadable"
-
-
-# ---- cleanup --------------------------------------------------------------------------------------
-def _leftover_segments(demo: Demo) -> list[Path]:
-    return sorted(p for p in Path("/dev/shm").glob(demo.shm_prefix + "*"))
-
-
-def _stop_trainer(demo: Demo) -> None:
-    proc = demo.trainer
-    if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.wait()
-
-
-def _stop_daemon(demo: Demo) -> None:
-    """SIGTERM the daemon (it unlinks its shared memory); SIGKILL and unlink ourselves if it hangs."""
-    proc = demo.daemon
-    if proc is None:
-        return
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(DAEMON_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            _say(f"{INDENT}the daemon did not stop within {DAEMON_STOP_TIMEOUT:g} s; killing it")
-            proc.kill()
-            proc.wait()
-    for path in _leftover_segments(demo):
-        _say(f"{INDENT}removing leftover shared memory {path}")
-        path.unlink(missing_ok=True)
-
-
-def _cleanup(demo: Demo) -> None:
-    _stop_trainer(demo)
-    if demo.conn is not None:
-        demo.conn.close()
-        demo.conn = None
-    _stop_daemon(demo)
-    shutil.rmtree(demo.runtime_dir, ignore_errors=True)
-    if not demo.keep_workdir:
-        shutil.rmtree(demo.workdir, ignore_errors=True)
-    if demo.daemon is not None:
-        left = _leftover_segments(demo)
-        _say("cleanup: daemon stopped; " + (f"{len(left)} shared-memory file(s) could not be removed"
-                                             if left else f"no /dev/shm/{demo.shm_prefix}* left")
-             + ("" if demo.keep_workdir else "; temporary files removed"))
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(INDENT + line for line in path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
-        return "(no log)"
+        return f"{INDENT}(no log at {path})"
 
 
-# ---- the demo -------------------------------------------------------------------------------------
 def _run(demo: Demo) -> int:
-    kill_at = demo.steps * 2 // 3
-    _say("ftd demo: a trainer is SIGKILLed mid-run and resumes from the ftd daemon's memory.")
-    _say(f"work dir: {demo.workdir}" + ("" if demo.keep_workdir else "  (temporary; use --dir DIR to keep it)"))
-    _say()
-    _say(f"[1/4] starting the node daemon for job {demo.job!r}")
-    _start_daemon(demo)
+    plan = demo.plan
+    per_node = "" if plan.nproc == 1 else f" x {plan.nproc} ranks"
+    say(f"ftd demo: a {plan.nodes}-node{per_node} cluster on this machine (erasure coding k={plan.nodes - plan.parity}, "
+        f"m={plan.parity}) trains a small GPT with DDP over gloo, a snapshot every step.")
+    say(f"  at step {plan.crash_at}: a worker of node {plan.crash_node} (rank {plan.crash_node * plan.nproc}) "
+        "is SIGKILLed")
+    say(f"  at step {plan.lose_at}: node {plan.lose_node} is lost entirely (agent, daemon, workers, shared memory), "
+        "and a replacement node joins")
+    say(f"work dir: {demo.workdir}" + ("" if demo.keep else "  (removed at the end; --keep keeps it)"))
+    say()
+    say(f"[1/4] reference: the same job without ftd, never interrupted ({plan.steps} steps)")
+    reference_seconds = run_reference(demo)
 
-    _say(f"[2/4] reference run: {demo.steps} steps without ftd, never interrupted")
-    startup = _run_reference(demo)
+    say("[2/4] the job under ftd: one `ftd agent` per node starts the node's daemon and its worker")
+    demo.cluster = AgentCluster(plan.nodes, plan.parity, plan.nproc, demo.workdir, demo.trainer(demo.workdir / "run"),
+                                job_prefix="demo")
+    say(f"{INDENT}job {demo.cluster.job!r}: node configs, logs and sockets in {demo.workdir}")
+    say(f"{INDENT}$ ftd agent --config {config_path(demo.workdir, 0)} --rdzv-endpoint {demo.cluster.rdzv} "
+        f"-- python -m ftd.examples.gpt_trainer ...   (and nodes 1-{plan.nodes - 1})")
+    t0 = time.monotonic()
+    run = Run(demo)
+    try:
+        run.run()
+    finally:
+        run.daemons.halt.set()
+    run_seconds = time.monotonic() - t0
 
-    _say(f"[3/4] the same run with ftd; will SIGKILL the trainer at step {kill_at}")
-    times = SnapshotTimes()
-    killed_at = _run_until_killed(demo, kill_at, times)
-    last_done = max(s for s, _ in _read_losses(demo.ftd_losses))
-    _show_daemon_status(demo)
-    _say(f"{INDENT}restarting the trainer; it restores the newest snapshot from the daemon")
-    resumed_after, resumed_at = _run_resumed(demo, times)
-    if resumed_after is None:
-        raise DemoError("the restarted trainer did not resume from a snapshot (it started fresh)")
-
-    _say("[4/4] comparing every loss of the ftd run with the uninterrupted run (float.hex(), bit for bit)")
-    ok, verdict = verify(_read_losses(demo.ref_losses), _read_losses(demo.ftd_losses), demo.steps)
-    _say(f"{INDENT}{verdict}")
-
-    _say()
-    _say("summary")
-    lost = last_done - resumed_after
-    _say(f"  steps lost to the crash: {lost} (the killed trainer had finished step {last_done}, the newest "
-         f"snapshot in the daemon was step {resumed_after}, so {_plural(lost, 'step')} ran again)")
-    _say(f"  kill -> trainer resumed: {resumed_at - killed_at:.2f} s (new process, torch import, restore, and the "
-         f"status query above; just starting the trainer took {startup:.2f} s in the reference run)")
-    _say(f"  per snapshot: {times.summary()}")
-    files = f"{demo.config_file.name}, {demo.daemon_log.name}, {demo.ref_losses.name}, {demo.ftd_losses.name}"
-    _say(f"  files: {files} in {demo.workdir}"
-         + ("" if demo.keep_workdir else " (removed now; run `ftd demo --dir DIR` to keep them)"))
-    _say(f"  verdict: {'PASS' if ok else 'FAIL'}")
+    say("[3/4] every loss of every rank, re-runs included, against the reference (float.hex(), bit for bit)")
+    ok, lines, per_rank = verify_all(demo)
+    for line in lines:
+        say(line)
+    say("[4/4] for comparison: a synchronous torch.save + torch.load of the same state")
+    baseline = save_load_baseline(demo)
+    stats = _read_stats(demo)
+    report = {
+        "job": demo.cluster.job, "nodes": plan.nodes, "ranks_per_node": plan.nproc, "k": plan.nodes - plan.parity, "m": plan.parity, "steps": plan.steps,
+        "model": list(plan.model), "bit_exact": ok, "ranks": per_rank,
+        "failures": [{k: v for k, v in f.items() if k != "t"} for f in run.failures],
+        "steps_lost": sum(f["steps_lost"] for f in run.failures),
+        "blocked_per_snapshot": demoreport.blocked_per_snapshot(stats),
+        "protection_lag": demoreport.protection_lag(list(run.daemons.lags.values())),
+        "torch_save_load": baseline,
+        "state_bytes": max((s.get("state_bytes", 0) for s in stats), default=0),
+        "params": max((s.get("params", 0) for s in stats), default=0),
+        "seconds": {"reference": reference_seconds, "ftd_run": run_seconds},
+    }
+    demo.out.mkdir(parents=True, exist_ok=True)
+    report_path, plot_path = demo.out / "report.json", demo.out / "losses.png"
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    no_plot = write_plot(demo, report, run.logs[0], plot_path)
+    say()
+    say("summary")
+    for line in demoreport.summary_lines(report):
+        say(line)
+    say(f"  steps lost in all: {report['steps_lost']}; every rank {'bit-exact' if ok else 'NOT bit-exact'} "
+        f"with the uninterrupted run")
+    say(f"  report: {report_path}")
+    say(f"  plot:   {plot_path}" if no_plot is None else f"  plot:   {no_plot}")
+    say(f"  verdict: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 
 
-def _make_demo(steps: int, workdir: str | None) -> Demo:
-    if workdir is None:
-        path, keep = Path(tempfile.mkdtemp(prefix="ftd-demo-work-")), False
+def _cleanup(demo: Demo) -> None:
+    for p in demo.reference:
+        if p.poll() is None:
+            stop_process_group(p, grace=0)
+    job = demo.cluster.job if demo.cluster else None
+    if demo.cluster is not None:
+        demo.cluster.stop()
+    kill_everything_from(demo.workdir)
+    left = sorted(Path("/dev/shm").glob(f"ftd.{job}.*")) if job else []
+    if demo.keep:
+        say(f"cleanup: every process stopped; work dir kept: {demo.workdir}")
     else:
-        path, keep = Path(workdir).resolve(), True
-        path.mkdir(parents=True, exist_ok=True)
-    runtime_dir = Path(tempfile.mkdtemp(prefix="ftd-demo-", dir="/tmp"))  # short: unix socket paths max ~107 chars
-    demo = Demo(steps, path, keep, runtime_dir)
-    for old in (demo.ref_losses, demo.ftd_losses):
-        old.unlink(missing_ok=True)  # the trainer appends to them
-    return demo
+        shutil.rmtree(demo.workdir, ignore_errors=True)
+        say("cleanup: every process stopped" + (f"; {len(left)} shared-memory file(s) left!" if left else
+                                                 ", no shared memory left, work dir removed"))
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:
-    _say("\nftd demo: terminated; cleaning up")
-    raise SystemExit(128 + signum)
+    raise KeyboardInterrupt
 
 
-def main(steps: int = 60, workdir: str | None = None) -> int:
-    """Run the demo; returns 0 if the resumed run was bit-exact, 1 if not, 2 on bad arguments or errors."""
-    if steps < 4:
-        print("ftd demo: --steps must be at least 4", file=sys.stderr)
-        return 2
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="a 4-node cluster on this machine loses a worker and a node, "
+                                           "and trains on bit-exact")
+    p.add_argument("--quick", action="store_true", help="short mode: a tiny model and 24 steps (what the tests run)")
+    p.add_argument("--steps", type=int, help="training steps (default 80)")
+    p.add_argument("--crash-at", type=int, help="step after which a worker is SIGKILLed (default 25)")
+    p.add_argument("--lose-at", type=int, help="step after which a whole node is lost (default 55)")
+    p.add_argument("--nodes", type=int, default=4, help="simulated nodes (default 4)")
+    p.add_argument("--parity", type=int, default=1, help="parity blocks per group, m (default 1)")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="ranks per node, as torchrun's (default 1)")
+    p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step, to watch it slowly")
+    p.add_argument("--out", default="ftd-demo-out", help="where report.json and losses.png go (default ./ftd-demo-out)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs, losses)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    plan = Plan.quick() if args.quick else Plan()
+    for name in ("steps", "crash_at", "lose_at"):
+        if getattr(args, name) is not None:
+            setattr(plan, name, getattr(args, name))
+    plan.step_sleep = args.step_sleep
+    plan.nodes, plan.parity, plan.nproc = args.nodes, args.parity, args.nproc_per_node
     try:
-        demo = _make_demo(steps, workdir)
-    except OSError as e:
-        print(f"ftd demo: cannot create the work directory: {e}", file=sys.stderr)
+        plan.check()
+    except DemoError as e:
+        print(f"ftd demo: {e}", file=sys.stderr)
         return 2
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:
-        previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)  # so cleanup runs on SIGTERM too
+    workdir = Path(tempfile.mkdtemp(prefix="ftd-demo-", dir="/tmp"))  # short: unix socket paths max ~107 chars
+    demo = Demo(plan, workdir, Path(args.out).absolute(), args.keep)
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         return _run(demo)
     except DemoError as e:
-        _say(f"ftd demo failed: {e}")
+        say(f"ftd demo failed: {e}")
         return 2
     except KeyboardInterrupt:
-        _say("\nftd demo: interrupted; cleaning up")
+        say("\nftd demo: interrupted; stopping everything")
         return 130
     finally:
-        if in_main_thread:  # a second Ctrl-C or SIGTERM must not cut the cleanup short
-            previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if in_main:  # a second Ctrl-C or SIGTERM must not cut the cleanup short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             _cleanup(demo)
         finally:
-            if in_main_thread:
-                signal.signal(signal.SIGINT, previous_sigint)
-                signal.signal(signal.SIGTERM, previous_sigterm)
+            if in_main:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.signal(signal.SIGTERM, previous)

@@ -26,8 +26,9 @@ from .nodestore import NodeStore
 from .peerauth import PeerSecurity
 from .peerproto import PeerMessages
 from .peers import PeerLinks
-from .protection import NodeRound, Shape
+from .protection import ALIGN, NodeRound
 from .rebuild import Holdings, Rebuilder
+from .stripes import chunk_bytes
 
 log = logging.getLogger("ftd.node")
 
@@ -47,13 +48,15 @@ class ClusterNode:
         self.codec = Codec(self.layout.k, self.layout.m, config.parity_code)
         self.messages = PeerMessages(config.job, self.me, config.nodes, self.layout.g)
         self.security = PeerSecurity.from_key_file(config.peer_key_file)
-        self.coordinator = Coordinator(self.grouping, timeout=config.round_timeout) if self.me == 0 else None
+        self.coordinator = (Coordinator(self.grouping, timeout=config.round_timeout, peer_timeout=config.peer_timeout)
+                            if self.me == 0 else None)
         self.links: PeerLinks | None = None
         catalog.clustered = True
         self.store = NodeStore(config, catalog, self.layout, self.pos)
         catalog.extra_used = lambda: self.store.parity_bytes
         self.round: NodeRound | None = None
         self._early: dict[int, list] = {}                 # round id -> messages that came before "protect"
+        self._early_bytes = 0                             # payload bytes held in _early
         self.credits: dict[int, int] = {}
         self.done_unsynced: int | None = None             # reported done, not yet told whether it is recoverable
         self.group_protected: set[int] = set()
@@ -71,7 +74,9 @@ class ClusterNode:
         self._behind_since = 0.0
         self.latest_step = -1                             # newest step a trainer asked to snapshot
         self.stats = {"rounds_done": 0, "rounds_aborted": 0, "bytes_sent": 0, "bytes_received": 0,
-                      "last_round_seconds": None, "invalid_messages": 0}
+                      "last_round_seconds": None, "invalid_messages": 0,
+                      # commit of a step by the node's last rank -> that step recoverable on every node
+                      "protection_lag": {"count": 0, "total_seconds": 0.0, "max_seconds": 0.0, "last_seconds": None}}
         self._round_started = 0.0
 
     # ---- start and stop ---------------------------------------------------------------------
@@ -133,7 +138,11 @@ class ClusterNode:
     def _dispatch(self, envelope, msg: dict, payload) -> None:
         t, src = msg["type"], msg["src"]
         c = self.coordinator
-        if t == "candidate" and c:
+        if c:
+            c.heard_from(src)
+        if t == "alive" and c:
+            c.on_alive(src, msg["latest"])
+        elif t == "candidate" and c:
             c.on_candidate(src, msg["target"], msg["step"], msg["nbytes"], msg["mismatch"], msg["recoverable"],
                            msg["latest"])
         elif t == "done" and c:
@@ -146,15 +155,18 @@ class ClusterNode:
             c.on_restored(src, msg["step"])
         elif t == "sync":
             self._on_sync(msg["target"], msg["recoverable"])
+            self._to_coordinator("alive", latest=self.latest_step)
         elif t == "protect":
             self._on_protect(msg["round"], msg["step"], msg["sizes"])
+            self._to_coordinator("alive", latest=self.latest_step)
         elif t in ("node_meta", "chunk"):
             self._on_round_message(src, msg, payload)
         elif t == "chunk_ack":
             if self.round and msg["round"] == self.round.round_id:
                 self.credits[src] = self.credits.get(src, 0) + msg["length"]
         elif t == "protected":
-            self.group_protected.add(msg["step"])
+            if msg["step"] in self.store.parity:  # (any other step would only grow the set)
+                self.group_protected.add(msg["step"])
         elif t == "abort":
             if self.round and self.round.round_id == msg["round"]:
                 log.info("protection of step %d abandoned: %s", self.round.step, msg["reason"])
@@ -187,6 +199,7 @@ class ClusterNode:
             if self.store.holds(recoverable):
                 cat.recoverable = recoverable
                 self.lost_error = None
+                self._note_protection_lag(recoverable)
             elif self.rebuilding is None and time.monotonic() - self._behind_since > 10:
                 self._behind_since = time.monotonic()
                 self._start_rebuild(f"the cluster's recoverable step is {recoverable}, which this node lacks")
@@ -201,6 +214,18 @@ class ClusterNode:
         cat.sync(target, cat.recoverable)
         self._last_candidate = None
         self.maybe_candidate()
+
+    def _note_protection_lag(self, step: int) -> None:
+        """How long the trainers' copy of ``step`` went unprotected (what a node loss would have cost)."""
+        held = self.catalog.buffers_of(step)
+        if not held or any(b.pid is None or b.committed_at is None for _, b in held):
+            return  # rebuilt or adopted: not committed by a trainer of this daemon's run
+        lag = max(0.0, self.catalog.clock() - max(b.committed_at for _, b in held))
+        acc = self.stats["protection_lag"]
+        acc["count"] += 1
+        acc["total_seconds"] += lag
+        acc["max_seconds"] = max(acc["max_seconds"], lag)
+        acc["last_seconds"] = lag
 
     def maybe_candidate(self) -> None:
         """Report the pinned step to the coordinator once every rank of the node pinned one."""
@@ -233,8 +258,11 @@ class ClusterNode:
             self._to_coordinator("hello", recoverable=self.catalog.recoverable)
             return
         image = self.store.image(held)
-        shape = Shape.of([sizes[n] for n in self.group.nodes], self.layout.k, self.config.frame_size)
-        need = max(1, self.layout.m * shape.c)
+        if sizes[self.me] != image.size:  # parity of another size than its metadata says: no rebuild could use it
+            raise ProtocolError(f"protect of step {step} says node {self.me} holds {sizes[self.me]} bytes; it holds "
+                                f"{image.size}")
+        # the segment, within the memory budget, before anything else is sized by what the message says
+        need = max(1, self.layout.m * chunk_bytes(max(sizes[n] for n in self.group.nodes), self.layout.k, ALIGN))
         try:
             name = self.store.take_segment(need)
             pmap = self.store.mapping(name, writable=True)
@@ -252,8 +280,13 @@ class ClusterNode:
             if n != self.me:
                 self._send(n, "node_meta", round=round_id, step=step, meta=meta)
         for src, msg, payload in self._early.pop(round_id, []):
-            self._on_round_message(src, msg, payload)
+            try:
+                self._on_round_message(src, msg, payload)
+            except ProtocolError as e:  # one bad message must not cost the round the good ones after it
+                self.stats["invalid_messages"] += 1
+                log.warning("peer message from node %s refused: %s", src, e)
         self._early.clear()
+        self._early_bytes = 0
         self._check_done()
 
     def _on_round_message(self, src: int, msg: dict, payload) -> None:
@@ -261,9 +294,16 @@ class ClusterNode:
         if r is None or r.round_id != msg["round"]:
             if len(self._early) > 1 or (self._early and msg["round"] not in self._early):
                 self._early.clear()  # only the newest unknown round is kept
+                self._early_bytes = 0
             pending = self._early.setdefault(msg["round"], [])
-            if len(pending) < 4096:
-                pending.append((src, msg, None if payload is None else bytes(payload)))
+            size = 0 if payload is None else len(payload)
+            # no more than honest peers can send before "protect" comes: their credit, inflight_bytes a link
+            limit = self.config.inflight_bytes * (len(self.group.nodes) - 1)
+            if len(pending) >= 4096 or self._early_bytes + size > limit:
+                raise ProtocolError(f"{msg['type']} of round {msg['round']}, which has not started here: more than "
+                                    f"the peers' credit ({limit} bytes) came ahead of it")
+            pending.append((src, msg, None if payload is None else bytes(payload)))
+            self._early_bytes += size
             return
         if msg["step"] != r.step:
             raise ProtocolError(f"{msg['type']} for step {msg['step']} in the round of step {r.step}")

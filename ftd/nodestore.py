@@ -23,6 +23,17 @@ from .stripes import StripeLayout
 from .units import format_size
 
 
+_ZEROS = b""
+
+
+def _zeros(n: int) -> memoryview:
+    """``n`` zero bytes: a view of one shared buffer, so answering a fetch of padding allocates nothing."""
+    global _ZEROS
+    if len(_ZEROS) < n:
+        _ZEROS = bytes(n)
+    return memoryview(_ZEROS)[:n]
+
+
 class NodeStore:
     def __init__(self, config: Config, catalog: Catalog, layout: StripeLayout, position: int):
         self.config, self.catalog, self.layout, self.pos = config, catalog, layout, position
@@ -130,7 +141,7 @@ class NodeStore:
             if any(x < b and a < y for x, y in self.bad_ranges(step, held_data)):
                 return b"", f"corrupt: node {self.me}'s data of step {step} fails its checksum", "data"
             data = self.image(held_data).read(a, b)
-            return (bytes(b - a) if data is None else data), "", None
+            return (_zeros(b - a) if data is None else data), "", None
         j = number - self.layout.k
         block = record["blocks"][j] if j < len(record["blocks"]) else None
         if block is None or block["stripe"] != stripe:

@@ -251,6 +251,10 @@ class PeerSecurity:
 # -- the `ftd keygen` command ---------------------------------------------------------------------
 
 def _keygen(args: argparse.Namespace) -> int:
+    if args.dir:
+        directory = Path(args.dir)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        args.out = str(directory / "cluster.key")
     try:
         generate_key_file(Path(args.out))
     except FtdError as e:
@@ -262,8 +266,10 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``ftd keygen --out FILE`` on the ``ftd`` command's subparsers."""
+    """Register ``ftd keygen --out FILE | --dir DIR`` on the ``ftd`` command's subparsers."""
     p = subparsers.add_parser("keygen", help="create a cluster key file that authenticates and encrypts "
                                              "the links between the daemons of a job")
-    p.add_argument("--out", required=True, help="file to create (mode 0600); an existing file is never overwritten")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="file to create (mode 0600); an existing file is never overwritten")
+    where.add_argument("--dir", help="directory of the job's keys (created 0700): writes DIR/cluster.key")
     p.set_defaults(func=_keygen)

@@ -39,6 +39,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "refuse": {"round": (_I, True), "reason": (_STR, True)},
     "hello": {"recoverable": (_STEP, True)},
     "restored": {"step": (_STEP, True)},
+    "alive": {"latest": (_STEP, True)},   # a node's answer to every sync/protect: the coordinator's heartbeat
     "lost": {"step": (_STEP, True), "nodes": (_INTS, True), "error": (_STR, True)},
     # protection data path (data holder <-> parity holder)
     "node_meta": {"round": (_I, True), "step": (_I, True), "meta": (_META, True)},
@@ -81,14 +82,16 @@ class PeerMessages:
             raise ProtocolError(f"peer message header of {len(head)} bytes exceeds {MAX_HEADER}")
         try:
             msg = json.loads(head)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ProtocolError(f"peer message header is not JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # not JSON or UTF-8, an integer of > 4300 digits, deep nesting
+            raise ProtocolError(f"peer message header is not JSON ({str(e)[:200]})") from None
         protocol.validate_message(msg, SCHEMAS, _COMMON, "peer message")
         if msg.get("job") != self.job:
-            raise ProtocolError(f"peer message for job {msg.get('job')!r}, this daemon serves {self.job!r}")
+            raise ProtocolError(f"peer message for job {protocol.brief(msg.get('job'))}, "
+                                f"this daemon serves {self.job!r}")
         src = msg.get("src")
         if not isinstance(src, int) or isinstance(src, bool) or not 0 <= src < self.nodes:
-            raise ProtocolError(f"peer message from node {src!r}, the cluster has nodes 0..{self.nodes - 1}")
+            raise ProtocolError(f"peer message from node {protocol.brief(src)}, "
+                                f"the cluster has nodes 0..{self.nodes - 1}")
         self._check_bounds(msg)
         payload = frames[1] if len(frames) == 2 else None
         if (payload is not None) != (msg["type"] in _PAYLOAD):

@@ -20,6 +20,7 @@ from .peerproto import MAX_FRAME, MAX_HEADER, PeerMessages
 log = logging.getLogger("ftd.peers")
 
 MAX_PEER_MESSAGE = MAX_FRAME + MAX_HEADER
+ROUTER_QUEUE = 32  # messages the peer ROUTER queues per connection, each way
 
 
 def dealer(ctx: zmq.Context, security: PeerSecurity, endpoint: str, hwm: int = 256,
@@ -44,7 +45,12 @@ class PeerLinks:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, MAX_PEER_MESSAGE)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.setsockopt(zmq.SNDHWM, 256)
+        # Messages queued per connection, each way (each up to MAX_PEER_MESSAGE): an honest peer has a few
+        # protocol messages and inflight_bytes of frames unacknowledged, and an asker a window of fetches
+        # (rebuild.WINDOW_FRAMES). Beyond it a sender waits (TCP) and answers are dropped, so a peer that
+        # floods the daemon, or asks and never reads, cannot make it buffer more.
+        self.router.setsockopt(zmq.SNDHWM, ROUTER_QUEUE)
+        self.router.setsockopt(zmq.RCVHWM, ROUTER_QUEUE)
         security.server(self.router)
         self.router.bind(config.peer_bind)
         self.dealers = {n: dealer(ctx, security, ep) for n, ep in enumerate(config.peers) if n != self.me}

@@ -170,6 +170,9 @@ class NodeRound:
             got = chunk_checksum(data)
             if got != msg["hash"]:
                 raise ProtocolError(f"frame {f} of stripe {stripe} from node {src} fails its checksum")
+        j = self.parity_stripes.index(stripe)
+        if self.checksums[j][f] is not None:
+            return None  # encoded already: a replay must not count this frame twice towards ``complete``
         inputs = self.pending.setdefault((stripe, f), {})
         if number in inputs:
             return None
@@ -177,7 +180,6 @@ class NodeRound:
         if len(inputs) < self.k:
             return None
         del self.pending[(stripe, f)]
-        j = self.parity_stripes.index(stripe)
         out = self.parity[j * self.shape.c + lo:j * self.shape.c + hi]
         self.codec.encode([inputs[d] for d in range(self.k)], (self.k + j,), out=[out])
         self.checksums[j][f] = chunk_checksum(out)
@@ -185,6 +187,11 @@ class NodeRound:
         return [self.group.nodes[self.layout.holder(stripe, d)] for d in range(self.k)]
 
     def receive_meta(self, src: int, meta: dict) -> None:
+        """Keep a group peer's metadata (ProtocolError from any other node: it would count towards
+        ``complete`` in place of a peer whose metadata is still missing)."""
+        if src == self.me or src not in self.group.nodes:
+            raise ProtocolError(f"node {src} sent its metadata to node {self.me}, but is not its peer in group "
+                                f"{self.group.index}")
         self.metas[src] = meta
 
     @property

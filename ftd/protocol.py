@@ -84,11 +84,11 @@ def validate_message(msg: Any, schemas: dict[str, dict[str, tuple[str, bool]]], 
     if not isinstance(msg, dict):
         raise ProtocolError(f"a {what} must be a JSON object")
     if msg.get("v") != VERSION:
-        raise ProtocolError(f"protocol version {msg.get('v')!r} is not supported (this daemon speaks {VERSION}); "
-                            "run the same ftd version everywhere")
+        raise ProtocolError(f"protocol version {brief(msg.get('v'))} is not supported (this daemon speaks "
+                            f"{VERSION}); run the same ftd version everywhere")
     mtype = msg.get("type")
-    if mtype not in schemas:
-        raise ProtocolError(f"unknown {what} type {mtype!r}; known: {sorted(schemas)}")
+    if not isinstance(mtype, str) or mtype not in schemas:
+        raise ProtocolError(f"unknown {what} type {brief(mtype)}; known: {sorted(schemas)}")
     schema = schemas[mtype]
     for name, (kind, required) in schema.items():
         if name in msg:
@@ -97,8 +97,17 @@ def validate_message(msg: Any, schemas: dict[str, dict[str, tuple[str, bool]]], 
             raise ProtocolError(f"{mtype} {what} lacks field {name!r}")
     extra = set(msg) - set(schema) - set(common)
     if extra:
-        raise ProtocolError(f"{mtype} {what} has unknown fields {sorted(extra)}")
+        raise ProtocolError(f"{mtype} {what} has unknown fields {brief(', '.join(sorted(extra)))}")
     return msg
+
+
+def brief(value: Any) -> str:
+    """A value from another process, short enough for an error message or a log line (its repr may
+    be megabytes long, or nested too deep to print)."""
+    if isinstance(value, (dict, list)):
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
+    text = "a huge integer" if isinstance(value, int) and abs(value) >= 1 << 64 else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def validate_request(msg: Any) -> dict:
@@ -111,8 +120,8 @@ def decode(frame: bytes) -> Any:
         raise ProtocolError(f"message of {len(frame)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
     try:
         return json.loads(frame)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"message is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, an integer of > 4300 digits, deep nesting
+        raise ProtocolError(f"message is not valid JSON ({str(e)[:200]})") from None
 
 
 def decode_request(frame: bytes) -> dict:

@@ -43,7 +43,6 @@ from .stripes import UnrecoverableLoss, chunk_bytes
 log = logging.getLogger("ftd.rebuild")
 
 WINDOW_FRAMES = 16  # frames being fetched at once (4 MiB each by default)
-REPLY_TIMEOUT = 10.0
 
 
 @dataclasses.dataclass
@@ -269,7 +268,7 @@ class Rebuilder:
             askers = ([n] if n in alive else []) + sorted(alive - {n})
             for p in askers:
                 q = self._ask(p, "meta_query", step=step, node=n)
-                got = self._collect({q: p}, time.monotonic() + REPLY_TIMEOUT)
+                got = self._collect({q: p}, time.monotonic() + self.config.peer_timeout)
                 reply = got[q][0]["meta"] if q in got else None
                 if reply and reply.get("node"):
                     try:
@@ -411,7 +410,7 @@ class Rebuilder:
             if not inflight:
                 continue
             answers = self._collect({q: node for q, (_, _, node) in inflight.items()},
-                                    time.monotonic() + REPLY_TIMEOUT, first_only=True)
+                                    time.monotonic() + self.config.peer_timeout, first_only=True)
             if not answers:
                 for q, (task, num, node) in list(inflight.items()):
                     del inflight[q]

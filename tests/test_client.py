@@ -1,5 +1,6 @@
 """The trainer hook against a daemon served from a thread of the test process."""
 import logging
+import os
 
 import pytest
 import torch
@@ -210,6 +211,29 @@ def test_all_ranks_of_a_node_restore_the_same_step(thread_daemon):
     c1.close()
 
 
+def test_sharded_state_each_rank_gets_its_own_shard_back(thread_daemon):
+    """FSDP-style: every rank holds a different shard (other shapes, other optimizer state)."""
+    d = thread_daemon()
+    shards = {0: nn.Linear(6, 4), 1: nn.Linear(6, 2)}  # rows 0-3 and 4-5 of one 6x6 layer, say
+    clients = {r: ftd.Client(d.endpoint, rank=r, world_size=2) for r in shards}
+    optims = {r: torch.optim.AdamW(m.parameters(), lr=0.1) for r, m in shards.items()}
+    for step in range(2):
+        for r, m in shards.items():
+            m(torch.ones(3, 6)).sum().backward()
+            optims[r].step()
+            clients[r].snapshot(step, {"shard": m, "optim": optims[r], "meta": {"rank": r}})
+            clients[r].wait(10)
+    for r, m in shards.items():
+        fresh = nn.Linear(6, m.out_features)
+        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+        state = {"shard": fresh, "optim": fresh_opt, "meta": {}}
+        assert clients[r].restore(state) == 1
+        assert torch.equal(fresh.weight, m.weight) and state["meta"] == {"rank": r}
+        exp = optims[r].state_dict()["state"][0]["exp_avg"]
+        assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], exp)
+        clients[r].close()
+
+
 def test_rank_and_world_come_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "8")
@@ -217,6 +241,41 @@ def test_rank_and_world_come_from_the_environment(monkeypatch, tmp_path):
     c = ftd.Client()
     assert (c.rank, c.world_size, c.endpoint) == (3, 8, f"ipc://{tmp_path}/x.sock")
     c.close()
+
+
+def test_daemon_is_found_from_torchrun_or_slurm_variables(monkeypatch, tmp_path):
+    from ftd.client import find_daemon
+    for name in ("FTD_ENDPOINT", "FTD_CONFIG", "FTD_NODE_RANK", "GROUP_RANK", "SLURM_NODEID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FTD_JOB", "train7")
+    monkeypatch.setenv("SLURM_NODEID", "5")
+    endpoint, _, how = find_daemon()
+    assert endpoint.endswith("/train7/node5.sock") and "$SLURM_NODEID" in how
+    monkeypatch.setenv("GROUP_RANK", "2")                      # torchrun's node rank wins over SLURM's
+    assert find_daemon()[0].endswith("/train7/node2.sock")
+    monkeypatch.setenv("FTD_NODE_RANK", "3")                   # and ftd's own over both
+    assert find_daemon()[0].endswith("/train7/node3.sock")
+    config = tmp_path / "node.toml"
+    config.write_text(f'job = "other"\nnode_rank = 1\nruntime_dir = "{tmp_path}"\n')
+    monkeypatch.setenv("FTD_CONFIG", str(config))              # a node config names the daemon exactly
+    assert find_daemon() == (f"ipc://{tmp_path}/other/node1.sock", find_daemon()[1], f"the config $FTD_CONFIG={config}")
+    monkeypatch.setenv("FTD_ENDPOINT", "ipc:///elsewhere.sock")
+    assert find_daemon()[0] == "ipc:///elsewhere.sock"
+    assert find_daemon("ipc:///given.sock")[0] == "ipc:///given.sock"
+    monkeypatch.delenv("FTD_CONFIG")
+    monkeypatch.setenv("FTD_NODE_RANK", "node-3")
+    with pytest.raises(ValueError, match=r"\$FTD_NODE_RANK='node-3' is not a node rank"):
+        find_daemon()
+
+
+def test_missing_daemon_error_says_where_the_client_looked(monkeypatch, tmp_path):
+    for name in ("FTD_ENDPOINT", "FTD_CONFIG", "FTD_NODE_RANK", "SLURM_NODEID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GROUP_RANK", "4")
+    monkeypatch.setenv("FTD_JOB", f"nobody-{os.getpid()}")
+    with ftd.Client() as client:
+        with pytest.raises(ftd.DaemonUnavailable, match=r"no ftd daemon at .*/node4.sock.*node rank 4 from \$GROUP_RANK"):
+            client.restore({"x": torch.zeros(2)})
 
 
 def test_snapshot_slower_than_a_step_is_skipped_not_waited_for(thread_daemon):

@@ -194,3 +194,36 @@ def test_a_restore_abandons_a_round_of_a_later_step():
     assert sync.fields["target"] == 5 and c.phase == COLLECT
     c.on_done(3, rid, 9)
     assert c.recoverable == -1
+
+
+def test_a_silent_node_is_declared_lost_after_peer_timeout_and_its_round_abandoned():
+    c, clock = make(timeout=120.0, peer_timeout=2.0)
+    c.take()
+    all_candidates(c, 0)
+    rid = sent(c, "protect")[0].fields["round"]
+    for n in (0, 1, 3):
+        c.on_done(n, rid, 0, latest=3)
+    for t in (0.9, 1.8, 2.7):          # node 2 answers every re-sent protect with `alive`: still working
+        clock.t = t
+        c.heard_from(2)
+        c.on_alive(2, 4)
+        c.tick()
+    assert c.phase == PROTECT and c.silent() == []
+    clock.t = 4.8                       # then it stops answering (frozen, or its host is gone)
+    c.tick()
+    assert c.phase == COLLECT and c.recoverable == -1
+    (abort,) = sent(c, "abort")
+    assert "node(s) [2] silent for more than 2 s (peer_timeout): declared lost" in abort.fields["reason"]
+    for n in (0, 1, 3):                 # the others answer the new target's sync
+        c.heard_from(n)
+    assert c.status()["silent"] == [2] and c.target > 4  # the next round targets a newer step
+    c.heard_from(2)                     # back (SIGCONT): not silent any more, a new round can start
+    assert c.status()["silent"] == []
+
+
+def test_nodes_done_or_with_a_candidate_are_never_called_silent():
+    c, clock = make(peer_timeout=1.0)
+    c.take()
+    c.on_candidate(0, c.target, 0, 10, False, -1, 0)
+    clock.t = 5.0
+    assert c.silent() == [1, 2, 3]      # only the nodes it still waits for

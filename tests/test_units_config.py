@@ -20,7 +20,8 @@ def test_parse_size_percentage_and_errors():
 
 def test_config_defaults_and_paths(monkeypatch):
     monkeypatch.delenv("FTD_JOB", raising=False)
-    monkeypatch.delenv("FTD_NODE_RANK", raising=False)
+    for name in ("FTD_NODE_RANK", "GROUP_RANK", "SLURM_NODEID"):
+        monkeypatch.delenv(name, raising=False)
     c = load_config(None)
     assert c.job == "default" and c.node_rank == 0 and c.memory_budget > 0
     assert c.endpoint.endswith("/default/node0.sock") and c.shm_prefix == "ftd.default.n0."

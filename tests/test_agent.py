@@ -1,0 +1,87 @@
+"""`ftd agent` as a process: bounded restarts with backoff, its daemon, and bad input.
+(The demo tests run agents through a worker crash and a node loss.)"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SHM
+
+pytestmark = pytest.mark.timeout(90)
+AGENT = [sys.executable, "-m", "ftd.cli", "agent"]
+
+
+@pytest.fixture
+def node_config():
+    directory = Path(tempfile.mkdtemp(prefix="ftda-", dir="/tmp"))  # short: unix socket paths
+    job = f"agent{os.getpid()}{time.monotonic_ns() % 100000}"
+    path = directory / "node.toml"
+    path.write_text(f'job = "{job}"\nnode_rank = 0\nruntime_dir = "{directory}/run"\n'
+                    'memory_budget = "256MiB"\nmemory_reserve = "64MiB"\n')
+    yield path, job
+    subprocess.run(["pkill", "-KILL", "-f", str(directory)], check=False)
+    for p in SHM.glob(f"ftd.{job}.*"):
+        p.unlink()
+    subprocess.run(["rm", "-rf", str(directory)], check=False)
+
+
+def _agent(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*AGENT, "--config", str(config), "--log-dir", str(config.parent / "logs"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_a_failing_worker_is_restarted_with_backoff_then_given_up(node_config):
+    config, job = node_config
+    t0 = time.monotonic()
+    r = _agent(config, "--max-restarts", "2", "--backoff", "0.3", "--nproc-per-node", "2", "--",
+               sys.executable, "-c", "import os, sys; print('rank', os.environ['RANK'], os.environ['FTD_CONFIG']); "
+                                     "sys.exit(3 if os.environ['RANK'] == '1' else 0)")
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 1, r.stdout + r.stderr
+    starts = re.findall(r"generation (\d): started 2 worker\(s\), ranks 0-1", r.stdout)
+    assert starts == ["0", "1", "2"], r.stdout
+    assert "restart 1 of at most 2 in 0.3 s" in r.stdout and "restart 2 of at most 2 in 0.6 s" in r.stdout
+    assert "not restarting again: 3 failures, more than --max-restarts 2" in r.stdout
+    assert "worker rank 1" in r.stdout and "exited with status 3" in r.stdout
+    assert elapsed >= 0.9, "the backoff was not waited"
+    assert "stopped the daemon" in r.stdout and not list(SHM.glob(f"ftd.{job}.*"))
+    log = (config.parent / "logs" / "rank1.log").read_text()
+    assert log.count(f"rank 1 {config}") == 3 and "=== ftd agent: generation 2, rank 1 ===" in log
+
+
+def test_workers_that_succeed_end_the_job_and_a_running_daemon_is_kept(node_config):
+    config, job = node_config
+    daemon = subprocess.Popen([sys.executable, "-m", "ftd.cli", "daemon", "--config", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        socket = config.parent / "run" / job / "node0.sock"
+        deadline = time.monotonic() + 30
+        while not socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = _agent(config, "--keep-daemon", "--", sys.executable, "-c", "print('hello')")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "using the daemon already serving" in r.stdout and "the job finished on every node" in r.stdout
+        assert daemon.poll() is None, "the agent stopped a daemon it did not start"
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+
+
+def test_agent_bad_input_says_what_to_do(node_config):
+    config, _ = node_config
+    r = _agent(config)
+    assert r.returncode == 2 and "give the training command after --" in r.stderr
+    r = _agent(config, "--nnodes", "2", "--", "true")
+    assert r.returncode == 2 and "2 nodes need --rdzv-endpoint HOST:PORT" in r.stderr
+    r = _agent(config, "--nnodes", "2", "--rdzv-endpoint", "node0", "--", "true")
+    assert r.returncode == 2 and "must be HOST:PORT" in r.stderr
+    r = subprocess.run([*AGENT, "--config", str(config.parent / "missing.toml"), "--", "true"],
+                       capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert r.returncode == 2 and "does not exist" in r.stderr
