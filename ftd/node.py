@@ -200,7 +200,7 @@ class ClusterNode:
                 cat.recoverable = recoverable
                 self.lost_error = None
                 self._note_protection_lag(recoverable)
-            elif self.rebuilding is None and time.monotonic() - self._behind_since > 10:
+            elif self.rebuilding is None and time.monotonic() - self._behind_since > self.config.peer_timeout:
                 self._behind_since = time.monotonic()
                 self._start_rebuild(f"the cluster's recoverable step is {recoverable}, which this node lacks")
         if self.round is not None:

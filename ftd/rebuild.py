@@ -43,6 +43,7 @@ from .stripes import UnrecoverableLoss, chunk_bytes
 log = logging.getLogger("ftd.rebuild")
 
 WINDOW_FRAMES = 16  # frames being fetched at once (4 MiB each by default)
+SURVEY_WAIT = 3.0   # seconds a rebuild waits for every peer to say what it holds (at most peer_timeout)
 
 
 @dataclasses.dataclass
@@ -91,7 +92,7 @@ class Unavailable(Exception):
 
 
 class Rebuilder:
-    def __init__(self, config: Config, security: PeerSecurity, holdings: Holdings, *, peer_wait: float = 3.0,
+    def __init__(self, config: Config, security: PeerSecurity, holdings: Holdings, *, peer_wait: float | None = None,
                  stop: threading.Event | None = None):
         self.config = config
         self.me = config.node_rank
@@ -101,7 +102,7 @@ class Rebuilder:
         self.layout = self.group.layout
         self.codec = Codec(self.layout.k, self.layout.m, config.parity_code)
         self.messages = PeerMessages(config.job, self.me, config.nodes, self.layout.g)
-        self.peer_wait = peer_wait
+        self.peer_wait = min(SURVEY_WAIT, config.peer_timeout) if peer_wait is None else peer_wait
         self.stop = stop or threading.Event()
         self._ctx = zmq.Context()
         self._security = security

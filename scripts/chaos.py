@@ -118,14 +118,19 @@ class Chaos:
             raise ChaosError(f"{event['kind']}: resumed after step {event['resumed_after']}, older than step "
                              f"{event['recoverable_before']} which was recoverable when the failure hit")
 
-    def steps_during(self, seconds: float) -> int:
-        """Follow the job for ``seconds``; the steps every rank trained meanwhile."""
+    def steps_during(self, seconds: float, each=lambda: None) -> int:
+        """Follow the job for ``seconds`` (calling ``each`` as it goes); the steps every rank trained meanwhile."""
         before = self.job_step()
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             self.poll()
+            each()
             time.sleep(0.05)
         return self.job_step() - before
+
+    def coordinator_calls_silent(self, node: int) -> bool:
+        coord = (self.watch.status.get(0, {}).get("cluster") or {}).get("coordinator") or {}
+        return node in coord.get("silent", [])
 
     def wait_protection_resumes(self, event: dict) -> None:
         after = self.job_step()
@@ -153,7 +158,7 @@ class Chaos:
             event["t_end"] = time.monotonic()
             self.wait_protection_resumes(event)
         elif kind == "node":
-            count = self.rng.randint(1, self.args.parity)
+            count = self.args.parity if self.args.quick else self.rng.randint(1, self.args.parity)  # quick: m at once
             nodes = sorted(self.rng.sample(range(self.args.nodes), count))
             event["target"] = f"node(s) {nodes}"
             for node in nodes:
@@ -169,8 +174,11 @@ class Chaos:
             pid = self.watch.status[node]["pid"]
             event["target"] = f"node {node} for {FREEZE:g} s"
             os.kill(pid, signal.SIGSTOP)
+            seen = []
             try:
-                event["steps_while_frozen"] = self.steps_during(FREEZE)
+                event["steps_while_frozen"] = self.steps_during(
+                    FREEZE, lambda: seen.append(True) if node and self.coordinator_calls_silent(node) else None)
+                event["declared_lost"] = bool(seen) if node else None  # node 0 runs the coordinator itself
             finally:
                 os.kill(pid, signal.SIGCONT)
             event["t_end"] = time.monotonic()

@@ -31,5 +31,6 @@ def test_one_failure_of_each_kind_keeps_the_job_bit_exact(tmp_path):
             assert e["resumed_after"] >= e["recoverable_before"]
         if e["kind"] == "freeze":
             assert e["steps_while_frozen"] > 0, "training waited for a frozen daemon"
+            assert e["declared_lost"] in (True, None), "the coordinator never called the frozen node silent"
         if e["kind"] in ("freeze", "memory", "daemon"):
             assert e["protection_resumed_s"] >= 0
