@@ -63,8 +63,9 @@ class Plan:
 
     @classmethod
     def quick(cls) -> "Plan":
-        """The short mode the tests run: a tiny model and fewer steps, same failures."""
-        return cls(steps=24, crash_at=7, lose_at=15,
+        """The short mode the tests run: a tiny model and fewer steps, same failures. Its steps take
+        ~10 ms, so each sleeps 50 ms more: the failures must land while the job still trains."""
+        return cls(steps=24, crash_at=7, lose_at=15, step_sleep=0.05,
                    model=("--layers", "1", "--dim", "32", "--heads", "2", "--context", "16", "--batch", "4"))
 
     @property
@@ -177,7 +178,10 @@ class Run:
     def crash_worker(self) -> dict:
         node = self.plan.crash_node
         log = self.logs[node * self.plan.nproc]
-        os.kill(log.pid, signal.SIGKILL)
+        try:
+            os.kill(log.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            raise DemoError(f"the worker of node {node} (pid {log.pid}) had already exited; give the job more --steps")
         failure = {"what": f"worker crash (rank {node * self.plan.nproc}, SIGKILL)", "node": node, "t": time.monotonic(), "pid": log.pid,
                    "failed_generation": log.generation}
         say(f"{INDENT}>>> SIGKILL the worker of node {node} (pid {log.pid}) after step {log.last_step}")
@@ -188,6 +192,8 @@ class Run:
 
     def lose_node(self) -> dict:
         node = self.plan.lose_node
+        if self.cluster.agents[node].poll() is not None:
+            raise DemoError(f"the job finished before node {node} could be lost; give it more --steps")
         daemon = self.daemons.status.pop(node, {}).get("pid")
         workers = [log.pid for log in self.node_logs(node)]
         failure = {"what": f"loss of node {node} (agent, daemon, workers, shared memory)", "node": node,
@@ -423,7 +429,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--nodes", type=int, default=4, help="simulated nodes (default 4)")
     p.add_argument("--parity", type=int, default=1, help="parity blocks per group, m (default 1)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="ranks per node, as torchrun's (default 1)")
-    p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step, to watch it slowly")
+    p.add_argument("--step-sleep", type=float, help="extra seconds per step, to watch it slowly (default 0; 0.05 with --quick)")
     p.add_argument("--out", default="ftd-demo-out", help="where report.json and losses.png go (default ./ftd-demo-out)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs, losses)")
     p.set_defaults(func=main)
@@ -434,7 +440,8 @@ def main(args: argparse.Namespace) -> int:
     for name in ("steps", "crash_at", "lose_at"):
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
-    plan.step_sleep = args.step_sleep
+    if args.step_sleep is not None:
+        plan.step_sleep = args.step_sleep
     plan.nodes, plan.parity, plan.nproc = args.nodes, args.parity, args.nproc_per_node
     try:
         plan.check()
