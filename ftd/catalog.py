@@ -226,6 +226,17 @@ class Catalog:
         mine.sort(key=lambda b: (-b.step, -b.seq))
         return {"versions": [{"step": b.step, "buffer": b.name, "manifest": b.manifest} for b in mine]}
 
+    def versions(self) -> dict:
+        """Every rank's complete versions, newest first, and the step an export should take by default
+        (the recoverable one in a cluster, else the newest every rank holds). Changes nothing."""
+        ranks = [{"rank": r.rank, "world": r.world,
+                  "versions": [{"step": b.step, "buffer": b.name, "manifest": b.manifest}
+                               for b in sorted(r.complete(), key=lambda b: (-b.step, -b.seq))]}
+                 for r in sorted(self.ranks.values(), key=lambda r: r.rank)]
+        common = set.intersection(*({v["step"] for v in r["versions"]} for r in ranks)) if ranks else set()
+        latest = self.recoverable if self.clustered else max(common, default=-1)
+        return {"ranks": ranks, "latest": latest, "clustered": self.clustered}
+
     def corrupt(self, rank: int, buffer: str, step: int) -> dict:
         """A client found a version failing its checksums: never serve it again."""
         entry = self.ranks.get(rank)

@@ -34,6 +34,28 @@ def _endpoint(args: argparse.Namespace) -> str:
     return os.environ.get("FTD_ENDPOINT") or load_config(None, node_rank=args.node_rank).endpoint
 
 
+def _export(args: argparse.Namespace) -> int:
+    """Write a version from the daemon's memory as a torch.distributed.checkpoint directory."""
+    from .export import export, verify_export
+    conn = Connection(_endpoint(args), timeout=30.0)
+    try:
+        manifest = export(conn, Path(args.to), None if args.latest else args.step)
+    except FtdError as e:
+        print(f"ftd export: {e}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    bad = verify_export(Path(args.to))
+    if bad:
+        print(f"ftd export: files that do not match their checksums after writing: {bad}", file=sys.stderr)
+        return 1
+    top = " (the directory itself: rank 0's state)" if 0 in manifest["ranks"] else ""
+    print(f"ftd export: step {manifest['step']} of job {manifest['job']!r}, ranks {manifest['ranks']} of "
+          f"{manifest['world']}, written to {args.to}{top}; {len(manifest['files'])} files, checksums in "
+          f"ftd-export-node{manifest['node_rank']}.json")
+    return 0
+
+
 def _age(t: float | None) -> str:
     return "-" if t is None else f"{time.time() - t:.1f}s ago"
 
@@ -203,6 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint", help="the daemon's control endpoint, instead of --config")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the rebuild (default 600)")
     p.set_defaults(func=_recover)
+
+    p = sub.add_parser("export", help="write a version held in memory as a torch.distributed.checkpoint directory")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--step", type=int, help="the step to export (every rank of the node must hold it)")
+    which.add_argument("--latest", action="store_true",
+                       help="the recoverable step (cluster), else the newest step every rank holds")
+    p.add_argument("--to", required=True, help="the directory to write (on a shared file system: every node adds its ranks)")
+    p.add_argument("--config", help="the daemon's config file")
+    p.add_argument("--node-rank", type=int)
+    p.add_argument("--endpoint", help="the daemon's endpoint (default $FTD_ENDPOINT or the local default)")
+    p.set_defaults(func=_export)
 
     launch.add_commands(sub)
     peerauth.add_commands(sub)

@@ -163,9 +163,9 @@ class Daemon:
                 self.node.maybe_candidate()
             if mtype == "restore" and self.node is not None:
                 self.node.on_restored(fields["rank"], result["versions"][0]["step"] if result["versions"] else -1)
-            if mtype in ("register", "restore"):
+            if mtype in ("register", "restore", "versions"):
                 result.update(shm_dir=str(self.config.shm_dir), chunk_size=self.config.chunk_size,
-                              node_rank=self.config.node_rank)
+                              node_rank=self.config.node_rank, job=self.config.job)
             return protocol.ok(**result)
         except (ProtocolError, Refused) as e:
             if isinstance(e, ProtocolError):

@@ -37,6 +37,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "restore": {"rank": (_RANK, True), "local_world": (_POS, False)},
     "corrupt": {"rank": (_RANK, True), "buffer": (_STR, True), "step": (_INT, True)},
     "recover": {},
+    "versions": {},   # read-only: every rank's complete versions (for `ftd export`)
 }
 
 

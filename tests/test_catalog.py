@@ -256,3 +256,18 @@ def test_cluster_never_pins_what_a_dead_trainer_committed(cat):
     assert cat.ranks[0].pinned is None and cat.candidate() is None
     snap(cat, s1, 1)                            # what the new trainer commits is
     assert cat.candidate() == (1, 1024, False)
+
+
+def test_versions_lists_everything_and_changes_nothing(cat):
+    s0, s1 = cat.register(0, 2, 42)["session"], cat.register(1, 2, 43)["session"]
+    for step in range(3):
+        snap(cat, s0, step)
+    snap(cat, s1, 1)
+    snap(cat, s1, 2)
+    before = cat.restore(0)
+    v = cat.versions()
+    assert [[x["step"] for x in r["versions"]] for r in v["ranks"]] == [[2, 1], [2, 1]]
+    assert v["latest"] == 2 and not v["clustered"]
+    assert cat.restore(0) == before                 # read-only: an export never disturbs a restore
+    cat.clustered, cat.recoverable = True, 1
+    assert cat.versions()["latest"] == 1            # in a cluster: the recoverable step

@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allreduce", choices=("ordered", "ring"), default="ordered",
                    help="DDP gradient averaging: 'ordered' sums in rank order (bit-exact after a restore, see "
                         "ftd/ddp.py), 'ring' is DDP's default (equal only to the last bits with 3+ ranks)")
+    p.add_argument("--save-final", help="rank 0 writes torch.save({'model', 'optim'} state dicts) here at the end")
     p.add_argument("--no-ftd", action="store_true", help="reference run without snapshots")
     args = p.parse_args(argv)
     if args.dim % args.heads:
@@ -221,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                  params=sum(p.numel() for p in model.parameters()), steps_run=max(0, args.steps - first),
                  loop_seconds=loop_seconds, rank=rank, world=world)
     (out / f"stats-rank{rank}.json").write_text(json.dumps(stats, indent=1) + "\n")
+    if args.save_final and rank == 0:
+        torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, args.save_final)
     # Free DDP's reducer (and the gloo work it holds) while the process group is alive: else the
     # process sometimes aborts at exit ("terminate called without an active exception").
     del net
