@@ -85,3 +85,23 @@ def test_agent_bad_input_says_what_to_do(node_config):
     r = subprocess.run([*AGENT, "--config", str(config.parent / "missing.toml"), "--", "true"],
                        capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_job_store_serves_the_agents_apart_from_node_0():
+    import signal
+    from ftd.jobstore import JobStore, tcp_kv
+    proc = subprocess.Popen([sys.executable, "-m", "ftd.cli", "job-store", "--port", "0", "--host", "127.0.0.1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r"on 127\.0\.0\.1:(\d+);", line).group(1))
+        assert "--rdzv-external" in line
+        store = JobStore(tcp_kv("127.0.0.1", port, host_it=False, timeout=10), 2)
+        assert store.generation() == 0 and store.end_generation(0, "node 0 lost") == 1
+        assert JobStore(tcp_kv("127.0.0.1", port, host_it=False, timeout=10), 2).why(0) == "node 0 lost"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
