@@ -60,6 +60,7 @@ class Plan:
     model: tuple[str, ...] = ("--layers", "2", "--dim", "128", "--heads", "4", "--context", "64", "--batch", "16",
                               "--lr", "1e-3")
     step_sleep: float = 0.0
+    allreduce: str = "ordered"   # the trainer's DDP gradient averaging (ftd/ddp.py); "ring" is DDP's default
 
     @classmethod
     def quick(cls) -> "Plan":
@@ -98,7 +99,8 @@ class Demo:
 
     def trainer(self, out_dir: Path, *extra: str) -> list[str]:
         return [sys.executable, "-m", "ftd.examples.gpt_trainer", "--steps", str(self.plan.steps),
-                "--out", str(out_dir), *self.plan.model, "--step-sleep", str(self.plan.step_sleep), *extra]
+                "--out", str(out_dir), *self.plan.model, "--step-sleep", str(self.plan.step_sleep),
+                "--allreduce", self.plan.allreduce, *extra]
 
 
 def run_reference(demo: Demo) -> float:
@@ -429,6 +431,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--nodes", type=int, default=4, help="simulated nodes (default 4)")
     p.add_argument("--parity", type=int, default=1, help="parity blocks per group, m (default 1)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="ranks per node, as torchrun's (default 1)")
+    p.add_argument("--allreduce", choices=("ordered", "ring"), default="ordered",
+                   help="DDP gradient averaging: 'ring' (DDP's default) is not bit-exact across a restart "
+                        "with 3+ ranks; see README")
     p.add_argument("--step-sleep", type=float, help="extra seconds per step, to watch it slowly (default 0; 0.05 with --quick)")
     p.add_argument("--out", default="ftd-demo-out", help="where report.json and losses.png go (default ./ftd-demo-out)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs, losses)")
@@ -442,7 +447,7 @@ def main(args: argparse.Namespace) -> int:
             setattr(plan, name, getattr(args, name))
     if args.step_sleep is not None:
         plan.step_sleep = args.step_sleep
-    plan.nodes, plan.parity, plan.nproc = args.nodes, args.parity, args.nproc_per_node
+    plan.nodes, plan.parity, plan.nproc, plan.allreduce = args.nodes, args.parity, args.nproc_per_node, args.allreduce
     try:
         plan.check()
     except DemoError as e:
