@@ -34,7 +34,7 @@ from . import demoreport
 from .agent import stop_process_group
 from .connection import status_or_none
 from .launch import config_path, kill_everything_from
-from .localjob import AgentCluster, DaemonWatch, RankLog, start_reference
+from .localjob import AgentCluster, DaemonWatch, RankLog, common_resume, reached, start_reference
 
 RUN_TIMEOUT = 600.0        # seconds the whole ftd run may take before the demo gives up
 REFERENCE_TIMEOUT = 300.0
@@ -149,11 +149,9 @@ class Run:
 
     def wait(self, what: str, predicate, deadline: float, agents_may_finish: bool = False) -> None:
         while not predicate():
-            dead = [n for n, p in self.cluster.agents.items() if p.poll() not in ((None, 0) if agents_may_finish else (None,))]
-            if dead:
-                n = dead[0]
-                raise DemoError(f"the agent of node {n} exited with status {self.cluster.agents[n].returncode} "
-                                f"while waiting for {what}:\n{_tail(self.demo.workdir / f'agent{n}.out')}")
+            failure = self.cluster.agent_failure(finished_ok=agents_may_finish)
+            if failure:
+                raise DemoError(f"while waiting for {what}, {failure}")
             if time.monotonic() > deadline:
                 raise DemoError(f"timed out waiting for {what}")
             self.poll()
@@ -164,12 +162,12 @@ class Run:
         def resumed():
             return all(log.generation > after_generation and log.generation in log.resumed for log in self.logs)
         self.wait("the workers to restart", resumed, deadline)
-        steps = {log.resumed[log.generation] for log in self.logs}
-        if len(steps) != 1 or None in steps:
-            raise DemoError(f"the ranks resumed after different steps or started fresh: {sorted(steps, key=str)}")
-        failure["resumed_after"] = steps.pop()
+        try:
+            failure["resumed_after"] = common_resume(self.logs)
+        except ValueError as e:
+            raise DemoError(str(e)) from None
         # the furthest any rank got before the failure: everything after the restored step is re-run
-        failure["at_step"] = max(log.reached.get(failure["failed_generation"], -1) for log in self.logs)
+        failure["at_step"] = reached(self.logs, failure["failed_generation"])
         failure["steps_lost"] = failure["at_step"] - failure["resumed_after"]
         failure["seconds_to_resume"] = time.monotonic() - failure["t"]
         failure["generation"] = self.logs[0].generation
@@ -249,11 +247,9 @@ class Run:
 
         self.wait("the end of training", lambda: all(p.poll() is not None for p in cluster.agents.values()),
                   deadline, agents_may_finish=True)
-        bad = {n: p.returncode for n, p in cluster.agents.items() if p.returncode != 0}
-        if bad:
-            n = next(iter(bad))
-            raise DemoError(f"the agent of node {n} exited with status {bad[n]}:\n"
-                            f"{_tail(self.demo.workdir / f'agent{n}.out')}")
+        failure = cluster.agent_failure(finished_ok=True)
+        if failure:
+            raise DemoError(f"at the end of training, {failure}")
         for log in self.logs:
             log.poll()
         say(f"{INDENT}every node finished step {plan.steps - 1}; the agents stopped their daemons")

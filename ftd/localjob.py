@@ -70,6 +70,20 @@ class RankLog:
 
 
 # ---- the simulated cluster ------------------------------------------------------------------------
+def common_resume(logs: list[RankLog]) -> int:
+    """The step every rank resumed after in its current generation; ValueError if they differ or
+    any started afresh (then the restart would not be bit-exact)."""
+    steps = {log.resumed.get(log.generation) for log in logs}
+    if len(steps) != 1 or None in steps:
+        raise ValueError(f"the ranks resumed after different steps or started fresh: {sorted(steps, key=str)}")
+    return steps.pop()
+
+
+def reached(logs: list[RankLog], generation: int) -> int:
+    """The furthest step any rank finished in ``generation`` (-1 if none)."""
+    return max(log.reached.get(generation, -1) for log in logs)
+
+
 class AgentCluster:
     """Configs for ``nodes`` nodes in ``workdir``, one agent per node running ``trainer`` on ``nproc`` ranks."""
 
@@ -130,6 +144,19 @@ class AgentCluster:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             kill_node(self.dir, node)
         return sum(1 for line in out.getvalue().splitlines() if line.strip().startswith("deleted /dev/shm"))
+
+    def agent_failure(self, finished_ok: bool = False) -> str | None:
+        """Why the job cannot go on, if an agent exited (with an error, or at all unless ``finished_ok``):
+        its exit status and the end of its output; None while every agent runs."""
+        for n, p in self.agents.items():
+            code = p.poll()
+            if code is not None and not (finished_ok and code == 0):
+                try:
+                    tail = (self.dir / f"agent{n}.out").read_text(errors="replace").splitlines()[-15:]
+                except OSError:
+                    tail = ["(no output)"]
+                return f"the agent of node {n} exited with status {code}:\n" + "\n".join("      " + t for t in tail)
+        return None
 
     def endpoint(self, node: int) -> str:
         return self.configs[node].endpoint

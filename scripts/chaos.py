@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from ftd import demoreport  # noqa: E402
 from ftd.launch import kill_everything_from  # noqa: E402
-from ftd.localjob import AgentCluster, DaemonWatch, RankLog, start_reference  # noqa: E402
+from ftd.localjob import AgentCluster, DaemonWatch, RankLog, common_resume, reached, start_reference  # noqa: E402
 
 KINDS = ("worker", "daemon", "node", "freeze", "memory")
 MODEL = ("--layers", "1", "--dim", "32", "--heads", "2", "--context", "16", "--batch", "4")
@@ -86,11 +86,9 @@ class Chaos:
     def wait(self, what: str, predicate, timeout: float = RECOVERY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
-            dead = {n: p.returncode for n, p in self.cluster.agents.items() if p.poll() not in (None, 0)}
-            if dead:
-                n = next(iter(dead))
-                raise ChaosError(f"agent of node {n} exited with status {dead[n]} while waiting for {what}:\n"
-                                 + (self.dir / f"agent{n}.out").read_text(errors="replace")[-3000:])
+            failure = self.cluster.agent_failure(finished_ok=True)
+            if failure:
+                raise ChaosError(f"while waiting for {what}, {failure}")
             if time.monotonic() > deadline:
                 raise ChaosError(f"timed out after {timeout:g} s waiting for {what}")
             self.poll()
@@ -108,11 +106,11 @@ class Chaos:
         gen = event["generation"]
         self.wait("every rank to resume", lambda: all(log.generation > gen and log.generation in log.resumed
                                                       for log in self.logs))
-        steps = {log.resumed[log.generation] for log in self.logs}
-        if len(steps) != 1 or None in steps:
-            raise ChaosError(f"ranks resumed after different steps or fresh: {sorted(steps, key=str)}")
-        event["resumed_after"] = steps.pop()
-        event["at_step"] = max(log.reached.get(gen, -1) for log in self.logs)
+        try:
+            event["resumed_after"] = common_resume(self.logs)
+        except ValueError as e:
+            raise ChaosError(str(e)) from None
+        event["at_step"] = reached(self.logs, gen)
         event["steps_lost"] = event["at_step"] - event["resumed_after"]
         if event["resumed_after"] < event["recoverable_before"]:
             raise ChaosError(f"{event['kind']}: resumed after step {event['resumed_after']}, older than step "
