@@ -120,11 +120,12 @@ class NodeDaemon:
             self.ensure_running()
             st = self.status()
             cluster = (st or {}).get("cluster")
-            if st is not None and (cluster is None or (cluster["ready"] and not cluster["rebuilding"])):
+            if st is not None and (cluster is None or (cluster["ready"] and not cluster["rebuilding"]
+                                                       and not cluster.get("disk_wait"))):
                 break
             if not told and cluster is not None:
-                say(self.node_rank, "waiting for the daemon to sync with its peers "
-                                    "(a replacement node rebuilds its snapshots now)")
+                say(self.node_rank, "waiting for the daemon to sync with its peers (a replacement node rebuilds "
+                                    "its snapshots now, or the cluster restores from disk)")
                 told = True
             if time.monotonic() > deadline:
                 raise AgentFailed(f"the daemon was not ready within {READY_TIMEOUT:g} s")

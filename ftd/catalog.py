@@ -12,6 +12,7 @@ parity in every group; the only one a restore may serve) and each rank's *pinned
 commit at or after the coordinator's target, held for the next protection round). Neither is ever
 overwritten; when both buffers of a rank hold one of them, ``begin`` answers "busy" and the client
 skips that snapshot, so a slow protection makes ftd snapshot less often, never slows training.
+A background flush to disk holds the version it copies out in the same way, for that copy only.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class Buffer:
     seq: int = 0                      # commit order, to tell the newest version
     committed_at: float | None = None
     pid: int | None = None            # the trainer process that committed it (None: adopted, rebuilt)
+    origin: str = "memory"            # "disk:<dir>": loaded from a flushed version (a restore says so)
 
 
 @dataclasses.dataclass
@@ -58,6 +60,7 @@ class RankEntry:
     last_copy_seconds: float | None = None
     last_blocked_seconds: float | None = None
     pinned: int | None = None         # cluster: step held for the next protection round
+    flush_hold: str | None = None     # buffer a flush is copying out: never handed out meanwhile
 
     def complete(self) -> list[Buffer]:
         """Complete versions, newest first."""
@@ -131,13 +134,15 @@ class Catalog:
 
     # ---- requests ---------------------------------------------------------------------------
     def adopt(self, rank: int, world: int, name: str, capacity: int, step: int, manifest: dict,
-              committed_at: float | None) -> None:
-        """Take over a complete, verified version left by a predecessor daemon (call in commit order)."""
+              committed_at: float | None, origin: str = "memory") -> None:
+        """Take over a complete, verified version left by a predecessor daemon, rebuilt from the
+        peers or loaded from disk (call in commit order)."""
         entry = self.ranks.setdefault(rank, RankEntry(rank, world))
         self._seq += 1
-        entry.buffers.append(Buffer(name, capacity, "complete", step, manifest, self._seq, committed_at))
+        entry.buffers.append(Buffer(name, capacity, "complete", step, manifest, self._seq, committed_at,
+                                    origin=origin))
         if len(entry.buffers) > 2:
-            oldest = min(entry.buffers, key=lambda b: b.seq)
+            oldest = min((b for b in entry.buffers if b.name != entry.flush_hold), key=lambda b: b.seq)
             self.store.release(oldest.name)
             entry.buffers.remove(oldest)
 
@@ -156,14 +161,19 @@ class Catalog:
         entry = self._by_session(session)
         if self.clustered:
             keep = {self.recoverable, entry.pinned}
-            spare = [b for b in entry.buffers if not (b.state == "complete" and b.step in keep)]
+            spare = [b for b in entry.buffers if not (b.state == "complete" and b.step in keep)
+                     and b.name != entry.flush_hold]
             if not spare and len(entry.buffers) >= 2:
                 return {"busy": f"both buffers of rank {entry.rank} hold versions the cluster still needs "
-                                f"(recoverable step {self.recoverable}, step {entry.pinned} being protected)"}
+                                f"(recoverable step {self.recoverable}, step {entry.pinned} being protected, "
+                                f"or a version being copied out to disk)"}
         else:
             complete = entry.complete()
             newest = complete[0] if complete else None
-            spare = [b for b in entry.buffers if b is not newest]
+            spare = [b for b in entry.buffers if b is not newest and b.name != entry.flush_hold]
+            if not spare and len(entry.buffers) >= 2:
+                return {"busy": f"both buffers of rank {entry.rank} are held (the newest version, and one "
+                                f"being copied out to disk)"}
         spare.sort(key=lambda b: (b.state == "complete", b.seq))  # prefer free/writing over an older version
         target = spare[0] if spare else None
         if target is None or target.capacity < nbytes:
@@ -217,14 +227,16 @@ class Catalog:
                     f"rank {rank} has no snapshot of the cluster's recoverable step {self.recoverable} on this node "
                     f"(it holds ranks {sorted(self.ranks)}); every rank must restart on the node it ran on, "
                     f"or the job must start afresh with a new job name")
-            return {"versions": [{"step": b.step, "buffer": b.name, "manifest": b.manifest} for b in mine[:1]]}
+            return {"versions": [{"step": b.step, "buffer": b.name, "manifest": b.manifest, "origin": b.origin}
+                                 for b in mine[:1]]}
         if rank not in self.ranks or self.clustered:
             return {"versions": []}
         holders = [r for r in self.ranks.values() if r.complete()]
         common = set.intersection(*({b.step for b in r.complete()} for r in holders)) if holders else set()
         mine = [b for b in self.ranks[rank].complete() if b.step in common]
         mine.sort(key=lambda b: (-b.step, -b.seq))
-        return {"versions": [{"step": b.step, "buffer": b.name, "manifest": b.manifest} for b in mine]}
+        return {"versions": [{"step": b.step, "buffer": b.name, "manifest": b.manifest, "origin": b.origin}
+                             for b in mine]}
 
     def versions(self) -> dict:
         """Every rank's complete versions, newest first, and the step an export should take by default
@@ -293,6 +305,28 @@ class Catalog:
                 self.store.mark_writing(b.name)
                 b.state, b.step, b.manifest = "free", None, None
 
+    def newest_common(self) -> int:
+        """Newest step every rank of this node holds (standalone: what a restore serves), or -1."""
+        return max(self.held_steps(), default=-1)
+
+    def hold_for_flush(self, step: int) -> list[dict]:
+        """Hold every rank's buffer of ``step`` while a flush copies it out; [] if a rank lacks it."""
+        held = self.buffers_of(step)
+        for r, b in held:
+            r.flush_hold = b.name
+        return [{"rank": r.rank, "world": r.world, "name": b.name, "manifest": b.manifest} for r, b in held]
+
+    def release_flush_hold(self) -> None:
+        for r in self.ranks.values():
+            r.flush_hold = None
+
+    def reset_to(self, step: int) -> None:
+        """The cluster restored ``step`` from disk: it is the recoverable step now, even if an older
+        timeline had a later one; every version after it belongs to that timeline."""
+        self.recoverable = step
+        for rank in list(self.ranks):
+            self.forget_newer(rank, step)
+
     def held_steps(self) -> list[int]:
         """Steps that every rank of this node holds complete, newest first."""
         holders = [r for r in self.ranks.values()]
@@ -322,6 +356,7 @@ class Catalog:
                 "buffer_bytes": sum(b.capacity for b in r.buffers),
                 "last_commit_at": r.last_commit_at, "last_copy_seconds": r.last_copy_seconds,
                 "last_blocked_seconds": r.last_blocked_seconds, "pinned": r.pinned,
+                "origins": sorted({b.origin for b in r.complete()}),
             })
         return {"budget": self.budget, "used": self.used, "ranks": ranks}
 

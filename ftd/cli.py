@@ -36,7 +36,8 @@ def _endpoint(args: argparse.Namespace) -> str:
 
 def _export(args: argparse.Namespace) -> int:
     """Write a version from the daemon's memory as a torch.distributed.checkpoint directory."""
-    from .export import export, verify_export
+    from .durable import verify_export
+    from .export import export
     conn = Connection(_endpoint(args), timeout=30.0)
     try:
         manifest = export(conn, Path(args.to), None if args.latest else args.step)
@@ -95,7 +96,27 @@ def _status(args: argparse.Namespace) -> int:
               f"committed {_age(r['last_commit_at'])}")
     if st.get("cluster"):
         print("\n".join(_cluster_lines(st["cluster"])))
+    if st.get("flush"):
+        print("\n".join(_flush_lines(st["flush"])))
     return 0
+
+
+def _flush_lines(fl: dict) -> list[str]:
+    rule = " or ".join(([f"every {fl['every']} steps"] if fl["every"] else [])
+                       + ([f"every {fl['interval']:g} s"] if fl["interval"] else []))
+    lines = [f"flush to {fl['dir']} ({rule}, keep {fl['keep']}): {fl['flushed']} done, {fl['failures']} failed, "
+             f"{fl['superseded']} superseded; on disk: steps {fl['on_disk'][:5] or 'none'}"]
+    if fl.get("loading") is not None:
+        lines.append(f"   loading step {fl['loading']} from disk")
+    if fl["running"] is not None:
+        lines.append(f"   flushing step {fl['running']}" + (f", step {fl['pending']} waits" if fl["pending"] else ""))
+    last = fl.get("last")
+    if last and last["ok"]:
+        lines.append(f"   last: step {last['step']}, {format_size(last['bytes'])} in {last['seconds']:.2f} s "
+                     f"(buffers held {_ms(last.get('copy_seconds'))}), {_age(last['at'])}")
+    elif last:
+        lines.append(f"   last: step {last['step']} FAILED: {last['error']}")
+    return lines
 
 
 def _recover(args: argparse.Namespace) -> int:
@@ -161,6 +182,8 @@ def _cluster_lines(cl: dict) -> list[str]:
                         f"{cl['round']['frames_left']} parity frame(s) to go"))
     if cl["rebuilding"]:
         lines.append(f"   rebuilding: {cl['rebuilding']}")
+    if cl.get("disk_wait"):
+        lines.append(f"   restores wait: {cl['disk_wait']}")
     if cl["lost_error"]:
         lines.append(f"   cannot restore: {cl['lost_error']}")
     co = cl.get("coordinator")

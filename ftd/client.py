@@ -219,7 +219,12 @@ class Client:
                 del tensors
             finally:
                 _close_in_background(arena)
-            log.info("ftd: rank %d restored step %d", self.rank, step)
+            origin = version.get("origin", "memory")
+            if origin.startswith("disk"):  # the memory copies could not give a step: say so loudly
+                log.warning("ftd: rank %d restored step %d from the version flushed to disk (%s)", self.rank, step,
+                            origin.partition(":")[2] or "flush_dir")
+            else:
+                log.info("ftd: rank %d restored step %d", self.rank, step)
             return step
         return None
 

@@ -45,6 +45,12 @@ class Config:
     round_timeout: float = 120.0    # seconds a protection round may take before it is abandoned
     peer_timeout: float = 10.0      # seconds of silence after which a peer is declared lost (a round in
                                     # flight with it is abandoned; a rebuild asks another peer)
+    # ---- durable tier: background flush to disk, and the fallback restore from it ----
+    flush_dir: Path | None = None   # directory of flushed versions (local disk or a shared file system);
+                                    # None: no flush, and no restore from disk
+    flush_every: int = 0            # flush a recoverable version once it is this many steps past the last
+    flush_interval: float = 300.0   # ... or once this many seconds passed since the last flush began
+    flush_keep: int = 2             # newest flushed versions kept on disk (per node)
 
     def __post_init__(self) -> None:
         if not _JOB_NAME.match(self.job):
@@ -56,6 +62,11 @@ class Config:
         for name in ("request_timeout", "round_timeout", "peer_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, got {getattr(self, name)}")
+        if self.flush_every < 0 or self.flush_interval < 0 or (self.flush_every == 0 and self.flush_interval == 0):
+            raise ValueError(f"flush_every ({self.flush_every}) and flush_interval ({self.flush_interval}) must be >= 0, "
+                             f"and one of them > 0")
+        if self.flush_keep < 1:
+            raise ValueError(f"flush_keep must keep at least 1 flushed version, got {self.flush_keep}")
         if self.memory_budget == 0:
             object.__setattr__(self, "memory_budget", psutil.virtual_memory().total // 2)
         self._check_peers()
@@ -188,9 +199,9 @@ def load_config(path: str | os.PathLike | None = None, *, node_rank: int | None 
             kwargs[key] = Path(value).expanduser() if value else Path("/dev/shm")
         elif key in ("memory_budget", "memory_reserve", "chunk_size", "frame_size", "inflight_bytes"):
             kwargs[key] = parse_size(value, total=total)
-        elif key in ("request_timeout", "round_timeout", "peer_timeout"):
+        elif key in ("request_timeout", "round_timeout", "peer_timeout", "flush_interval"):
             kwargs[key] = float(value)
-        elif key in ("node_rank", "parity", "group_size", "group_stride"):
+        elif key in ("node_rank", "parity", "group_size", "group_stride", "flush_every", "flush_keep"):
             kwargs[key] = int(value)
         elif key == "peers":
             if not isinstance(value, list):
@@ -200,7 +211,7 @@ def load_config(path: str | os.PathLike | None = None, *, node_rank: int | None 
             if not isinstance(value, bool):
                 raise ValueError(f"config file {path}: insecure_peers must be true or false")
             kwargs[key] = value
-        elif key == "peer_key_file":
+        elif key in ("peer_key_file", "flush_dir"):
             kwargs[key] = Path(value).expanduser() if value else None
         else:
             kwargs[key] = value

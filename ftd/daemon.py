@@ -3,7 +3,9 @@
 Its loop only moves messages: receive a request on the ZeroMQ ROUTER control socket, validate it
 (protocol), let the catalog decide, reply. On start it adopts the complete, checksum-verified
 versions a killed predecessor left in shared memory and deletes everything else of its own; on
-SIGTERM/SIGINT it unlinks every segment it owns.
+SIGTERM/SIGINT it unlinks every segment it owns. With a ``flush_dir`` it also flushes versions to
+disk in the background (``flusher``) and, standalone, loads the newest flushed version back when it
+starts with nothing in memory (a cluster decides that together: ``node``).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from .catalog import Catalog
 from .checksum import bad_chunks
 from .config import Config, ensure_private_dir
 from .errors import FtdError, ProtocolError, Refused
+from .flusher import DiskLoad, Flusher
+from .flushpolicy import FlushPolicy
 from .layout import Manifest
 
 log = logging.getLogger("ftd.daemon")
@@ -71,10 +75,15 @@ class Daemon:
             segment_name=lambda rank: f"{config.shm_prefix}r{rank}.{secrets.token_hex(6)}",
             alive=process_alive)
         self._segment_re = re.compile(re.escape(config.shm_prefix) + r"r(\d+)\.([0-9a-f]{12})$")
+        self.flusher = Flusher(config, self.catalog) if config.flush_dir is not None else None
+        self.flush_policy = FlushPolicy(config.flush_every, config.flush_interval)  # standalone only
+        self._flush_offered = -1
+        self.disk_load: DiskLoad | None = None  # standalone: a flushed version being loaded at start-up
+        self._disk_steps: list[int] = []        # ... and the older ones to try if it fails its checks
         self.node = None
         if config.clustered:
             from .node import ClusterNode
-            self.node = ClusterNode(config, self.catalog)
+            self.node = ClusterNode(config, self.catalog, self.flusher)
         self._stop = False
         self.invalid_requests = 0  # control messages dropped or refused as malformed
         self._lock_fd: int | None = None
@@ -158,14 +167,18 @@ class Daemon:
             elif mtype == "recover":
                 raise Refused("this daemon is a standalone node (no peers in its config): there is nothing "
                               "to rebuild from; `ftd recover` needs a cluster config (see `ftd launch`)")
+            elif mtype == "restore" and self.disk_load is not None:
+                return protocol.ok(wait=f"loading step {self.disk_load.step} from disk ({self.config.flush_dir})")
             result = getattr(self.catalog, mtype)(**fields)
             if mtype == "commit" and self.node is not None:
                 self.node.maybe_candidate()
+            elif mtype == "commit" and self.flusher is not None:
+                self._maybe_flush()
             if mtype == "restore" and self.node is not None:
                 self.node.on_restored(fields["rank"], result["versions"][0]["step"] if result["versions"] else -1)
             if mtype in ("register", "restore", "versions"):
                 result.update(shm_dir=str(self.config.shm_dir), chunk_size=self.config.chunk_size,
-                              node_rank=self.config.node_rank, job=self.config.job)
+                              node_rank=self.config.node_rank, job=self.config.job, nodes=max(1, self.config.nodes))
             return protocol.ok(**result)
         except (ProtocolError, Refused) as e:
             if isinstance(e, ProtocolError):
@@ -183,11 +196,11 @@ class Daemon:
             started = node.start_recover()
             return protocol.ok(started=started, rebuilding=node.rebuilding)
         if mtype == "restore":
-            if node.lost_error:
-                raise Refused(f"node {self.config.node_rank} cannot restore: {node.lost_error}")
             wait = node.restore_wait()
             if wait:
                 return protocol.ok(wait=wait)
+            if node.lost_error:
+                raise Refused(f"node {self.config.node_rank} cannot restore: {node.lost_error}")
         if mtype == "corrupt":
             node.on_corrupt()
             return protocol.ok(repairing=True)
@@ -203,7 +216,44 @@ class Daemon:
         if self.node is not None:
             st["cluster"] = self.node.status()
             st["used"] += st["cluster"]["parity_bytes"]
+        if self.flusher is not None:
+            st["flush"] = self.flusher.status()
+            if self.disk_load is not None:
+                st["flush"]["loading"] = self.disk_load.step
         return st
+
+    # ---- durable tier (standalone; a cluster member's node decides with its peers) ----------------
+    def _maybe_flush(self) -> None:
+        step = self.catalog.newest_common()
+        if step > self._flush_offered:
+            self._flush_offered = step
+            if self.flush_policy.due(step):
+                self.flusher.offer(step)
+
+    def _start_disk_load(self) -> None:
+        while self._disk_steps:
+            step = self._disk_steps.pop(0)
+            self.disk_load = DiskLoad(self.config, step, self.catalog.segment_name)
+            log.info("no snapshot in memory: loading step %d from %s", step, self.config.flush_dir)
+            return
+
+    def _tick_disk_load(self) -> None:
+        done = self.disk_load.result()
+        if done is None:
+            return
+        ok, value, seconds = done
+        load, self.disk_load = self.disk_load, None
+        if ok:
+            for r in value:
+                self.catalog.adopt(r["rank"], r["world"], r["name"], r["capacity"], load.step, r["manifest"], None,
+                                   origin=load.origin)
+            log.warning("restored step %d of %d rank(s) from disk in %.2f s (%s): memory held no snapshot",
+                        load.step, len(value), seconds, load.origin[5:])
+            return
+        log.warning("flushed step %d cannot be used: %s; trying the one before it", load.step, value)
+        self._start_disk_load()
+        if self.disk_load is None:
+            log.error("no flushed version on disk passes its checks: the trainers start afresh")
 
     # ---- loop -----------------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
@@ -214,6 +264,11 @@ class Daemon:
         adopted, removed = self.adopt_predecessor()
         if adopted or removed:
             log.info("adopted %d version(s) of a previous daemon, removed %d incomplete segment(s)", adopted, removed)
+        if self.flusher is not None:
+            self.flusher.start_worker()
+        if self.flusher is not None and self.node is None and not adopted:
+            self._disk_steps = self.flusher.on_disk()
+            self._start_disk_load()
         sock_path = self.config.socket_path
         if sock_path.exists():
             sock_path.unlink()  # stale: we hold the lock, so no daemon serves it
@@ -238,6 +293,10 @@ class Daemon:
             events = dict(poller.poll(20 if self.node is not None else 100))
             if self._sock in events:
                 self._serve_control()
+            if self.flusher is not None:
+                self.flusher.tick()
+            if self.disk_load is not None:
+                self._tick_disk_load()
             if self.node is not None:
                 try:
                     self._serve_peers(peer_sockets, events)
@@ -273,6 +332,10 @@ class Daemon:
     def close(self) -> None:
         if self._lock_fd is None:
             return  # never started: another daemon owns the socket and the segments
+        if self.flusher is not None:
+            self.flusher.close()  # before the segments go: it may be reading them
+        if self.disk_load is not None:  # its segments are not the catalog's yet
+            self.disk_load.abandon()
         if self.node is not None:
             self.node.close()
         self.catalog.release_all()

@@ -581,9 +581,12 @@ def _launch_cmd(args: argparse.Namespace) -> int:
         key_file = directory / "cluster.key"
         if not key_file.exists():
             generate_key_file(key_file)
-    extra = {"peer_key_file": str(Path(key_file).expanduser().absolute())} if key_file else None
+    extra = {"peer_key_file": str(Path(key_file).expanduser().absolute())} if key_file else {}
+    if args.flush_dir:
+        extra.update(flush_dir=str(Path(args.flush_dir).expanduser().absolute()), flush_every=args.flush_every,
+                     flush_interval=args.flush_interval, flush_keep=args.flush_keep)
     return launch(args.nodes, args.parity, Path(args.dir), job=args.job, group_size=args.group_size,
-                  memory_budget=args.memory_budget, base_port=args.base_port, extra=extra)
+                  memory_budget=args.memory_budget, base_port=args.base_port, extra=extra or None)
 
 
 def _kill_node_cmd(args: argparse.Namespace) -> int:
@@ -604,6 +607,13 @@ def add_commands(subparsers) -> None:
     p.add_argument("--key-file", help="CURVE key file of the cluster (`ftd keygen`); default: no peer authentication")
     p.add_argument("--secure", action="store_true",
                    help="authenticate and encrypt the peer links with CURVE, with a new key DIR/cluster.key")
+    p.add_argument("--flush-dir", metavar="DIR", help="flush recoverable versions to DIR/<job>/ in the background, and "
+                   "restore from there when memory cannot (default: no flush)")
+    p.add_argument("--flush-every", type=int, default=0, metavar="N", help="flush once a step is N past the last "
+                   "flushed one (default 0: by time only)")
+    p.add_argument("--flush-interval", type=float, default=300.0, metavar="S",
+                   help="... or S seconds after the last flush began (default 300; 0: by steps only)")
+    p.add_argument("--flush-keep", type=int, default=2, metavar="K", help="flushed versions kept per node (default 2)")
     p.add_argument("--foreground", action="store_true", default=True,
                    help="stay in the foreground until Ctrl-C (the default and only mode)")
     p.set_defaults(func=_launch_cmd)

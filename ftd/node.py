@@ -4,7 +4,10 @@ Driven by the daemon's single loop (no locks): ``on_socket`` for each peer messa
 loop turn, plus hooks for the control requests that change what the cluster may do (commit,
 restore, corrupt, recover). Node 0 also hosts the ``Coordinator``; its messages to itself are
 delivered in-process. Rebuilds run on their own thread (``rebuild.Rebuilder``) and hand their
-result back through a queue; only this loop touches the catalog.
+result back through a queue; only this loop touches the catalog. With a ``flush_dir``, the node
+flushes the recoverable steps the coordinator marks, and takes part in a restore from disk when
+the memory copies cannot give a step (see ``coordinator``): it offers the steps it flushed, loads
+the one chosen (``flusher.DiskLoad``), and restores wait meanwhile.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from .codec import Codec
 from .config import Config
 from .coordinator import Coordinator
 from .errors import FtdError, ProtocolError
+from .flusher import DiskLoad, Flusher
+from .flushpolicy import FlushPolicy
 from .nodestore import NodeStore
 from .peerauth import PeerSecurity
 from .peerproto import PeerMessages
@@ -38,7 +43,7 @@ MAX_REPAIR_TRIES = 3
 
 
 class ClusterNode:
-    def __init__(self, config: Config, catalog: Catalog):
+    def __init__(self, config: Config, catalog: Catalog, flusher: Flusher | None = None):
         self.config, self.catalog = config, catalog
         self.me = config.node_rank
         self.grouping = config.grouping()
@@ -48,7 +53,9 @@ class ClusterNode:
         self.codec = Codec(self.layout.k, self.layout.m, config.parity_code)
         self.messages = PeerMessages(config.job, self.me, config.nodes, self.layout.g)
         self.security = PeerSecurity.from_key_file(config.peer_key_file)
-        self.coordinator = (Coordinator(self.grouping, timeout=config.round_timeout, peer_timeout=config.peer_timeout)
+        policy = FlushPolicy(config.flush_every, config.flush_interval) if flusher is not None else None
+        self.coordinator = (Coordinator(self.grouping, timeout=config.round_timeout, peer_timeout=config.peer_timeout,
+                                        flush_policy=policy)
                             if self.me == 0 else None)
         self.links: PeerLinks | None = None
         catalog.clustered = True
@@ -78,6 +85,17 @@ class ClusterNode:
                       # commit of a step by the node's last rank -> that step recoverable on every node
                       "protection_lag": {"count": 0, "total_seconds": 0.0, "max_seconds": 0.0, "last_seconds": None}}
         self._round_started = 0.0
+        # ---- durable tier
+        self.flusher = flusher
+        self.epoch = 0                                    # restores from disk the cluster made (coordinator's)
+        self.disk_wait: str | None = None                 # why restores wait for a decision about the disk
+        self.disk_load: DiskLoad | None = None
+        self._disk_load_epoch = 0
+        self._disk_loaded: tuple[int, int] | None = None  # (epoch, step) loaded and reported
+        self._disk_need = False
+        self._disk_bad: set[int] = set()                  # flushed steps that failed their checks here
+        self._disk_offer_at = 0.0
+        self._flush_offered = -1
 
     # ---- start and stop ---------------------------------------------------------------------
     def start(self, ctx: zmq.Context) -> None:
@@ -94,6 +112,8 @@ class ClusterNode:
         self._rebuild_stop.set()
         if self._rebuild_thread is not None:
             self._rebuild_thread.join(15)
+        if self.disk_load is not None:
+            self.disk_load.abandon()
         self._drop_round()
         self.store.close()
         if self.links:
@@ -144,17 +164,27 @@ class ClusterNode:
             c.on_alive(src, msg["latest"])
         elif t == "candidate" and c:
             c.on_candidate(src, msg["target"], msg["step"], msg["nbytes"], msg["mismatch"], msg["recoverable"],
-                           msg["latest"])
+                           msg["latest"], msg.get("epoch", 0))
         elif t == "done" and c:
-            c.on_done(src, msg["round"], msg["step"], msg["latest"])
+            c.on_done(src, msg["round"], msg["step"], msg["latest"], msg.get("flushing", False))
         elif t == "hello" and c:
-            c.on_hello(src, msg["recoverable"])
+            c.on_hello(src, msg["recoverable"], msg.get("epoch", 0))
         elif t == "refuse" and c:
             c.on_refuse(src, msg["round"], msg["reason"])
         elif t == "restored" and c:
             c.on_restored(src, msg["step"])
+        elif t == "disk_offer" and c:
+            c.on_disk_offer(src, msg["epoch"], msg["recoverable"], msg["steps"], msg["need"])
+        elif t == "disk_loaded" and c:
+            c.on_disk_loaded(src, msg["epoch"], msg["step"], msg["ok"], msg["error"])
+        elif t == "disk_query":
+            self._offer_disk(need=self.lost_error is not None, asked=True)
+        elif t == "disk_load":
+            self._on_disk_load(msg["epoch"], msg["step"])
+        elif t == "disk_none":
+            self._on_disk_none(msg["reason"])
         elif t == "sync":
-            self._on_sync(msg["target"], msg["recoverable"])
+            self._on_sync(msg["target"], msg["recoverable"], msg.get("epoch", 0), msg.get("flush", False))
             self._to_coordinator("alive", latest=self.latest_step)
         elif t == "protect":
             self._on_protect(msg["round"], msg["step"], msg["sizes"])
@@ -176,6 +206,7 @@ class ClusterNode:
                 self._drop_round(keep_parity=False)
         elif t == "lost":
             self.lost_error = msg["error"]
+            self._offer_disk(need=True)
         elif t == "state_query":
             self.links.reply(envelope, "state", qid=msg["qid"], recoverable=self.catalog.recoverable,
                              data=[s for s in self.catalog.held_steps() if s in self.store.parity],
@@ -191,10 +222,15 @@ class ClusterNode:
                              hash=chunk_checksum(payload) if not error else 0, error=error[:200])
 
     # ---- coordination -------------------------------------------------------------------------
-    def _on_sync(self, target: int, recoverable: int) -> None:
+    def _on_sync(self, target: int, recoverable: int, epoch: int = 0, flush: bool = False) -> None:
         if not self.ready:
             return  # the start-up rebuild decides first what this node holds
         cat = self.catalog
+        if epoch < self.epoch:  # a coordinator restarted since the cluster restored from disk: tell it
+            self._to_coordinator("hello", recoverable=cat.recoverable, epoch=self.epoch)
+            return
+        if epoch > self.epoch and not self._reset_to_disk(epoch, recoverable):
+            return
         if recoverable > cat.recoverable:
             if self.store.holds(recoverable):
                 cat.recoverable = recoverable
@@ -213,7 +249,112 @@ class ClusterNode:
         self.store.prune_mappings()  # rank buffers of older steps are about to be rewritten
         cat.sync(target, cat.recoverable)
         self._last_candidate = None
+        if flush and self.flusher is not None and recoverable == cat.recoverable and recoverable > self._flush_offered:
+            self._flush_offered = recoverable
+            self.flusher.offer(recoverable)
         self.maybe_candidate()
+
+    def _flushing(self) -> bool:
+        """Whether this node's flush worker is busy (the coordinator marks no new flush meanwhile, so
+        every node flushes the same steps)."""
+        return self.flusher is not None and self.flusher.busy
+
+    # ---- the restore from disk ------------------------------------------------------------------
+    def _offer_disk(self, need: bool, asked: bool = False) -> None:
+        """Tell the coordinator which steps this node flushed completely (``need``: its memory
+        cannot give the recoverable step). Restores wait until the cluster decided."""
+        if self.flusher is None:  # no flush_dir: nothing on disk, and any error stands
+            if asked:
+                self._to_coordinator("disk_offer", epoch=self.epoch, recoverable=self.catalog.recoverable, steps=[],
+                                     need=False)
+            return
+        self._disk_need = self._disk_need or need
+        steps = [s for s in self.flusher.on_disk() if s not in self._disk_bad][:256]
+        if self.disk_wait is None:
+            self.disk_wait = ("the cluster restores from disk: its memory copies cannot give a recoverable step"
+                              if self._disk_need else "deciding whether the cluster restores from disk")
+        self._disk_offer_at = time.monotonic()
+        self._to_coordinator("disk_offer", epoch=self.epoch, recoverable=self.catalog.recoverable, steps=steps,
+                             need=self._disk_need)
+        self._flush_coordinator()
+
+    def _on_disk_load(self, epoch: int, step: int) -> None:
+        if epoch <= self.epoch or self.flusher is None:
+            return  # a late resend of a restore that is over, or nothing on disk here
+        if self.disk_wait is None:
+            raise ProtocolError(f"disk_load of step {step}, but this node offered nothing to load")
+        if self._disk_loaded == (epoch, step):
+            self._to_coordinator("disk_loaded", epoch=epoch, step=step, ok=True, error="")
+            return
+        if self.disk_load is not None:
+            if self.disk_load.step == step:
+                return  # loading it
+            self.disk_load.abandon()
+        self.disk_wait = f"loading step {step} from disk ({self.config.flush_dir})"
+        self._disk_load_epoch = epoch
+        self.disk_load = DiskLoad(self.config, step, self.catalog.segment_name)
+        log.warning("the cluster restores step %d from disk: loading this node's part", step)
+
+    def _tick_disk(self) -> None:
+        load = self.disk_load
+        if load is not None:
+            done = load.result()
+            if done is None:
+                return
+            self.disk_load = None
+            ok, value, seconds = done
+            if ok:
+                for r in value:
+                    self.catalog.adopt(r["rank"], r["world"], r["name"], r["capacity"], load.step, r["manifest"],
+                                       None, origin=load.origin)
+                self._disk_loaded = (self._disk_load_epoch, load.step)
+                log.info("loaded step %d from disk in %.2f s (%d rank(s))", load.step, seconds, len(value))
+                self._to_coordinator("disk_loaded", epoch=self._disk_load_epoch, step=load.step, ok=True, error="")
+            else:
+                self._disk_bad.add(load.step)
+                log.warning("flushed step %d cannot be used: %s", load.step, value)
+                self._to_coordinator("disk_loaded", epoch=self._disk_load_epoch, step=load.step, ok=False,
+                                     error=str(value)[:250])
+            return
+        if self.disk_wait and self._disk_loaded is None and time.monotonic() - self._disk_offer_at > 2.0:
+            self._offer_disk(self._disk_need)  # the coordinator may have restarted or missed it
+
+    def _on_disk_none(self, reason: str) -> None:
+        if self.disk_wait is None:
+            return
+        self.disk_wait = None
+        self._disk_need = False
+        if self.lost_error:
+            self.lost_error = f"{self.lost_error}; and no restore from disk: {reason}"
+        log.warning("no restore from disk: %s", reason)
+
+    def _reset_to_disk(self, epoch: int, step: int) -> bool:
+        """The cluster restored ``step`` from disk (epoch ``epoch``): the older timeline is over. Only
+        for a node that loaded that step (or, with a flush_dir, one that must still load it); False
+        if this sync is to be ignored."""
+        loaded = any(b.origin.startswith("disk") for _, b in self.catalog.buffers_of(step))
+        if not loaded:
+            if self.flusher is None:
+                raise ProtocolError(f"sync of epoch {epoch} (a restore from disk), but this node has no flush_dir "
+                                    f"and loaded nothing")
+            if self.disk_wait is None or self._disk_loaded is None:
+                log.warning("the cluster restored step %d from disk without this node: loading it too", step)
+                self._offer_disk(need=True)
+            return False
+        self.epoch = epoch
+        self.disk_wait, self._disk_need, self._disk_loaded = None, False, None
+        if self.round is not None:
+            self._drop_round(keep_parity=False)
+        self.done_unsynced = None
+        self.store.drop_steps(keep=lambda s: False)
+        self.store.prune_mappings()
+        self.group_protected = set()
+        self.catalog.reset_to(step)
+        self.latest_step = step
+        self._flush_offered = max(self._flush_offered, step)
+        self.lost_error = None
+        log.warning("the cluster restored step %d from disk (epoch %d); training goes on from there", step, epoch)
+        return True
 
     def _note_protection_lag(self, step: int) -> None:
         """How long the trainers' copy of ``step`` went unprotected (what a node loss would have cost)."""
@@ -240,7 +381,8 @@ class ClusterNode:
         self._last_candidate = key
         step, nbytes, mismatch = cand
         self._to_coordinator("candidate", target=self.catalog.target, step=step, nbytes=nbytes,
-                             mismatch=mismatch, recoverable=self.catalog.recoverable, latest=self.latest_step)
+                             mismatch=mismatch, recoverable=self.catalog.recoverable, latest=self.latest_step,
+                             epoch=self.epoch)
         self._flush_coordinator()
 
     def _on_protect(self, round_id: int, step: int, sizes: list[int]) -> None:
@@ -249,13 +391,14 @@ class ClusterNode:
         if self.round is not None:
             if self.round.round_id == round_id:
                 if self.round.complete:
-                    self._to_coordinator("done", round=round_id, step=step, latest=self.latest_step)
+                    self._to_coordinator("done", round=round_id, step=step, latest=self.latest_step,
+                                         flushing=self._flushing())
                 return
             self._drop_round(keep_parity=False)
         held = self.catalog.buffers_of(step)
         if not held:
             log.warning("asked to protect step %d, which this node no longer holds; the round restarts", step)
-            self._to_coordinator("hello", recoverable=self.catalog.recoverable)
+            self._to_coordinator("hello", recoverable=self.catalog.recoverable, epoch=self.epoch)
             return
         image = self.store.image(held)
         if sizes[self.me] != image.size:  # parity of another size than its metadata says: no rebuild could use it
@@ -327,7 +470,8 @@ class ClusterNode:
         self.done_unsynced = r.step
         self.stats["rounds_done"] += 1
         self.stats["last_round_seconds"] = time.monotonic() - self._round_started
-        self._to_coordinator("done", round=r.round_id, step=r.step, latest=self.latest_step)
+        self._to_coordinator("done", round=r.round_id, step=r.step, latest=self.latest_step,
+                             flushing=self._flushing())
 
     def on_restored(self, rank: int, step: int) -> None:
         """Trainer ``rank`` restored ``step`` from this node (-1: it found nothing and starts afresh):
@@ -442,7 +586,9 @@ class ClusterNode:
                     if n != self.me:
                         self.links.send(n, "lost", step=self.catalog.recoverable, nodes=[self.me], error=err[:250])
             if not was_ready:
-                self._to_coordinator("hello", recoverable=self.catalog.recoverable)
+                self._to_coordinator("hello", recoverable=self.catalog.recoverable, epoch=self.epoch)
+            if self.lost_error:
+                self._offer_disk(need=True)
             return
         res = value
         self._record_rebuild({"ok": True, "why": why, "at": time.time(), "step": res.step,
@@ -464,7 +610,9 @@ class ClusterNode:
                      res.seconds, res.rebuilt_data, res.rebuilt_parity, res.fetched_bytes)
         self._repair_tries = 0
         if not was_ready or res.rebuilt_data or res.rebuilt_parity:
-            self._to_coordinator("hello", recoverable=self.catalog.recoverable)
+            self._to_coordinator("hello", recoverable=self.catalog.recoverable, epoch=self.epoch)
+        if not was_ready and res.step < 0:
+            self._offer_disk(need=False)  # nothing in memory anywhere it asked: is there something on disk?
 
     # ---- loop turn ----------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -479,6 +627,8 @@ class ClusterNode:
             self._repair_tries += 1
             self._start_rebuild("a chunk failed its checksum while serving a peer")
         self._pump()
+        if self.flusher is not None:
+            self._tick_disk()
         if self.coordinator:
             self.coordinator.tick()
         self._flush_coordinator()
@@ -488,6 +638,8 @@ class ClusterNode:
         """Why a restore must wait now, or None."""
         if not self.ready or self.rebuilding:
             return f"node {self.me} is rebuilding from its peers ({self.rebuilding or 'start-up'})"
+        if self.disk_wait:
+            return self.disk_wait
         if self.done_unsynced is not None:
             return f"waiting for the coordinator to settle whether step {self.done_unsynced} is recoverable"
         return None
@@ -514,7 +666,7 @@ class ClusterNode:
             "round": None if r is None else {"step": r.step, "complete": r.complete, "frames_left": r.left,
                                              "sent_all": r.sent_all},
             "rebuilding": self.rebuilding, "last_rebuild": self.last_rebuild, "rebuilds": self.rebuilds,
-            "lost_error": self.lost_error,
+            "lost_error": self.lost_error, "epoch": self.epoch, "disk_wait": self.disk_wait,
             "stats": {**self.stats, "sends_dropped": self.links.dropped if self.links else 0},
             "coordinator": self.coordinator.status() if self.coordinator else None,
         }

@@ -28,19 +28,27 @@ MAX_HEADER = 4 << 20
 SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     # coordination (node <-> coordinator)
     "candidate": {"target": (_I, True), "step": (_I, True), "nbytes": (_SIZE, True), "mismatch": (_BOOL, True),
-                  "recoverable": (_STEP, True), "latest": (_STEP, True)},
-    "sync": {"target": (_I, True), "recoverable": (_STEP, True)},
+                  "recoverable": (_STEP, True), "latest": (_STEP, True), "epoch": (_I, False)},
+    # epoch: how many times the cluster restored from disk (a step of a newer epoch wins over a later
+    # step of an older one); flush: write this recoverable step to disk
+    "sync": {"target": (_I, True), "recoverable": (_STEP, True), "epoch": (_I, False), "flush": (_BOOL, False)},
     "protect": {"round": (_I, True), "step": (_I, True), "sizes": (_INTS, True)},
-    "done": {"round": (_I, True), "step": (_I, True), "latest": (_STEP, True)},
+    "done": {"round": (_I, True), "step": (_I, True), "latest": (_STEP, True), "flushing": (_BOOL, False)},
     "protected": {"round": (_I, True), "step": (_I, True), "group": (_I, True)},
     "commit": {"round": (_I, True), "step": (_I, True)},
     "committed": {"round": (_I, True), "step": (_I, True)},
     "abort": {"round": (_I, True), "reason": (_STR, True)},
     "refuse": {"round": (_I, True), "reason": (_STR, True)},
-    "hello": {"recoverable": (_STEP, True)},
+    "hello": {"recoverable": (_STEP, True), "epoch": (_I, False)},
     "restored": {"step": (_STEP, True)},
     "alive": {"latest": (_STEP, True)},   # a node's answer to every sync/protect: the coordinator's heartbeat
     "lost": {"step": (_STEP, True), "nodes": (_INTS, True), "error": (_STR, True)},
+    # the fallback restore from disk (coordinator <-> nodes)
+    "disk_offer": {"epoch": (_I, True), "recoverable": (_STEP, True), "steps": (_INTS, True), "need": (_BOOL, True)},
+    "disk_query": {},
+    "disk_load": {"epoch": (_I, True), "step": (_I, True)},
+    "disk_loaded": {"epoch": (_I, True), "step": (_I, True), "ok": (_BOOL, True), "error": (_STR, True)},
+    "disk_none": {"reason": (_STR, True)},
     # protection data path (data holder <-> parity holder)
     "node_meta": {"round": (_I, True), "step": (_I, True), "meta": (_META, True)},
     "chunk": {"round": (_I, True), "step": (_I, True), "stripe": (_I, True), "number": (_I, True),

@@ -28,8 +28,9 @@ for _key in ("RANK", "WORLD_SIZE", "FTD_ENDPOINT"):
 
 
 class LocalCluster:
-    def __init__(self, nodes: int, parity: int, extra_args: tuple[str, ...] = ()):
+    def __init__(self, nodes: int, parity: int, extra_args: tuple[str, ...] = (), distinct_ranks: bool = False):
         self.nodes, self.parity = nodes, parity
+        self.distinct_ranks = distinct_ranks  # node n's trainer is rank n of world G (else rank 0 of 1)
         self.dir = Path(tempfile.mkdtemp(prefix="ftdc-", dir="/tmp"))
         self.job = f"c{uuid.uuid4().hex[:10]}"
         self.procs: list[subprocess.Popen] = []
@@ -110,6 +111,8 @@ class LocalCluster:
 
     def start_trainer(self, node: int, steps: int, step_sleep: float = 0.0) -> subprocess.Popen:
         env = dict(ENV, FTD_ENDPOINT=self.endpoints[node])
+        if self.distinct_ranks:
+            env.update(RANK=str(node), WORLD_SIZE=str(self.nodes))
         out = open(self.dir / f"trainer{node}.out", "ab")
         p = self._popen([sys.executable, "-m", "ftd.examples.tiny_trainer", "--steps", str(steps), "--losses",
                          str(self.losses(node)), "--seed", str(1000 + node), "--width", "64", "--depth", "2",

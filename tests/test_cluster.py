@@ -24,6 +24,7 @@ from clusters import ENV, LocalCluster, assert_matches_reference, reference_loss
 from conftest import ROOT, SHM, read_losses, wait_for
 
 MAX_STEPS = 200
+SOAK = os.environ.get("FTD_SOAK") == "1"  # the long mode: every node lost in turn, four pairs
 
 
 @pytest.fixture
@@ -72,15 +73,17 @@ def flip_byte(path, offset: int) -> None:
         f.write(bytes([b[0] ^ 0xFF]))
 
 
+@pytest.mark.soak
 @pytest.mark.timeout(240)
-def test_four_nodes_lose_every_single_node_in_turn(make_cluster):
+def test_four_nodes_lose_single_nodes_in_turn(make_cluster):
     c = make_cluster(4, 1)
     ref = references(c)
     steps = 20
     assert c.run_trainers(steps, step_sleep=0.01) == [None] * 4
     recoverable = c.settled()
     assert recoverable >= 0, "no step became recoverable"
-    for victim in range(4):
+    victims = range(4) if SOAK else (0, 3)  # node 0 hosts the coordinator; CI loses it and one other
+    for victim in victims:
         lose_and_rebuild(c, [victim], recoverable)
         steps += 12
         resumed = c.run_trainers(steps, step_sleep=0.01)
@@ -132,6 +135,7 @@ def test_nodes_lost_in_the_middle_of_a_protection(make_cluster, monkeypatch, nod
     assert_matches_reference(c, ref, MAX_STEPS)
 
 
+@pytest.mark.soak
 @pytest.mark.timeout(300)
 def test_six_nodes_two_parity_lose_pairs_then_three(make_cluster):
     c = make_cluster(6, 2)
@@ -139,7 +143,8 @@ def test_six_nodes_two_parity_lose_pairs_then_three(make_cluster):
     steps = 15
     c.run_trainers(steps, step_sleep=0.01)
     recoverable = c.settled()
-    pairs = [(0, 1), (2, 5), (1, 3)] + [tuple(sorted(random.Random(os.getpid()).sample(range(6), 2)))]
+    pairs = [(0, 1), (2, 5)] + ([(1, 3), tuple(sorted(random.Random(os.getpid()).sample(range(6), 2)))]
+                                if SOAK else [])
     for pair in pairs:
         lose_and_rebuild(c, list(pair), recoverable)
         steps += 10

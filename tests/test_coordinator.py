@@ -41,7 +41,7 @@ def all_candidates(c, step, nodes=4, target=None, latest=None):
 def test_start_syncs_every_node_with_target_zero():
     c, _ = make()
     (sync,) = sent(c, "sync")
-    assert sync.dests == (0, 1, 2, 3) and sync.fields == {"target": 0, "recoverable": -1}
+    assert sync.dests == (0, 1, 2, 3) and sync.fields == {"target": 0, "recoverable": -1, "epoch": 0, "flush": False}
 
 
 def test_agreeing_candidates_start_a_round_and_done_makes_it_recoverable():
@@ -59,7 +59,7 @@ def test_agreeing_candidates_start_a_round_and_done_makes_it_recoverable():
     out = c.take()
     assert [o.mtype for o in out] == ["protected", "sync"]
     assert c.recoverable == 0 and c.phase == COLLECT
-    assert out[1].fields == {"target": 8, "recoverable": 0}  # newest step seen + lead 1
+    assert out[1].fields == {"target": 8, "recoverable": 0, "epoch": 0, "flush": False}  # newest step seen + lead 1
 
 
 def test_groups_are_protected_one_by_one():
@@ -227,3 +227,99 @@ def test_nodes_done_or_with_a_candidate_are_never_called_silent():
     c.on_candidate(0, c.target, 0, 10, False, -1, 0)
     clock.t = 5.0
     assert c.silent() == [1, 2, 3]      # only the nodes it still waits for
+
+
+# ---- the restore from disk ------------------------------------------------------------------------
+def test_cold_start_restores_the_newest_step_flushed_by_all_and_skips_one_that_fails():
+    c, clock = make(4)
+    c.take()
+    for n, steps in enumerate([[30, 20, 10], [30, 20, 10], [30, 20, 10], [20, 10]]):
+        assert not sent(c, "disk_load")
+        c.on_disk_offer(n, 0, -1, steps, need=False)
+    load = sent(c, "disk_load")
+    assert len(load) == 1 and load[0].fields == {"epoch": 1, "step": 20} and load[0].dests == (0, 1, 2, 3)
+    c.on_disk_loaded(0, 1, 20, True, "")
+    c.on_disk_loaded(2, 1, 20, False, "rank-2 fails its checksums")  # corrupt on node 2: the one before
+    load = sent(c, "disk_load")
+    assert len(load) == 1 and load[0].fields == {"epoch": 1, "step": 10}
+    for n in range(4):
+        c.on_disk_loaded(n, 1, 10, True, "")
+    sync = sent(c, "sync")
+    assert sync[0].fields == {"target": 11, "recoverable": 10, "epoch": 1, "flush": True}
+    assert c.recoverable == 10 and c.epoch == 1 and c.disk is None
+
+
+def test_cold_start_with_nothing_common_on_disk_starts_afresh():
+    c, _ = make(2)
+    c.take()
+    c.on_disk_offer(0, 0, -1, [8], need=False)
+    c.on_disk_offer(1, 0, -1, [], need=False)
+    none = sent(c, "disk_none")
+    assert none and none[0].dests == (0, 1)
+    c.on_disk_offer(1, 0, -1, [], need=False)  # a daemon restarted later: told at once
+    assert sent(c, "disk_none")[0].dests == (1,)
+
+
+def test_more_than_m_lost_goes_back_to_the_disk_in_a_new_epoch():
+    c, _ = make(4)
+    all_candidates(c, 12)
+    rid = sent(c, "protect")[0].fields["round"]
+    for n in range(4):
+        c.on_done(n, rid, 12)
+    assert c.recoverable == 12
+    c.take()
+    c.on_disk_offer(2, 0, -1, [8, 4], need=True)  # node 2 cannot be rebuilt
+    query = sent(c, "disk_query")
+    assert query and query[0].dests == (0, 1, 3)
+    for n in (0, 1, 3):
+        c.on_disk_offer(n, 0, 12, [8, 4], need=False)
+    assert sent(c, "disk_load")[0].fields == {"epoch": 1, "step": 8}
+    c.on_candidate(0, c.target, 13, 1000, False, 12, 13)  # the old timeline goes on meanwhile: ignored
+    assert not sent(c, "protect")
+    for n in range(4):
+        c.on_disk_loaded(n, 1, 8, True, "")
+    assert (c.recoverable, c.epoch, c.target) == (8, 1, 9)  # back in time, in a new epoch
+    c.take()
+    c.on_hello(3, 12, 0)  # a report from the old epoch does not bring step 12 back
+    assert c.recoverable == 8
+    c.take()
+    c.on_candidate(1, 9, 13, 1000, False, 12, 13, epoch=0)
+    assert sent(c, "sync")[0].dests == (1,) and c.recoverable == 8 and not c.candidates
+
+
+def test_a_restarted_coordinator_learns_the_epoch_from_the_nodes():
+    c, _ = make(2)
+    c.on_hello(1, 8, 1)
+    assert (c.epoch, c.recoverable, c.target) == (1, 8, 9)
+
+
+def test_flush_is_marked_on_the_syncs_of_the_steps_the_policy_picks():
+    from ftd.flushpolicy import FlushPolicy
+    c, clock = make(2, flush_policy=FlushPolicy(every=5, interval=0, clock=lambda: 0.0))
+    flushed = []
+    for step in (0, 3, 5, 8, 11):
+        c.take()
+        for n in range(2):
+            c.on_candidate(n, c.target, step, 100, False, c.recoverable, step)
+        rid = sent(c, "protect")[0].fields["round"]
+        for n in range(2):
+            c.on_done(n, rid, step)
+        if sent(c, "sync")[0].fields["flush"]:
+            flushed.append(step)
+    assert flushed == [0, 5, 11]
+
+
+def test_no_flush_is_marked_while_a_node_still_flushes():
+    from ftd.flushpolicy import FlushPolicy
+    c, clock = make(2, flush_policy=FlushPolicy(every=1, interval=0, clock=lambda: 0.0))
+    flushed = []
+    for step, busy_node in ((0, None), (1, 1), (2, None)):
+        c.take()
+        for n in range(2):
+            c.on_candidate(n, c.target, step, 100, False, c.recoverable, step)
+        rid = sent(c, "protect")[0].fields["round"]
+        for n in range(2):
+            c.on_done(n, rid, step, step, flushing=n == busy_node)
+        if sent(c, "sync")[0].fields["flush"]:
+            flushed.append(step)
+    assert flushed == [0, 2]

@@ -83,7 +83,7 @@ def test_export_of_4_ddp_ranks_loads_with_plain_dcp_on_2_ranks(job, tmp_path):
 def test_export_checks_what_it_wrote_and_refuses_steps_not_held(job, tmp_path):
     import torch
     import ftd
-    from ftd.export import verify_export
+    from ftd.durable import verify_export
     d = job.daemon()
     with ftd.Client(d.endpoint, rank=0, world_size=1) as client:
         for step in range(3):

@@ -1,0 +1,86 @@
+"""The durable tier of a cluster: every node flushes the same recoverable steps to a shared
+directory; when more than m nodes of the group are lost, and when every daemon starts afresh, every
+rank restores the newest step flushed by all nodes and goes on bit-exact; a flushed copy that fails
+its checksums on one node makes the whole cluster take the step before it."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from clusters import LocalCluster, assert_matches_reference, reference_losses
+from conftest import SHM, wait_for
+from ftd import durable
+
+STEPS = 40
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = LocalCluster(3, 1, ("--flush-dir", str(tmp_path / "flush"), "--flush-every", "4", "--flush-interval", "0",
+                            "--flush-keep", "3"), distinct_ranks=True)
+    yield c
+    keep = tmp_path / "cluster-logs"  # the cluster's own directory goes with close()
+    keep.mkdir()
+    for log in [*c.dir.glob("*.log"), *c.dir.glob("*.out")]:
+        shutil.copy(log, keep / log.name)
+    left = c.close()
+    assert not left, f"shared memory left behind: {left}"
+
+
+def flushed_by_all(c: LocalCluster, root) -> list[int]:
+    """Steps every node flushed completely, newest first, once no flush runs anywhere."""
+    sts = [c.status(n) for n in range(c.nodes)]
+    if any(s is None or s["flush"]["running"] is not None or s["flush"]["pending"] is not None for s in sts):
+        return []
+    common = set.intersection(*(set(durable.flushed_steps(root, c.job, n)) for n in range(c.nodes)))
+    return sorted(common, reverse=True)
+
+
+def lose(c: LocalCluster, nodes: list[int]) -> None:
+    for n in nodes:
+        c.kill_node(n)
+    for n in nodes:
+        assert not [p for p in SHM.iterdir() if p.name.startswith(f"ftd.{c.job}.n{n}.")], "kill-node left memory"
+    for n in nodes:
+        c.restart_daemon(n)
+
+
+def flip_tensor_byte(version, node: int, rank: int) -> None:
+    manifest = json.loads((version / f"ftd-export-node{node}.json").read_text())
+    entry = manifest["restore"][str(rank)]
+    where = max((w for w in entry["index"] if w), key=lambda w: w[2])
+    path = version / entry["dir"] / where[0]
+    data = bytearray(path.read_bytes())
+    data[where[1] + where[2] // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.timeout(300)
+def test_more_than_m_losses_and_a_cold_restart_restore_from_disk(cluster, tmp_path):
+    c, root = cluster, tmp_path / "flush"
+    ref = {n: reference_losses(c.dir, n, STEPS) for n in range(c.nodes)}
+    assert c.run_trainers(14, step_sleep=0.02) == [None] * 3
+    c.settled()
+    on_disk = wait_for(lambda: flushed_by_all(c, root), 60, "every node to flush a common step")
+
+    # m + 1 = 2 nodes of the group lost: parity cannot rebuild them; every rank takes the disk's step
+    lose(c, [1, 2])
+    resumed = c.run_trainers(30, step_sleep=0.05)
+    assert resumed == [on_disk[0]] * 3, f"resumed after {resumed}, flushed by all: {on_disk}"
+    assert "from the version flushed to disk" in (c.dir / "trainer0.out").read_text()
+    assert c.status(0)["cluster"]["epoch"] == 1
+    recoverable = c.settled()
+    assert recoverable >= resumed[0] + 4, f"protection did not go on after the restore from disk: {recoverable}"
+    on_disk = wait_for(lambda: (s := flushed_by_all(c, root)) and s[0] > resumed[0] and s, 60,
+                       "a flush after the restore from disk")
+
+    # every daemon starts afresh (a power cut); the newest flushed copy of node 1 is corrupt
+    flip_tensor_byte(durable.step_dir(root, c.job, on_disk[0]), node=1, rank=1)
+    lose(c, [0, 1, 2])
+    resumed = c.run_trainers(STEPS, step_sleep=0.02)
+    assert resumed == [on_disk[1]] * 3, f"resumed after {resumed}, flushed by all: {on_disk}"
+    assert f"flushed step {on_disk[0]} cannot be used" in (c.dir / "node-1.restart.log").read_text()
+    assert c.status(0)["cluster"]["coordinator"]["disk_restores"][-1]["step"] == on_disk[1]
+    assert_matches_reference(c, ref, STEPS)
