@@ -325,10 +325,12 @@ class Client:
     def _process(self, job: SnapshotJob) -> None:
         try:
             name, arena = self._begin(job.step, job.layout.nbytes)
-        except _Busy:
-            self.stats["skipped_protecting"] += 1  # the cluster still protects an older step: expected
+        except _Busy as busy:
+            # both buffers hold versions the daemon still needs (the cluster protects an older step, or
+            # a flush copies one out to disk): expected, and never waited for
+            self.stats["skipped_protecting"] += 1
             job.released.set()
-            job.finish(False, "skipped while the cluster protects an older step")
+            job.finish(False, f"skipped: {busy}" if str(busy) else "skipped while the daemon still needs both buffers")
             return
         except Exception as e:
             self._daemon_lost = isinstance(e, DaemonUnavailable)

@@ -174,6 +174,8 @@ class Daemon:
                 self.node.maybe_candidate()
             elif mtype == "commit" and self.flusher is not None:
                 self._maybe_flush()
+            if mtype in ("begin", "commit", "abort") and self.flusher is not None:
+                self.flusher.copies_changed()
             if mtype == "restore" and self.node is not None:
                 self.node.on_restored(fields["rank"], result["versions"][0]["step"] if result["versions"] else -1)
             if mtype in ("register", "restore", "versions"):
@@ -265,6 +267,9 @@ class Daemon:
         if adopted or removed:
             log.info("adopted %d version(s) of a previous daemon, removed %d incomplete segment(s)", adopted, removed)
         if self.flusher is not None:
+            problem = self.flusher.check_dir()
+            if problem:
+                log.error("%s", problem)
             self.flusher.start_worker()
         if self.flusher is not None and self.node is None and not adopted:
             self._disk_steps = self.flusher.on_disk()

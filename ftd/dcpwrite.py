@@ -5,6 +5,7 @@ imports: only ``ftd export`` and the flush worker write.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,9 +16,11 @@ from typing import Iterable
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
 
-from . import treecodec
-from .durable import FORMAT, canonical_checksums, file_checksum, fsync_dir, load_rank
+from . import durable, treecodec
+from .durable import FORMAT, IO_SLICE, canonical_checksums, file_checksum, fsync_dir, load_rank
 from .errors import FtdError
 from .layout import Manifest
 
@@ -59,11 +62,38 @@ def _fsync_tree(directory: Path) -> None:
     fsync_dir(directory)
 
 
+class _SlicedWrites:
+    """A file whose large writes go to the kernel IO_SLICE bytes at a time. A kernel without
+    preemption runs one write() of a whole tensor (tens of MB copied into the page cache) to its end,
+    even for a nice-19 thread, and the trainer's copy thread waits for the core meanwhile."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        for lo in range(0, len(view), IO_SLICE):
+            self._f.write(view[lo:lo + IO_SLICE])
+            durable.between_slices()
+        return len(view)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+class _SlicedFileSystem(FileSystem):
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        with super().create_stream(path, mode) as stream:
+            yield _SlicedWrites(stream) if "w" in mode or "a" in mode else stream
+
+
 def _save_dcp(state: dict, directory: Path):
-    import torch.distributed.checkpoint as dcp
+    writer = FileSystemWriter(directory)
+    writer.fs = _SlicedFileSystem()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
-        metadata = dcp.save(state, checkpoint_id=str(directory), no_dist=True)
+        metadata = dcp.save(state, storage_writer=writer, no_dist=True)
     _fsync_tree(directory)
     return metadata
 
@@ -120,11 +150,10 @@ def write_version(out: Path, step: int, ranks: Iterable[tuple[int, int, bytearra
                 os.replace(tmp / name, out / name)
                 files.append(out / name)
             tmp.rmdir()
-        del state, tensors, data
-        if verify:
-            check = bytearray(manifest.layout.nbytes)
-            load_rank(final, entry, memoryview(check))
-            del check
+        del state, tensors
+        if verify:  # into the copy just written out: it is not needed any more, and no new memory is touched
+            load_rank(final, entry, memoryview(data))
+        del data
         files += sorted(p for p in final.rglob("*") if p.is_file())
         restore[str(rank)] = entry
     fsync_dir(out)

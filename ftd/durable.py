@@ -40,6 +40,14 @@ from .errors import FtdError, ProtocolError
 from .layout import Manifest, chunk_plan, chunk_ranges
 
 FORMAT = "ftd-export-2"
+IO_SLICE = 1 << 20  # bytes per read or write system call: a low-priority flush yields the CPU between them
+
+
+def _no_pause() -> None:
+    pass
+
+
+between_slices = _no_pause  # the flush worker sets this: it waits there while a trainer's copy runs
 _STEP_DIR = re.compile(r"^step-(\d{10})$")
 _NODE_MANIFEST = re.compile(r"^ftd-export-node(\d+)\.json$")
 
@@ -53,15 +61,20 @@ class CorruptVersion(FtdError):
 
 
 # ---- reading a version out of shared memory ----------------------------------------------------
-def read_buffer(path: Path, manifest: Manifest) -> bytearray:
-    """A private copy of one rank's arena, checked against the checksums committed with it."""
+def read_buffer(path: Path, manifest: Manifest, into: bytearray | None = None) -> bytearray:
+    """A private copy of one rank's arena, checked against the checksums committed with it; into
+    ``into`` if it has the arena's size (a buffer kept from an earlier copy: no page faults)."""
     layout = manifest.layout
     mapping = shm.Mapping(path, populate=False, writable=False)
     try:
         if mapping.size < layout.nbytes:
             raise TornVersion(f"{path.name} is smaller than its manifest says")
         view = mapping.view()
-        data = bytearray(view[:layout.nbytes])
+        if into is not None and len(into) == layout.nbytes:
+            data = into
+            data[:] = view[:layout.nbytes]
+        else:
+            data = bytearray(view[:layout.nbytes])
         view.release()
     finally:
         mapping.close()
@@ -97,8 +110,9 @@ def fsync_dir(directory: Path) -> None:
 def file_checksum(path: Path) -> str:
     h = xxhash.xxh3_64()
     with open(path, "rb") as f:
-        while block := f.read(8 << 20):
+        while block := f.read(IO_SLICE):
             h.update(block)
+            between_slices()
     return h.hexdigest()
 
 
@@ -151,11 +165,12 @@ def _read_record(directory: Path, where, nbytes: int, dest: memoryview, name: st
             with zf.open(records[0]) as src:
                 done = 0
                 while done < nbytes:
-                    block = src.read(min(8 << 20, nbytes - done))
+                    block = src.read(min(IO_SLICE, nbytes - done))
                     if not block:
                         raise CorruptVersion(f"{name}: {rel} ends early")
                     dest[done:done + len(block)] = block
                     done += len(block)
+                    between_slices()
     except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
         raise CorruptVersion(f"{name}: cannot read {rel}: {e}") from None
 
@@ -236,7 +251,7 @@ def flushed_steps(root: Path, job: str, node_rank: int) -> list[int]:
     out: list[int] = []
     try:
         entries = list(os.scandir(job_dir(root, job)))
-    except FileNotFoundError:
+    except OSError:  # none yet, or the directory is unusable (the flushes say why)
         return out
     for e in entries:
         m = _STEP_DIR.match(e.name)
@@ -248,7 +263,7 @@ def flushed_steps(root: Path, job: str, node_rank: int) -> list[int]:
 def _step_dirs(root: Path, job: str) -> Iterator[tuple[int, Path]]:
     try:
         entries = list(os.scandir(job_dir(root, job)))
-    except FileNotFoundError:
+    except OSError:
         return
     for e in entries:
         m = _STEP_DIR.match(e.name)

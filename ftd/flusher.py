@@ -28,6 +28,7 @@ from typing import Callable
 from . import durable, shm
 from .catalog import CAPACITY_QUANTUM, Catalog
 from .config import Config
+from .copygate import CopyGate
 from .flushpolicy import FlushQueue
 from .units import round_up
 
@@ -48,13 +49,29 @@ class Flusher:
         self.failures = 0
         self.last: dict | None = None          # the last flush's outcome
         self.history: list[dict] = []          # the last few successful flushes (benchmarks read them)
+        self.gate: CopyGate | None = None      # tells the worker when trainers copy (it pauses its writing)
+
+    def check_dir(self) -> str | None:
+        """Why flush_dir cannot take flushes (None: it can). Snapshots in memory go on either way."""
+        d = durable.job_dir(self.config.flush_dir, self.config.job)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".probe-{self.config.node_rank}-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            return f"flush_dir {self.config.flush_dir} cannot be written ({e}); flushes will fail until it can"
+        return None
 
     def start_worker(self) -> None:
         """Start the flush worker now, so torch is imported before the first flush."""
         env = dict(os.environ)
         package_parent = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen([sys.executable, "-m", "ftd.flushwriter"], stdin=subprocess.PIPE,
+        if self.gate is None:
+            self.gate = CopyGate(self.config.socket_path.with_suffix(".copying"))
+        self.proc = subprocess.Popen([sys.executable, "-m", "ftd.flushwriter", "--gate", str(self.gate.path)],
+                                     stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env)
         fl = fcntl.fcntl(self.proc.stdout.fileno(), fcntl.F_GETFL)
         fcntl.fcntl(self.proc.stdout.fileno(), fcntl.F_SETFL, fl | os.O_NONBLOCK)
@@ -63,6 +80,19 @@ class Flusher:
     @property
     def busy(self) -> bool:
         return self._busy or self.queue.pending is not None
+
+    def copies_changed(self) -> None:
+        """A trainer began or ended a copy: until when should the flush's writing pause?"""
+        if self.gate is None:
+            return
+        writing = [r for r in self.catalog.ranks.values() if any(b.state == "writing" for b in r.buffers)]
+        if not writing:
+            self.gate.copying_until(0.0)
+            return
+        # a copy takes about as long as the rank's last one; twice that, and the flush goes on even if
+        # the trainer died in the middle of it
+        expect = max((r.last_copy_seconds or 0.5) for r in writing)
+        self.gate.copying_until(time.time() + 2 * expect + 0.05)
 
     def offer(self, step: int) -> None:
         """Recoverable ``step`` is due for a flush: start it now, or keep it as the next one."""
@@ -165,6 +195,9 @@ class Flusher:
 
     def close(self) -> None:
         self._reap()
+        if self.gate is not None:
+            self.gate.close()
+            self.gate = None
         self.catalog.release_flush_hold()
         if self._job_file:
             shm.unlink(self._job_file)

@@ -6,7 +6,8 @@ job file. It answers JSON lines on stdout: ``copied`` once every rank's buffer i
 checked (the daemon then lets the trainers reuse those buffers, so this part runs at normal
 priority and takes only a memory copy), then ``done`` or ``failed`` once the version is on disk.
 The writing runs on a thread with nice 19 and the idle I/O class (both are per thread on Linux),
-so the trainers and the daemon keep the CPU and the disk they need. A process, not a thread of the
+in 1 MiB system calls, and pauses between them while a trainer's copy runs (``copygate``), so the
+trainers and the daemon keep the CPU, memory bandwidth and disk they need. A process, not a thread of the
 daemon: DCP's writer holds the GIL for long stretches.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import psutil
 
 from . import dcpwrite, durable
+from .copygate import GateWatcher
 from .layout import Manifest
 
 
@@ -53,13 +55,20 @@ def emit(**fields) -> None:
     sys.stdout.flush()
 
 
+_kept: dict[int, bytearray] = {}  # rank -> the buffer of its last copy: reused, so a copy-out faults no pages
+
+
 def copy_out(job: dict) -> list:
     """(rank, world, checked private copy, manifest) of every rank of the job's version."""
     shm_dir = Path(job["shm_dir"])
     copies = []
     for r in job["ranks"]:
         manifest = Manifest.from_json(r["manifest"])
-        copies.append((r["rank"], r["world"], durable.read_buffer(shm_dir / Path(r["name"]).name, manifest), manifest))
+        data = durable.read_buffer(shm_dir / Path(r["name"]).name, manifest, into=_kept.get(r["rank"]))
+        _kept[r["rank"]] = data
+        copies.append((r["rank"], r["world"], data, manifest))
+    for rank in set(_kept) - {r["rank"] for r in job["ranks"]}:
+        del _kept[rank]
     return copies
 
 
@@ -107,8 +116,11 @@ class LowPriorityThread:
         return value
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     die_with_parent()
+    gate = GateWatcher(Path(argv[argv.index("--gate") + 1]) if "--gate" in argv else None)
+    durable.between_slices = gate.wait  # the writing yields to the trainers' copies
     writer = LowPriorityThread()
     emit(event="ready")
     for line in sys.stdin:
@@ -117,7 +129,9 @@ def main() -> int:
             t0 = time.monotonic()
             copies = copy_out(job)
             emit(event="copied", step=job["step"], seconds=time.monotonic() - t0)
+            paused = gate.paused
             result = writer.run(lambda: write(job, copies))
+            result["paused_seconds"] = gate.paused - paused
         except Exception as e:  # reported to the daemon, which logs it and goes on
             emit(event="failed", error=f"{type(e).__name__}: {e}"[:1000])
             continue

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import assert_bit_exact, read_losses, wait_for
@@ -53,7 +54,11 @@ def test_flush_then_cold_restart_restores_from_disk_bit_exact(job, tmp_path):
     assert 1 <= len(on_disk) <= 2, on_disk  # flush_keep = 2
     newest = on_disk[0]
     assert durable.verify_export(durable.step_dir(flush_dir, job.name, newest)) == []
+    workers = psutil.Process(d.proc.pid).children()
+    assert [w.cmdline()[2] for w in workers] == ["ftd.flushwriter"]
     assert d.stop() == 0  # all shared memory released: only the disk holds the state now
+    psutil.wait_procs(workers, timeout=10)
+    assert not any(w.is_running() for w in workers), "the flush worker outlived its daemon"
     assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith(f"ftd.{job.name}.")]
 
     d2 = job.daemon(extra=flush_config(flush_dir))
