@@ -160,9 +160,14 @@ class Catalog:
     def begin(self, session: str, step: int, nbytes: int) -> dict:
         entry = self._by_session(session)
         if self.clustered:
-            keep = {self.recoverable, entry.pinned}
-            spare = [b for b in entry.buffers if not (b.state == "complete" and b.step in keep)
-                     and b.name != entry.flush_hold]
+            # the buffer that serves each needed step (the newest holding it: a step loaded from disk
+            # may also be held from memory); any other buffer is spare
+            needed = set()
+            for kept in {self.recoverable, entry.pinned}:
+                holders = [b for b in entry.complete() if b.step == kept]
+                if holders:
+                    needed.add(holders[0].name)
+            spare = [b for b in entry.buffers if b.name not in needed and b.name != entry.flush_hold]
             if not spare and len(entry.buffers) >= 2:
                 return {"busy": f"both buffers of rank {entry.rank} hold versions the cluster still needs "
                                 f"(recoverable step {self.recoverable}, step {entry.pinned} being protected, "

@@ -329,31 +329,37 @@ class ClusterNode:
         log.warning("no restore from disk: %s", reason)
 
     def _reset_to_disk(self, epoch: int, step: int) -> bool:
-        """The cluster restored ``step`` from disk (epoch ``epoch``): the older timeline is over. Only
-        for a node that loaded that step (or, with a flush_dir, one that must still load it); False
-        if this sync is to be ignored."""
-        loaded = any(b.origin.startswith("disk") for _, b in self.catalog.buffers_of(step))
-        if not loaded:
-            if self.flusher is None:
-                raise ProtocolError(f"sync of epoch {epoch} (a restore from disk), but this node has no flush_dir "
-                                    f"and loaded nothing")
-            if self.disk_wait is None or self._disk_loaded is None:
-                log.warning("the cluster restored step %d from disk without this node: loading it too", step)
-                self._offer_disk(need=True)
-            return False
+        """The cluster restored ``step`` from disk in epoch ``epoch``. A node that loaded it drops the
+        older timeline (its later versions and all parity) and serves it. A node that did not take
+        part (its daemon restarted since, or missed the restore) adopts the epoch: if it holds the
+        step, or a later one would be synced anyway, nothing else changes; if it holds a later step
+        of the old timeline, that goes, and it rebuilds the step like any node that lacks it (from
+        disk again, if no peer holds parity of it). False: ignore this sync."""
+        if self.flusher is None:
+            raise ProtocolError(f"sync of epoch {epoch} (a restore from disk), but this node has no flush_dir")
+        cat = self.catalog
+        loaded = any(b.origin.startswith("disk") for _, b in cat.buffers_of(step))
         self.epoch = epoch
         self.disk_wait, self._disk_need, self._disk_loaded = None, False, None
+        if not loaded and step >= cat.recoverable:
+            log.info("the cluster is in epoch %d (a restore from disk happened while this daemon was away)", epoch)
+            return True  # the usual sync handling: it holds the step, or rebuilds it
         if self.round is not None:
             self._drop_round(keep_parity=False)
         self.done_unsynced = None
         self.store.drop_steps(keep=lambda s: False)
         self.store.prune_mappings()
         self.group_protected = set()
-        self.catalog.reset_to(step)
+        cat.reset_to(step)
         self.latest_step = step
         self._flush_offered = max(self._flush_offered, step)
-        self.lost_error = None
-        log.warning("the cluster restored step %d from disk (epoch %d); training goes on from there", step, epoch)
+        if loaded:
+            self.lost_error = None
+            log.warning("the cluster restored step %d from disk (epoch %d); training goes on from there", step, epoch)
+        else:
+            log.warning("the cluster went back to step %d (restored from disk); this node held a later one", step)
+            if not cat.buffers_of(step):
+                self._start_rebuild(f"the cluster restored step {step} from disk, which this node lacks")
         return True
 
     def _note_protection_lag(self, step: int) -> None:

@@ -271,3 +271,17 @@ def test_versions_lists_everything_and_changes_nothing(cat):
     assert cat.restore(0) == before                 # read-only: an export never disturbs a restore
     cat.clustered, cat.recoverable = True, 1
     assert cat.versions()["latest"] == 1            # in a cluster: the recoverable step
+
+
+def test_a_step_held_twice_leaves_a_spare_buffer_in_a_cluster(cat):
+    """After a restore from disk of a step the node also held in memory, both buffers hold it: one
+    of them must be handed out, or the trainer's snapshots would all be skipped."""
+    cat.clustered = True
+    cat.adopt(0, 1, "mem", CAPACITY_QUANTUM, 12, manifest(), None)
+    cat.adopt(0, 1, "disk", CAPACITY_QUANTUM, 12, manifest(), None, origin="disk:/flush/step-12")
+    cat.reset_to(12)
+    session = cat.register(0, 1, 111)["session"]
+    version = cat.restore(0)["versions"][0]
+    assert version["buffer"] == "disk" and version["origin"] == "disk:/flush/step-12"  # the newest holder serves
+    reply = cat.begin(session, 13, 100)
+    assert "busy" not in reply and reply["buffer"] == "mem"

@@ -5,7 +5,9 @@ its checksums on one node makes the whole cluster take the step before it."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 
 import pytest
 
@@ -72,9 +74,20 @@ def test_more_than_m_losses_and_a_cold_restart_restore_from_disk(cluster, tmp_pa
     assert "from the version flushed to disk" in (c.dir / "trainer0.out").read_text()
     assert c.status(0)["cluster"]["epoch"] == 1
     recoverable = c.settled()
-    assert recoverable >= resumed[0] + 4, f"protection did not go on after the restore from disk: {recoverable}"
+    assert recoverable >= resumed[0] + 4, (f"protection did not go on after the restore from disk: {recoverable}; "
+                                           f"{[c.status(n)['cluster'] for n in range(c.nodes)]}"
+                                           f"{[c.status(n)['ranks'] for n in range(c.nodes)]}")
     on_disk = wait_for(lambda: (s := flushed_by_all(c, root)) and s[0] > resumed[0] and s, 60,
                        "a flush after the restore from disk")
+
+    # a daemon that dies alone after the restore from disk adopts its memory and joins the new epoch:
+    # no second trip to the disk
+    os.kill(c.status(2)["pid"], signal.SIGKILL)
+    wait_for(lambda: c.status(2) is None, 10, "node 2's daemon to die")
+    c.restart_daemon(2)
+    st = wait_for(lambda: (s := c.status(2)) and s["cluster"]["epoch"] == 1 and s, 30, "node 2 to join epoch 1")
+    assert st["cluster"]["recoverable"] == recoverable and not st["cluster"]["disk_wait"]
+    assert len(c.status(0)["cluster"]["coordinator"]["disk_restores"]) == 1
 
     # every daemon starts afresh (a power cut); the newest flushed copy of node 1 is corrupt
     flip_tensor_byte(durable.step_dir(root, c.job, on_disk[0]), node=1, rank=1)
