@@ -536,13 +536,18 @@ def measure_dcp_async(sd: dict, root: Path, repeat: int, prefault_bytes: int) ->
     return {"blocked_s": blocked, "total_s": total}
 
 
-def measure_size(nbytes: int, args: argparse.Namespace, workdir: Path, disk_dir: Path, memwatch: MemoryWatch) -> dict:
+def trained_state(nbytes: int) -> tuple:
+    """(spec, model, AdamW optimizer with its moments, state tensors, their bytes) for a state of ``nbytes``."""
     spec = Spec.for_bytes(nbytes)
-    memwatch.reset()
-    cpu = CpuWatch()
     model, optimizer = build_trained(spec)
     tensors = state_tensors(model, optimizer)
-    state_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    return spec, model, optimizer, tensors, sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure_size(nbytes: int, args: argparse.Namespace, workdir: Path, disk_dir: Path, memwatch: MemoryWatch) -> dict:
+    memwatch.reset()
+    cpu = CpuWatch()
+    spec, model, optimizer, tensors, state_bytes = trained_state(nbytes)
     print(f"\n== {fmt_size(nbytes)}: {N_LAYERS} x Linear({spec.width}, {spec.width}), {len(tensors)} tensors, "
           f"{state_bytes / MiB:.0f} MiB", flush=True)
     r: dict = {"size": fmt_size(nbytes), "target_bytes": nbytes, "state_bytes": state_bytes,
@@ -697,12 +702,9 @@ def measure_raw_write(directory: Path, nbytes: int, repeat: int) -> list[float]:
 def measure_flush(nbytes: int, args: argparse.Namespace, workdir: Path, disk_dir: Path, memwatch: MemoryWatch) -> dict:
     """The flush section for one state size: training with the flush off and on (alternating), the
     flush bandwidth against a raw write of as many bytes to the same directory."""
-    spec = Spec.for_bytes(nbytes)
     memwatch.reset()
     cpu = CpuWatch()
-    model, optimizer = build_trained(spec)
-    tensors = state_tensors(model, optimizer)
-    state_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    spec, model, optimizer, tensors, state_bytes = trained_state(nbytes)
     print(f"\n== flush, {fmt_size(nbytes)}: {N_LAYERS} x Linear({spec.width}, {spec.width}), {state_bytes / MiB:.0f} MiB; "
           f"flush_every {args.flush_every}, {args.flush_rounds} round(s) of an off and an on run", flush=True)
     r: dict = {"size": fmt_size(nbytes), "target_bytes": nbytes, "state_bytes": state_bytes, "width": spec.width,

@@ -63,6 +63,16 @@ class LocalCluster:
         assert r.returncode == 0, r.stdout + r.stderr
         self.trainers.pop(node, None)
 
+    def lose_and_restart(self, nodes: list[int]) -> None:
+        """Lose ``nodes`` at once (daemons, trainers, shared memory), then start their daemons again,
+        empty: each rebuilds from its peers (or the cluster goes to disk) by itself."""
+        for n in nodes:
+            self.kill_node(n)
+        for n in nodes:
+            assert not [p for p in SHM.iterdir() if p.name.startswith(f"ftd.{self.job}.n{n}.")], "kill-node left memory"
+        for n in nodes:
+            self.restart_daemon(n)
+
     def restart_daemon(self, node: int) -> None:
         log = open(self.dir / f"node-{node}.restart.log", "ab")
         self._popen([sys.executable, "-m", "ftd.cli", "daemon", "--config", self.config(node)],

@@ -208,3 +208,16 @@ def assert_bit_exact(run: Path, reference: Path, steps: int) -> None:
     assert {s for s, _ in got} == set(range(steps)), "the resumed run did not reach every step"
     for step, value in got:
         assert value == ref[step], f"step {step}: loss {value} differs from the uninterrupted run's {ref[step]}"
+
+
+def flip_tensor_byte(version: Path, node: int = 0, rank: int = 0) -> None:
+    """In a version on disk, flip one byte in the middle of the largest tensor record of ``rank``
+    (written by ``node``): inside its data, which the checksums must catch."""
+    import json
+    manifest = json.loads((version / f"ftd-export-node{node}.json").read_text())
+    entry = manifest["restore"][str(rank)]
+    where = max((w for w in entry["index"] if w), key=lambda w: w[2])
+    path = version / entry["dir"] / where[0]
+    data = bytearray(path.read_bytes())
+    data[where[1] + where[2] // 2] ^= 0x40
+    path.write_bytes(bytes(data))

@@ -47,12 +47,7 @@ def references(c: LocalCluster) -> dict[int, dict[int, str]]:
 
 
 def lose_and_rebuild(c: LocalCluster, lost: list[int], recoverable: int) -> None:
-    for n in lost:
-        c.kill_node(n)
-    for n in lost:
-        assert not [p for p in SHM.iterdir() if p.name.startswith(f"ftd.{c.job}.n{n}.")], "kill-node left memory"
-    for n in lost:
-        c.restart_daemon(n)
+    c.lose_and_restart(lost)
     for n in lost:
         r = c.recover(n)
         assert r.returncode == 0, r.stdout + r.stderr

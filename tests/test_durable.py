@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import assert_bit_exact, read_losses, wait_for
+from conftest import assert_bit_exact, flip_tensor_byte, read_losses, wait_for
 from ftd import durable
 
 pytestmark = pytest.mark.timeout(240)
@@ -26,17 +26,6 @@ def status(daemon) -> dict:
                         daemon.endpoint], capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
-
-
-def flip_byte_in_tensor(version: Path, rank: int = 0) -> None:
-    """Flip one byte in the middle of the largest tensor record of ``rank``'s files (its data)."""
-    node = json.loads((version / "ftd-export-node0.json").read_text())
-    entry = node["restore"][str(rank)]
-    where = max((w for w in entry["index"] if w), key=lambda w: w[2])
-    path = version / entry["dir"] / where[0]
-    data = bytearray(path.read_bytes())
-    data[where[1] + where[2] // 2] ^= 0x40
-    path.write_bytes(bytes(data))
 
 
 def test_flush_then_cold_restart_restores_from_disk_bit_exact(job, tmp_path):
@@ -85,7 +74,7 @@ def test_corrupt_flushed_version_is_skipped_for_the_previous(job, tmp_path):
     steps = durable.flushed_steps(flush_dir, job.name, 0)
     assert len(steps) >= 2, steps
     newest, previous = steps[0], steps[1]
-    flip_byte_in_tensor(durable.step_dir(flush_dir, job.name, newest))
+    flip_tensor_byte(durable.step_dir(flush_dir, job.name, newest))
     assert durable.verify_export(durable.step_dir(flush_dir, job.name, newest))  # the file checksum sees it too
 
     d2 = job.daemon(extra=flush_config(flush_dir, every=2, keep=3))

@@ -4,7 +4,6 @@ rank restores the newest step flushed by all nodes and goes on bit-exact; a flus
 its checksums on one node makes the whole cluster take the step before it."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -12,7 +11,7 @@ import signal
 import pytest
 
 from clusters import LocalCluster, assert_matches_reference, reference_losses
-from conftest import SHM, wait_for
+from conftest import flip_tensor_byte, wait_for
 from ftd import durable
 
 STEPS = 40
@@ -40,25 +39,6 @@ def flushed_by_all(c: LocalCluster, root) -> list[int]:
     return sorted(common, reverse=True)
 
 
-def lose(c: LocalCluster, nodes: list[int]) -> None:
-    for n in nodes:
-        c.kill_node(n)
-    for n in nodes:
-        assert not [p for p in SHM.iterdir() if p.name.startswith(f"ftd.{c.job}.n{n}.")], "kill-node left memory"
-    for n in nodes:
-        c.restart_daemon(n)
-
-
-def flip_tensor_byte(version, node: int, rank: int) -> None:
-    manifest = json.loads((version / f"ftd-export-node{node}.json").read_text())
-    entry = manifest["restore"][str(rank)]
-    where = max((w for w in entry["index"] if w), key=lambda w: w[2])
-    path = version / entry["dir"] / where[0]
-    data = bytearray(path.read_bytes())
-    data[where[1] + where[2] // 2] ^= 0x40
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.timeout(300)
 def test_more_than_m_losses_and_a_cold_restart_restore_from_disk(cluster, tmp_path):
     c, root = cluster, tmp_path / "flush"
@@ -68,7 +48,7 @@ def test_more_than_m_losses_and_a_cold_restart_restore_from_disk(cluster, tmp_pa
     on_disk = wait_for(lambda: flushed_by_all(c, root), 60, "every node to flush a common step")
 
     # m + 1 = 2 nodes of the group lost: parity cannot rebuild them; every rank takes the disk's step
-    lose(c, [1, 2])
+    c.lose_and_restart([1, 2])
     resumed = c.run_trainers(30, step_sleep=0.05)
     assert resumed == [on_disk[0]] * 3, f"resumed after {resumed}, flushed by all: {on_disk}"
     assert "from the version flushed to disk" in (c.dir / "trainer0.out").read_text()
@@ -91,7 +71,7 @@ def test_more_than_m_losses_and_a_cold_restart_restore_from_disk(cluster, tmp_pa
 
     # every daemon starts afresh (a power cut); the newest flushed copy of node 1 is corrupt
     flip_tensor_byte(durable.step_dir(root, c.job, on_disk[0]), node=1, rank=1)
-    lose(c, [0, 1, 2])
+    c.lose_and_restart([0, 1, 2])
     resumed = c.run_trainers(STEPS, step_sleep=0.02)
     assert resumed == [on_disk[1]] * 3, f"resumed after {resumed}, flushed by all: {on_disk}"
     assert f"flushed step {on_disk[0]} cannot be used" in (c.dir / "node-1.restart.log").read_text()
