@@ -71,6 +71,10 @@ For every state size, side by side in one run, each figure the median of several
    ``copy_seconds``, the worker's copy (and check) of the version out of shared memory at normal
    priority, during which the daemon keeps the version's buffer from the trainer; the hold lasts a
    little longer (until the daemon's loop reads the worker's "copied" line).
+   Restore from disk: the idle flush's version loaded back by ftd's own loader (``durable.load_rank``:
+   the tensors' zip records read without unpickling, every chunk checked) into preallocated memory,
+   with its files evicted from the page cache (cold) and again warm, against a raw sequential read of
+   the same rank files, cold.
 
 Targets printed as PASS/MISS: blocked time (overlapped) <= 5% of torch.save to /dev/shm; ftd copy
 bandwidth >= 0.8x raw memcpy (same thread count); restore from the daemon >= 3x faster than a cold
@@ -663,11 +667,51 @@ def run_flush_mode(flush_dir: Path | None, model: nn.Module, optimizer: torch.op
                 out["idle_flush"] = last if last.get("ok") and last.get("step") == idle_step else None
                 if out["idle_flush"] is None:
                     out["idle_flush_error"] = str(last)[:500]
+                else:
+                    out["disk_load"] = measure_disk_load(Path(out["idle_flush"]["dir"]), args.repeat)
                 out["flush_failures_total"] = after["failures"]
                 out["on_disk"] = after["on_disk"]
                 job_dir = flush_dir / daemon.job
                 out["disk_entries"] = sorted(p.name for p in job_dir.iterdir()) if job_dir.is_dir() else []
                 out["daemon_flush_log"] = flush_log_lines(daemon)
+    return out
+
+
+def measure_disk_load(version: Path, repeat: int) -> dict:
+    """The restore from disk: seconds for ftd's loader (``durable.load_rank``: zip records read
+    without unpickling, every chunk checked) to load every rank of a flushed version into memory,
+    with the version's files evicted from the page cache (cold) and again warm, against a raw
+    sequential read of the same ranks' files (cold)."""
+    from ftd import durable
+    node = durable.read_node_manifest(version, 0)
+    entries = node["restore"]
+    rank_files = [version / name for name in node["files"] if name.startswith("rank-")]
+    dests = {r: bytearray(e["manifest"]["nbytes"]) for r, e in entries.items()}
+    for d in dests.values():
+        d[::4096] = bytes(len(d[::4096]))  # touch every page: the load's time, not first-touch faults
+
+    def load() -> None:
+        for r, e in entries.items():
+            durable.load_rank(version / e["dir"], e, memoryview(dests[r]))
+
+    def raw_read() -> None:
+        buf = bytearray(WRITE_BLOCK)
+        for path in rank_files:
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+
+    out: dict = {"bytes": sum(len(d) for d in dests.values()),
+                 "file_bytes": sum(p.stat().st_size for p in rank_files), "cold_s": [], "warm_s": [], "raw_cold_s": []}
+    for _ in range(repeat):
+        for path in version.rglob("*"):
+            if path.is_file():
+                evict_from_page_cache(path)
+        out["cold_s"].append(timed(load))
+        out["warm_s"].append(timed(load))
+        for path in rank_files:
+            evict_from_page_cache(path)
+        out["raw_cold_s"].append(timed(raw_read))
     return out
 
 
@@ -879,6 +923,17 @@ def summarize_flush(r: dict) -> dict:
     s["write_idle_raw_ratio"] = ratio(s["write_idle_mbs"], s["raw_mbs"])
     s["state_idle_raw_ratio"] = ratio(s["state_idle_mbs"], s["raw_mbs"])
     s["e2e_idle_raw_ratio"] = ratio(s["e2e_idle_mbs"], s["raw_mbs"])
+    loads = [x["disk_load"] for x in on if x.get("disk_load")]
+    if loads:
+        cold = median([t for x in loads for t in x["cold_s"]])
+        warm = median([t for x in loads for t in x["warm_s"]])
+        raw_cold = median([t for x in loads for t in x["raw_cold_s"]])
+        s["disk_load"] = {"state_mib": loads[0]["bytes"] / MiB, "file_mib": loads[0]["file_bytes"] / MiB,
+                          "cold_s": cold, "warm_s": warm, "raw_cold_s": raw_cold,
+                          "cold_mbs": loads[0]["file_bytes"] / cold / 1e6, "raw_cold_mbs": loads[0]["file_bytes"] / raw_cold / 1e6,
+                          "cold_raw_ratio": raw_cold / cold}
+    else:
+        s["disk_load"] = None
     return s
 
 
@@ -937,7 +992,15 @@ def report_flush(results: list[dict], summaries: list[dict]) -> str:
              "  flush write = file bytes / write_seconds (DCP of rank 0 twice, fsyncs, read-back verify, file "
              "checksums, prune); end-to-end = state (arena) bytes / the daemon's whole flush time;",
              "  (idle) = the one flush per run made after the loop, trainer idle; state/raw idle = arena bytes per "
-             "write second against raw: how much slower the state gets to disk than one raw write of it."]
+             "write second against raw: how much slower the state gets to disk than one raw write of it.",
+             "",
+             "Restore from disk: ftd's loader (zip records read without unpickling, every chunk checked) loading the "
+             "idle flush's ranks, against a raw sequential read of the same files (median)",
+             table(["size", "state MiB", "rank files MiB", "load cold s", "load warm s", "raw read cold s",
+                    "load cold MB/s", "raw read MB/s", "load/raw"],
+                   [[z, f(d["state_mib"]), f(d["file_mib"]), f(d["cold_s"], ".3f"), f(d["warm_s"], ".3f"),
+                     f(d["raw_cold_s"], ".3f"), f(d["cold_mbs"]), f(d["raw_cold_mbs"]), ratio(d["cold_raw_ratio"])]
+                    for z, s in zip(sizes, summaries) if (d := s.get("disk_load"))])]
     return "\n".join(parts)
 
 
