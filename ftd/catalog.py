@@ -361,7 +361,6 @@ class Catalog:
                 "buffer_bytes": sum(b.capacity for b in r.buffers),
                 "last_commit_at": r.last_commit_at, "last_copy_seconds": r.last_copy_seconds,
                 "last_blocked_seconds": r.last_blocked_seconds, "pinned": r.pinned,
-                "origins": sorted({b.origin for b in r.complete()}),
             })
         return {"budget": self.budget, "used": self.used, "ranks": ranks}
 

@@ -212,13 +212,10 @@ def read_node_manifest(out: Path, node_rank: int) -> dict:
     return manifest
 
 
-def verify_files(out: Path, manifest: dict, only: Iterable[str] | None = None) -> list[str]:
-    """Files of a node manifest (or only those under the ``only`` prefixes) that are missing or
-    fail their checksum."""
+def verify_files(out: Path, manifest: dict) -> list[str]:
+    """Files of a node manifest that are missing or fail their checksum."""
     bad = []
     for name, digest in manifest["files"].items():
-        if only is not None and not any(name.startswith(p) for p in only):
-            continue
         path = out / name
         if ".." in Path(name).parts or not path.is_file() or file_checksum(path) != digest:
             bad.append(name)
