@@ -6,7 +6,7 @@
 
 ``Client`` and ``ddp`` are imported lazily, so the daemon and the CLI start without importing torch.
 """
-from .errors import DaemonUnavailable, FtdError, ProtocolError, Refused, SerializationError
+from ftd.errors import DaemonUnavailable, FtdError, ProtocolError, Refused, SerializationError
 
 __version__ = "0.1.0"
 __all__ = ["Client", "FtdError", "DaemonUnavailable", "Refused", "ProtocolError", "SerializationError",
@@ -15,9 +15,9 @@ __all__ = ["Client", "FtdError", "DaemonUnavailable", "Refused", "ProtocolError"
 
 def __getattr__(name: str):
     if name == "Client":
-        from .client import Client
+        from ftd.trainer.client import Client
         return Client
     if name == "ddp":  # ftd.ddp.ordered_allreduce_hook, imported only by those who use it (it needs torch)
         import importlib
-        return importlib.import_module(".ddp", __name__)
+        return importlib.import_module("ftd.ddp")
     raise AttributeError(f"module 'ftd' has no attribute {name!r}")

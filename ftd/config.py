@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from .units import parse_size
+from ftd.units import parse_size
 
 _JOB_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -113,7 +113,7 @@ class Config:
 
     def grouping(self):
         """The groups of the cluster (stripes.Grouping); needs peers."""
-        from .stripes import Grouping
+        from ftd.cluster.stripes import Grouping
         g, m = self.group_size, self.parity
         if not isinstance(m, int) or not 1 <= m < g:
             raise ValueError(f"parity = {m} must satisfy 1 <= parity < group size ({g} nodes per group)")

@@ -27,8 +27,8 @@ from pathlib import Path
 from benchutil import REPO, ftd_revision, ms, table
 
 sys.path.insert(0, str(REPO))
-from ftd.connection import status_or_none  # noqa: E402
-from ftd.launch import kill_everything_from  # noqa: E402
+from ftd.control.connection import status_or_none  # noqa: E402
+from ftd.util.procs import kill_everything_from  # noqa: E402
 
 
 def env() -> dict:

@@ -79,17 +79,27 @@ from typing import Any, Callable
 import numpy as np
 import psutil
 import torch
-
-from benchutil import (REPO, CpuWatch, evict_from_page_cache, ftd_revision, mount_of, ms, prefault,
-                       sigterm_to_exit, table, timed, verdict)  # scripts/benchutil.py
+from benchutil import (
+    REPO,
+    CpuWatch,
+    evict_from_page_cache,
+    ftd_revision,
+    mount_of,
+    ms,
+    prefault,
+    sigterm_to_exit,  # scripts/benchutil.py
+    table,
+    timed,
+    verdict,
+)
 
 sys.path.insert(0, str(REPO))
-from ftd.codec import Codec  # noqa: E402  (the repo's ftd, also when the venv has it installed elsewhere)
-from ftd.connection import Connection, status_or_none  # noqa: E402
+from ftd.cluster.erasure import Codec  # noqa: E402  (the repo's ftd, also when the venv has it installed elsewhere)
+from ftd.cluster.protection import ALIGN  # noqa: E402
+from ftd.cluster.stripes import chunk_bytes  # noqa: E402
+from ftd.control.connection import Connection, status_or_none  # noqa: E402
 from ftd.errors import FtdError  # noqa: E402
-from ftd.launch import kill_everything_from  # noqa: E402
-from ftd.protection import ALIGN  # noqa: E402
-from ftd.stripes import chunk_bytes  # noqa: E402
+from ftd.util.procs import kill_everything_from  # noqa: E402
 
 MiB = 1 << 20
 MB = 1e6

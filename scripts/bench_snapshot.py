@@ -71,7 +71,7 @@ For every state size, side by side in one run, each figure the median of several
    ``copy_seconds``, the worker's copy (and check) of the version out of shared memory at normal
    priority, during which the daemon keeps the version's buffer from the trainer; the hold lasts a
    little longer (until the daemon's loop reads the worker's "copied" line).
-   Restore from disk: the idle flush's version loaded back by ftd's own loader (``durable.load_rank``:
+   Restore from disk: the idle flush's version loaded back by ftd's own loader (``ondisk.load_rank``:
    the tensors' zip records read without unpickling, every chunk checked) into preallocated memory,
    with its files evicted from the page cache (cold) and again warm, against a raw sequential read of
    the same rank files, cold.
@@ -116,14 +116,24 @@ from typing import Any, Iterator
 import psutil
 import torch
 import xxhash
+from benchutil import (
+    REPO,
+    CpuWatch,
+    evict_from_page_cache,
+    ftd_revision,
+    mount_of,
+    ms,
+    prefault,
+    sigterm_to_exit,  # scripts/benchutil.py
+    table,
+    timed,
+    verdict,
+)
 from torch import nn
-
-from benchutil import (REPO, CpuWatch, evict_from_page_cache, ftd_revision, mount_of, ms, prefault,
-                       sigterm_to_exit, table, timed, verdict)  # scripts/benchutil.py
 
 sys.path.insert(0, str(REPO))
 import ftd  # noqa: E402  (the repo's ftd, also when the venv has it installed elsewhere)
-from ftd.connection import Connection  # noqa: E402
+from ftd.control.connection import Connection  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
 N_LAYERS = 8                # nn.Linear(w, w) layers: 16 parameters, 32 moments, 16 step counters
@@ -678,12 +688,12 @@ def run_flush_mode(flush_dir: Path | None, model: nn.Module, optimizer: torch.op
 
 
 def measure_disk_load(version: Path, repeat: int) -> dict:
-    """The restore from disk: seconds for ftd's loader (``durable.load_rank``: zip records read
+    """The restore from disk: seconds for ftd's loader (``ondisk.load_rank``: zip records read
     without unpickling, every chunk checked) to load every rank of a flushed version into memory,
     with the version's files evicted from the page cache (cold) and again warm, against a raw
     sequential read of the same ranks' files (cold)."""
-    from ftd import durable
-    node = durable.read_node_manifest(version, 0)
+    from ftd.durable import ondisk
+    node = ondisk.read_node_manifest(version, 0)
     entries = node["restore"]
     rank_files = [version / name for name in node["files"] if name.startswith("rank-")]
     dests = {r: bytearray(e["manifest"]["nbytes"]) for r, e in entries.items()}
@@ -692,7 +702,7 @@ def measure_disk_load(version: Path, repeat: int) -> dict:
 
     def load() -> None:
         for r, e in entries.items():
-            durable.load_rank(version / e["dir"], e, memoryview(dests[r]))
+            ondisk.load_rank(version / e["dir"], e, memoryview(dests[r]))
 
     def raw_read() -> None:
         buf = bytearray(WRITE_BLOCK)

@@ -37,9 +37,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ftd import demoreport  # noqa: E402
-from ftd.launch import kill_everything_from  # noqa: E402
-from ftd.localjob import AgentCluster, DaemonWatch, RankLog, common_resume, reached, start_reference  # noqa: E402
+from ftd.demo import report as demoreport  # noqa: E402
+from ftd.local.agentjob import AgentCluster, DaemonWatch, RankLog, common_resume, reached, start_reference  # noqa: E402
+from ftd.util.procs import kill_everything_from  # noqa: E402
 
 KINDS = ("worker", "daemon", "node", "freeze", "memory")
 MODEL = ("--layers", "1", "--dim", "32", "--heads", "2", "--context", "16", "--batch", "4")

@@ -96,7 +96,7 @@ def check_correctness(endpoint: str, endpoint2: str) -> dict:
     got = flat(fresh)
     res["state_at_snapshot_bit_exact"] = len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
     res["cuda_rng_restored"] = torch.equal(torch.cuda.get_rng_state(), cuda_rng)
-    res["arena_pinned"] = any(a.cuda_registered for a in client._arenas.values())
+    res["arena_pinned"] = any(a.cuda_registered for a in client._session.arenas.values())
     client.close()
     # (b) bit-exact continuation: uninterrupted vs restored-midway
     torch.use_deterministic_algorithms(True)
@@ -213,12 +213,12 @@ def check_speed(endpoint: str, gib: float) -> dict:
 
 def check_d2h_micro(gib: float = 1.0) -> dict:
     """Is a device-to-host copy into a cudaHostRegister'ed shared-memory mapping asynchronous and fast?"""
-    from ftd import shm
-    from ftd.checksum import chunk_checksum
+    from ftd.shm import segments
+    from ftd.shm.checksum import chunk_checksum
     n = int(gib * (1 << 30))
     path = Path(f"/dev/shm/ftd-gpucheck-micro-{os.getpid()}")
-    shm.create(path, n)
-    m = shm.Mapping(path)
+    segments.create(path, n)
+    m = segments.Mapping(path)
     res = {}
     try:
         host = torch.frombuffer(m.view(), dtype=torch.uint8)
@@ -244,7 +244,7 @@ def check_d2h_micro(gib: float = 1.0) -> dict:
         del host, pinned, src
     finally:
         m.close()
-        shm.unlink(path)
+        segments.unlink(path)
     return res
 
 

@@ -17,10 +17,10 @@ import time
 import uuid
 from pathlib import Path
 
-from ftd.connection import status_or_none
-from ftd.launch import kill_everything_from
-
 from conftest import ROOT, SHM, leftovers, read_losses, wait_for
+
+from ftd.control.connection import status_or_none
+from ftd.util.procs import kill_everything_from
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 for _key in ("RANK", "WORLD_SIZE", "FTD_ENDPOINT"):

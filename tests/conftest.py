@@ -144,7 +144,7 @@ class ThreadDaemon:
     """A daemon served from a thread of the test process: fast, for client-level tests."""
 
     def __init__(self, config):
-        from ftd.daemon import Daemon
+        from ftd.daemon.server import Daemon
         self.config = config
         self.daemon = Daemon(config)
         self.daemon.start()

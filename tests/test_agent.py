@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, SHM
 
 pytestmark = pytest.mark.timeout(90)
@@ -89,7 +88,8 @@ def test_agent_bad_input_says_what_to_do(node_config):
 
 def test_job_store_serves_the_agents_apart_from_node_0():
     import signal
-    from ftd.jobstore import JobStore, tcp_kv
+
+    from ftd.agent.jobstore import JobStore, tcp_kv
     proc = subprocess.Popen([sys.executable, "-m", "ftd.cli", "job-store", "--port", "0", "--host", "127.0.0.1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     try:

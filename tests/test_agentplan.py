@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from ftd.agentplan import RestartPolicy, describe_exit, parse_host_port, worker_env
-from ftd.jobstore import JobStore, JobStoreLost, MemoryKV
+from ftd.agent.jobstore import JobStore, JobStoreLost, MemoryKV
+from ftd.agent.plan import RestartPolicy, describe_exit, parse_host_port, worker_env
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -95,7 +95,7 @@ def test_generation_barrier_across_threads():
 
 
 def test_a_tcp_store_that_vanished_is_reported_not_raised_raw():
-    from ftd.jobstore import tcp_kv
+    from ftd.agent.jobstore import tcp_kv
     host = tcp_kv("127.0.0.1", 0, host_it=True, timeout=5)
     store = JobStore(tcp_kv("127.0.0.1", host.port, host_it=False, timeout=2), 2)
     assert store.generation() == 0 and store.end_generation(0, "x") == 1 and store.why(0) == "x"

@@ -3,9 +3,9 @@ import itertools
 
 import pytest
 
-from ftd.catalog import CAPACITY_QUANTUM, Catalog
+from ftd.daemon.catalog import CAPACITY_QUANTUM, Catalog
 from ftd.errors import ProtocolError, Refused
-from ftd.layout import Manifest, chunk_count, plan_layout
+from ftd.shm.layout import Manifest, chunk_count, plan_layout
 
 
 class FakeStore:

@@ -1,6 +1,6 @@
 import numpy as np
 
-from ftd.checksum import bad_chunks, checksums
+from ftd.shm.checksum import bad_chunks, checksums
 
 
 def test_single_bit_flip_is_found_in_its_chunk():

@@ -17,11 +17,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
-from ftd import shm
-
 from clusters import ENV, LocalCluster, assert_matches_reference, reference_losses
 from conftest import ROOT, SHM, read_losses, wait_for
+
+from ftd.shm import segments
 
 MAX_STEPS = 200
 SOAK = os.environ.get("FTD_SOAK") == "1"  # the long mode: every node lost in turn, four pairs
@@ -57,7 +56,7 @@ def lose_and_rebuild(c: LocalCluster, lost: list[int], recoverable: int) -> None
 def segment_of(c: LocalCluster, node: int, kind: str) -> list:
     """The node's shared-memory segments holding rank data ("r") or parity ("par") with a sidecar."""
     return sorted(p for p in SHM.iterdir() if p.name.startswith(f"ftd.{c.job}.n{node}.{kind}")
-                  and not p.name.endswith((".meta", ".tmp")) and shm.read_meta(p) is not None)
+                  and not p.name.endswith((".meta", ".tmp")) and segments.read_meta(p) is not None)
 
 
 def flip_byte(path, offset: int) -> None:
@@ -171,7 +170,7 @@ def test_corrupted_data_and_parity_are_detected_and_repaired(make_cluster):
     recoverable = c.settled()
 
     # a flipped byte in node 1's snapshot: its trainer finds it, the daemon rebuilds it from peers
-    (seg,) = [p for p in segment_of(c, 1, "r") if shm.read_meta(p)["step"] == recoverable]
+    (seg,) = [p for p in segment_of(c, 1, "r") if segments.read_meta(p)["step"] == recoverable]
     flip_byte(seg, 100)
     steps += 10
     assert c.run_trainers(steps, step_sleep=0.01) == [recoverable] * 4
@@ -200,7 +199,7 @@ def test_corrupted_parity_found_during_a_rebuild_is_skipped(make_cluster):
     recoverable = c.settled()
     # node 2 holds parity of stripes 2 and 1; node 4 gives data to both: losing node 4 needs them
     (par,) = segment_of(c, 2, "par")
-    record = shm.read_meta(par)
+    record = segments.read_meta(par)
     flip_byte(par, 5)
     lose_and_rebuild(c, [4], recoverable)
     rebuilds = c.status(4)["cluster"]["rebuilds"]

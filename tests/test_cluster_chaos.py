@@ -16,7 +16,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from clusters import LocalCluster, assert_matches_reference, reference_losses
 from conftest import wait_for
 

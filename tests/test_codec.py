@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ftd.codec import RS, XOR, Codec, InvalidBlocks, default_kind
+from ftd.cluster.erasure import RS, XOR, Codec, InvalidBlocks, default_kind
+from ftd.cluster.stripes import StripeLayout, chunk_bytes, chunk_span
 from ftd.errors import FtdError
-from ftd.stripes import StripeLayout, chunk_bytes, chunk_span
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -137,7 +137,7 @@ def test_any_contiguous_buffer_is_read_in_place():
 # method (signal or thread) can interrupt it: duplicates are tried in a child process with a hard kill.
 _DUPLICATES = """
 import numpy as np
-from ftd.codec import Codec, InvalidBlocks
+from ftd.cluster.erasure import Codec, InvalidBlocks
 for kind in ("rs", "xor"):
     for nums in ([1, 1, 2], [0, 0, 0], [3, 3, 0], [np.int64(2), 2, 0]):
         try:

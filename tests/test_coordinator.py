@@ -5,8 +5,8 @@ import itertools
 
 import pytest
 
-from ftd.coordinator import COLLECT, PROTECT, Coordinator
-from ftd.stripes import Grouping
+from ftd.cluster.coordinator import COLLECT, PROTECT, Coordinator
+from ftd.cluster.stripes import Grouping
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -294,7 +294,7 @@ def test_a_restarted_coordinator_learns_the_epoch_from_the_nodes():
 
 
 def test_flush_is_marked_on_the_syncs_of_the_steps_the_policy_picks():
-    from ftd.flushpolicy import FlushPolicy
+    from ftd.durable.policy import FlushPolicy
     c, clock = make(2, flush_policy=FlushPolicy(every=5, interval=0, clock=lambda: 0.0))
     flushed = []
     for step in (0, 3, 5, 8, 11):
@@ -310,7 +310,7 @@ def test_flush_is_marked_on_the_syncs_of_the_steps_the_policy_picks():
 
 
 def test_no_flush_is_marked_while_a_node_still_flushes():
-    from ftd.flushpolicy import FlushPolicy
+    from ftd.durable.policy import FlushPolicy
     c, clock = make(2, flush_policy=FlushPolicy(every=1, interval=0, clock=lambda: 0.0))
     flushed = []
     for step, busy_node in ((0, None), (1, 1), (2, None)):

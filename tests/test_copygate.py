@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from ftd.copygate import CopyGate, GateWatcher
+from ftd.durable.copygate import CopyGate, GateWatcher
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import zmq
-
 from conftest import assert_bit_exact, read_losses, wait_for
 
 SOAK = os.environ.get("FTD_SOAK") == "1"

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 import zmq
+from conftest import SHM, leftovers, wait_for
 
 import ftd
-from conftest import SHM, leftovers, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -67,7 +67,7 @@ def test_killed_daemon_successor_adopts_verified_versions_and_drops_the_rest(job
     status = call(d.endpoint, [b'{"v":1,"type":"status"}'])
     newest1 = [n for n in leftovers(job.name) if ".r1." in n and not n.endswith(".meta")]
     conn = c._conn
-    session = c._session
+    session = c._session.id
     spare = conn.call("begin", session=session, step=3, nbytes=200_000)["buffer"]
     d.kill()
     metas = {n: json.loads((SHM / n).read_text()) for n in leftovers(job.name) if n.endswith(".meta")}

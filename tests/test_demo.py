@@ -117,14 +117,14 @@ def _losses(values: dict[int, float]) -> list[tuple[int, str]]:
 
 
 def test_verify_accepts_reruns_that_match():
-    from ftd.demoreport import verify
+    from ftd.demo.report import verify
     ref = _losses({0: 1.0, 1: 0.5, 2: 0.25})
     ok, verdict, twice = verify(ref, ref[:2] + ref[1:], steps=3)
     assert ok and verdict == "bit-exact: all 3 steps" and twice == 1
 
 
 def test_verify_rejects_a_rerun_off_by_one_ulp():
-    from ftd.demoreport import verify
+    from ftd.demo.report import verify
     ref = _losses({0: 1.0, 1: 0.5, 2: 0.25})
     rerun = (1, math.nextafter(0.5, 1.0).hex())
     ok, verdict, _ = verify(ref, ref[:2] + [rerun] + ref[2:], steps=3)
@@ -132,7 +132,7 @@ def test_verify_rejects_a_rerun_off_by_one_ulp():
 
 
 def test_verify_rejects_missing_steps_and_malformed_lines():
-    from ftd.demoreport import verify
+    from ftd.demo.report import verify
     ref = _losses({0: 1.0, 1: 0.5, 2: 0.25})
     ok, verdict, _ = verify(ref, [ref[0], ref[2]], steps=3)
     assert not ok and "no loss for step(s) 1" in verdict
@@ -141,7 +141,7 @@ def test_verify_rejects_missing_steps_and_malformed_lines():
 
 
 def test_summary_figures_come_from_the_counters():
-    from ftd.demoreport import blocked_per_snapshot, protection_lag, summary_lines
+    from ftd.demo.report import blocked_per_snapshot, protection_lag, summary_lines
     blocked = blocked_per_snapshot([{"snapshot_seconds": 0.01, "hook_wait_seconds": 0.01, "snapshots": 10,
                                      "committed": 9, "skipped_protecting": 1},
                                     {"snapshot_seconds": 0.04, "hook_wait_seconds": 0.0, "snapshots": 10,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import assert_bit_exact, flip_tensor_byte, read_losses, wait_for
-from ftd import durable
+
+from ftd.durable import ondisk
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -39,12 +39,12 @@ def test_flush_then_cold_restart_restores_from_disk_bit_exact(job, tmp_path):
     st = wait_for(lambda: (s := status(d))["flush"]["running"] is None and s["flush"]["flushed"] and s, 60,
                   "the last flush to finish")
     assert st["flush"]["failures"] == 0, st["flush"]
-    on_disk = durable.flushed_steps(flush_dir, job.name, 0)
+    on_disk = ondisk.flushed_steps(flush_dir, job.name, 0)
     assert 1 <= len(on_disk) <= 2, on_disk  # flush_keep = 2
     newest = on_disk[0]
-    assert durable.verify_export(durable.step_dir(flush_dir, job.name, newest)) == []
+    assert ondisk.verify_export(ondisk.step_dir(flush_dir, job.name, newest)) == []
     workers = psutil.Process(d.proc.pid).children()
-    assert [w.cmdline()[2] for w in workers] == ["ftd.flushwriter"]
+    assert [w.cmdline()[2] for w in workers] == ["ftd.durable.flush_worker"]
     assert d.stop() == 0  # all shared memory released: only the disk holds the state now
     psutil.wait_procs(workers, timeout=10)
     assert not any(w.is_running() for w in workers), "the flush worker outlived its daemon"
@@ -71,11 +71,11 @@ def test_corrupt_flushed_version_is_skipped_for_the_previous(job, tmp_path):
     assert job.trainer(d, run, 9, "--step-sleep", "0.05").wait(120) == 0
     wait_for(lambda: (s := status(d))["flush"]["running"] is None and s["flush"]["flushed"] >= 2, 60, "two flushes")
     d.stop()
-    steps = durable.flushed_steps(flush_dir, job.name, 0)
+    steps = ondisk.flushed_steps(flush_dir, job.name, 0)
     assert len(steps) >= 2, steps
     newest, previous = steps[0], steps[1]
-    flip_tensor_byte(durable.step_dir(flush_dir, job.name, newest))
-    assert durable.verify_export(durable.step_dir(flush_dir, job.name, newest))  # the file checksum sees it too
+    flip_tensor_byte(ondisk.step_dir(flush_dir, job.name, newest))
+    assert ondisk.verify_export(ondisk.step_dir(flush_dir, job.name, newest))  # the file checksum sees it too
 
     d2 = job.daemon(extra=flush_config(flush_dir, every=2, keep=3))
     ref = tmp_path / "ref.txt"

@@ -10,10 +10,10 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from clusters import LocalCluster, assert_matches_reference, reference_losses
 from conftest import flip_tensor_byte, wait_for
-from ftd import durable
+
+from ftd.durable import ondisk
 
 STEPS = 40
 
@@ -36,7 +36,7 @@ def flushed_by_all(c: LocalCluster, root) -> list[int]:
     sts = [c.status(n) for n in range(c.nodes)]
     if any(s is None or s["flush"]["running"] is not None or s["flush"]["pending"] is not None for s in sts):
         return []
-    common = set.intersection(*(set(durable.flushed_steps(root, c.job, n)) for n in range(c.nodes)))
+    common = set.intersection(*(set(ondisk.flushed_steps(root, c.job, n)) for n in range(c.nodes)))
     return sorted(common, reverse=True)
 
 
@@ -72,7 +72,7 @@ def test_more_than_m_losses_and_a_cold_restart_restore_from_disk(cluster, tmp_pa
     assert len(c.status(0)["cluster"]["coordinator"]["disk_restores"]) == 1
 
     # every daemon starts afresh (a power cut); the newest flushed copy of node 1 is corrupt
-    flip_tensor_byte(durable.step_dir(root, c.job, on_disk[0]), node=1, rank=1)
+    flip_tensor_byte(ondisk.step_dir(root, c.job, on_disk[0]), node=1, rank=1)
     c.lose_and_restart([0, 1, 2])
     resumed = c.run_trainers(STEPS, step_sleep=0.02)
     assert resumed == [on_disk[1]] * 3, f"resumed after {resumed}, flushed by all: {on_disk}"

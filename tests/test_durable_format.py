@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from ftd import dcpwrite, durable, treecodec
-from ftd.checksum import checksums
-from ftd.layout import Manifest, plan_layout
+from ftd.durable import dcp_writer, ondisk
+from ftd.shm.checksum import checksums
+from ftd.shm.layout import Manifest, plan_layout
+from ftd.trainer import statecodec
 
 pytestmark = pytest.mark.timeout(60)
 CHUNK = 4096
@@ -19,8 +20,8 @@ CHUNK = 4096
 def make_version(state: dict, rng=None, padding: int = 0) -> tuple[bytearray, Manifest]:
     """An arena and its manifest as a trainer's client would commit them (``padding``: the byte
     left between tensors, which the trainer never writes)."""
-    skeleton, tensors = treecodec.encode({"state": state, "rng": rng})
-    layout = plan_layout([(treecodec.dtype_name(t.dtype), tuple(t.shape)) for t in tensors])
+    skeleton, tensors = statecodec.encode({"state": state, "rng": rng})
+    layout = plan_layout([(statecodec.dtype_name(t.dtype), tuple(t.shape)) for t in tensors])
     data = bytearray([padding]) * layout.nbytes
     for s, t in zip(layout.slots, tensors):
         data[s.offset:s.end] = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -38,7 +39,7 @@ def sample_state() -> dict:
 
 def write(tmp_path, data, manifest, rank=0, node=0):
     out = tmp_path / "v"
-    written = dcpwrite.write_version(out, 7, [(rank, rank + 1, bytearray(data), manifest)], job="j",
+    written = dcp_writer.write_version(out, 7, [(rank, rank + 1, bytearray(data), manifest)], job="j",
                                      node_rank=node, nodes=1)
     return out, written
 
@@ -48,9 +49,9 @@ def test_round_trip_is_bit_exact_with_the_padding_zeroed(tmp_path):
     data, manifest = make_version(sample_state(), rng=rng, padding=0xAB)
     out, written = write(tmp_path, data, manifest)
     entry = written["restore"]["0"]
-    assert written["step"] == 7 and written["ranks"] == [0] and durable.verify_export(out) == []
+    assert written["step"] == 7 and written["ranks"] == [0] and ondisk.verify_export(out) == []
     back = bytearray(manifest.layout.nbytes)
-    durable.load_rank(out / entry["dir"], entry, memoryview(back))
+    ondisk.load_rank(out / entry["dir"], entry, memoryview(back))
     for s in manifest.layout.slots:
         assert back[s.offset:s.end] == data[s.offset:s.end]
     assert set(back) - set(data) <= {0}  # only the padding differs: zero on disk
@@ -74,23 +75,23 @@ def test_a_flipped_byte_or_a_lying_manifest_is_refused(tmp_path):
     entry = written["restore"]["0"]
     dest = memoryview(bytearray(manifest.layout.nbytes))
     bad = dict(entry, index=[["../../etc/passwd", 0, 10] if w else w for w in entry["index"]])
-    with pytest.raises(durable.CorruptVersion, match="outside"):
-        durable.load_rank(out / entry["dir"], bad, dest)
+    with pytest.raises(ondisk.CorruptVersion, match="outside"):
+        ondisk.load_rank(out / entry["dir"], bad, dest)
     short = dict(entry, index=entry["index"][:-1])
-    with pytest.raises(durable.CorruptVersion, match="index"):
-        durable.load_rank(out / entry["dir"], short, dest)
+    with pytest.raises(ondisk.CorruptVersion, match="index"):
+        ondisk.load_rank(out / entry["dir"], short, dest)
     sums = list(entry["manifest"]["checksums"])
     sums[0] ^= 1
-    with pytest.raises(durable.CorruptVersion, match="checksum"):
-        durable.load_rank(out / entry["dir"], dict(entry, manifest={**entry["manifest"], "checksums": sums}), dest)
+    with pytest.raises(ondisk.CorruptVersion, match="checksum"):
+        ondisk.load_rank(out / entry["dir"], dict(entry, manifest={**entry["manifest"], "checksums": sums}), dest)
     where = max((w for w in entry["index"] if w), key=lambda w: w[2])
     path = out / entry["dir"] / where[0]
     raw = bytearray(path.read_bytes())
     raw[where[1] + where[2] // 2] ^= 1
     path.write_bytes(bytes(raw))
-    with pytest.raises(durable.CorruptVersion):
-        durable.load_rank(out / entry["dir"], entry, dest)
-    assert durable.verify_export(out) == [f"rank-0/{where[0]}"]
+    with pytest.raises(ondisk.CorruptVersion):
+        ondisk.load_rank(out / entry["dir"], entry, dest)
+    assert ondisk.verify_export(out) == [f"rank-0/{where[0]}"]
 
 
 def test_a_torn_buffer_is_never_written(tmp_path):
@@ -99,30 +100,30 @@ def test_a_torn_buffer_is_never_written(tmp_path):
     changed = bytearray(data)
     changed[manifest.layout.slots[0].offset] ^= 1  # the trainer reused the buffer meanwhile
     seg.write_bytes(bytes(changed))
-    with pytest.raises(durable.TornVersion):
-        durable.read_buffer(seg, manifest)
+    with pytest.raises(ondisk.TornVersion):
+        ondisk.read_buffer(seg, manifest)
     seg.write_bytes(bytes(data))
-    assert durable.read_buffer(seg, manifest) == data
+    assert ondisk.read_buffer(seg, manifest) == data
 
 
 def test_prune_keeps_the_newest_complete_parts_and_only_this_nodes_files(tmp_path):
     data, manifest = make_version({"model": {"w": torch.ones(3)}})
     for step in (2, 4, 6, 8):
-        dcpwrite.write_version(durable.step_dir(tmp_path, "j", step), step, [(0, 2, bytearray(data), manifest)],
+        dcp_writer.write_version(ondisk.step_dir(tmp_path, "j", step), step, [(0, 2, bytearray(data), manifest)],
                                job="j", node_rank=0, nodes=2)
-        dcpwrite.write_version(durable.step_dir(tmp_path, "j", step), step, [(1, 2, bytearray(data), manifest)],
+        dcp_writer.write_version(ondisk.step_dir(tmp_path, "j", step), step, [(1, 2, bytearray(data), manifest)],
                                job="j", node_rank=1, nodes=2)
-    half = durable.step_dir(tmp_path, "j", 5)  # a flush of node 0 that was killed: no manifest
+    half = ondisk.step_dir(tmp_path, "j", 5)  # a flush of node 0 that was killed: no manifest
     (half / ".rank-0.123.tmp").mkdir(parents=True)
-    assert durable.flushed_steps(tmp_path, "j", 0) == [8, 6, 4, 2]
-    removed = durable.prune(tmp_path, "j", 0, keep=2, ranks=[0], newest=8)
+    assert ondisk.flushed_steps(tmp_path, "j", 0) == [8, 6, 4, 2]
+    removed = ondisk.prune(tmp_path, "j", 0, keep=2, ranks=[0], newest=8)
     assert removed == [2, 4, 5]
-    assert durable.flushed_steps(tmp_path, "j", 0) == [8, 6]
-    assert durable.flushed_steps(tmp_path, "j", 1) == [8, 6, 4, 2]  # node 1's parts are node 1's to remove
-    assert not (durable.step_dir(tmp_path, "j", 2) / ".metadata").exists()  # rank 0's top level went too
+    assert ondisk.flushed_steps(tmp_path, "j", 0) == [8, 6]
+    assert ondisk.flushed_steps(tmp_path, "j", 1) == [8, 6, 4, 2]  # node 1's parts are node 1's to remove
+    assert not (ondisk.step_dir(tmp_path, "j", 2) / ".metadata").exists()  # rank 0's top level went too
     assert not half.exists()
-    durable.prune(tmp_path, "j", 1, keep=2, ranks=[1], newest=8)
-    assert sorted(p.name for p in durable.job_dir(tmp_path, "j").iterdir()) == ["step-0000000006", "step-0000000008"]
+    ondisk.prune(tmp_path, "j", 1, keep=2, ranks=[1], newest=8)
+    assert sorted(p.name for p in ondisk.job_dir(tmp_path, "j").iterdir()) == ["step-0000000006", "step-0000000008"]
 
 
 def test_prune_on_a_shared_directory_keeps_what_every_node_completed(tmp_path):
@@ -131,19 +132,19 @@ def test_prune_on_a_shared_directory_keeps_what_every_node_completed(tmp_path):
     data, manifest = make_version({"model": {"w": torch.ones(3)}})
     for node, steps in ((0, (4, 8, 12, 16)), (1, (4, 12, 20))):
         for step in steps:
-            dcpwrite.write_version(durable.step_dir(tmp_path, "j", step), step,
+            dcp_writer.write_version(ondisk.step_dir(tmp_path, "j", step), step,
                                    [(node, 2, bytearray(data), manifest)], job="j", node_rank=node, nodes=2)
-    durable.prune(tmp_path, "j", 0, keep=2, ranks=[0], newest=16, nodes=2)
-    assert durable.flushed_steps(tmp_path, "j", 0) == [16, 12, 4]  # its own 2 newest + the 2 newest common
-    durable.prune(tmp_path, "j", 1, keep=2, ranks=[1], newest=20, nodes=2)
-    assert durable.flushed_steps(tmp_path, "j", 1) == [20, 12, 4]
+    ondisk.prune(tmp_path, "j", 0, keep=2, ranks=[0], newest=16, nodes=2)
+    assert ondisk.flushed_steps(tmp_path, "j", 0) == [16, 12, 4]  # its own 2 newest + the 2 newest common
+    ondisk.prune(tmp_path, "j", 1, keep=2, ranks=[1], newest=20, nodes=2)
+    assert ondisk.flushed_steps(tmp_path, "j", 1) == [20, 12, 4]
 
 
 def test_a_manifest_of_another_node_or_format_is_refused(tmp_path):
     data, manifest = make_version({"model": {"w": torch.ones(3)}})
     out, written = write(tmp_path, data, manifest)
-    with pytest.raises(durable.CorruptVersion, match="no manifest of node 1"):
-        durable.read_node_manifest(out, 1)
+    with pytest.raises(ondisk.CorruptVersion, match="no manifest of node 1"):
+        ondisk.read_node_manifest(out, 1)
     (out / "ftd-export-node0.json").write_text(json.dumps({**written, "format": "ftd-export-1"}))
-    with pytest.raises(durable.CorruptVersion, match="not an ftd-export-2 manifest"):
-        durable.read_node_manifest(out, 0)
+    with pytest.raises(ondisk.CorruptVersion, match="not an ftd-export-2 manifest"):
+        ondisk.read_node_manifest(out, 0)

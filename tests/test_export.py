@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 from test_gpt_trainer import free_port
 
@@ -82,8 +81,9 @@ def test_export_of_4_ddp_ranks_loads_with_plain_dcp_on_2_ranks(job, tmp_path):
 
 def test_export_checks_what_it_wrote_and_refuses_steps_not_held(job, tmp_path):
     import torch
+
     import ftd
-    from ftd.durable import verify_export
+    from ftd.durable.ondisk import verify_export
     d = job.daemon()
     with ftd.Client(d.endpoint, rank=0, world_size=1) as client:
         for step in range(3):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ftd.flushpolicy import FlushPolicy, FlushQueue, common_step
+from ftd.durable.policy import FlushPolicy, FlushQueue, common_step
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -24,15 +24,15 @@ import psutil
 import pytest
 import torch
 import zmq
-from hypothesis import HealthCheck, event, example, given, settings, strategies as st
+from conftest import ROOT, LocalJob
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
 
 import ftd
-from ftd import protocol
-from ftd.checksum import chunk_checksum
+from ftd.control import protocol
 from ftd.errors import ProtocolError
-from ftd.layout import Manifest, plan_layout
-
-from conftest import ROOT, LocalJob
+from ftd.shm.checksum import chunk_checksum
+from ftd.shm.layout import Manifest, plan_layout
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -34,22 +34,23 @@ import psutil
 import pytest
 import torch
 import zmq
-from hypothesis import HealthCheck, event, example, given, settings, strategies as st
-
-import ftd
-from ftd import peerproto, shm
-from ftd.checksum import chunk_checksum
-from ftd.codec import Codec, InvalidBlocks
-from ftd.config import load_config
-from ftd.errors import ProtocolError
-from ftd.peerauth import PeerSecurity, load_key_file
-from ftd.peerproto import MAX_FRAME, MAX_HEADER, PeerMessages
-from ftd.peers import MAX_PEER_MESSAGE
-from ftd.protection import NodeImage, NodeRound, Shape
-from ftd.stripes import Grouping
-
 from clusters import LocalCluster
 from conftest import SHM, wait_for
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
+
+import ftd
+from ftd.cluster import messages as peerproto
+from ftd.cluster.auth import PeerSecurity, load_key_file
+from ftd.cluster.erasure import Codec, InvalidBlocks
+from ftd.cluster.links import MAX_PEER_MESSAGE
+from ftd.cluster.messages import MAX_FRAME, MAX_HEADER, PeerMessages
+from ftd.cluster.protection import NodeImage, NodeRound, Shape
+from ftd.cluster.stripes import Grouping
+from ftd.config import load_config
+from ftd.errors import ProtocolError
+from ftd.shm import segments
+from ftd.shm.checksum import chunk_checksum
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -166,7 +167,7 @@ class Cluster:
         """The node's rank-0 ("r0") or parity ("par") segment holding ``step``, and its sidecar."""
         for p in SHM.iterdir():
             if p.name.startswith(f"ftd.{self.job}.n{node}.{kind}.") and not p.name.endswith((".meta", ".tmp")):
-                meta = shm.read_meta(p)
+                meta = segments.read_meta(p)
                 if meta is not None and meta.get("step") == step:
                     return p, meta
         raise AssertionError(f"node {node} holds no {kind} segment of step {step}")
@@ -592,7 +593,7 @@ def test_a_chunk_failing_its_checksum_in_a_live_round_is_refused(cluster):
         pytest.fail(f"the bad chunks were not all refused in the live round: {counted} of {len(bad)}")
     assert "fails its checksum" in Path(cluster.c.info["members"][1]["log"]).read_text()
     wait_for(lambda: cluster.status(1)["cluster"]["round"] is None, 15, "the real coordinator to close the round")
-    assert par.exists() and par.read_bytes() == parity_before and shm.read_meta(par) == record
+    assert par.exists() and par.read_bytes() == parity_before and segments.read_meta(par) == record
     assert cluster.c.recoverable() == [step] * NODES
 
 
@@ -697,7 +698,7 @@ def test_with_curve_a_client_without_the_key_gets_nothing_through(tmp_path):
         assert c.status(1)["cluster"]["secure"]
         key = load_key_file(c.dir / "cluster.key")
         other = tmp_path / "other.key"
-        from ftd.peerauth import generate_key_file
+        from ftd.cluster.auth import generate_key_file
         generate_key_file(other)
         pub, sec = zmq.curve_keypair()
 

@@ -20,11 +20,10 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+from conftest import ROOT, SHM, leftovers, wait_for
 
 from ftd.config import load_config
-from ftd.connection import Connection
-
-from conftest import ROOT, SHM, leftovers, wait_for
+from ftd.control.connection import Connection
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
@@ -83,7 +82,7 @@ def cluster():
 
 
 def ftd_launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ftd.launch", *args], env=ENV, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "ftd.cli", *args], env=ENV, cwd=ROOT,
                           capture_output=True, text=True, timeout=30)
 
 
@@ -103,7 +102,7 @@ def registered_pids(endpoint: str) -> set[int]:
         conn.close()
 
 
-FAKE_TRAINER = ("import os, sys, time; from ftd.connection import Connection; "
+FAKE_TRAINER = ("import os, sys, time; from ftd.control.connection import Connection; "
                 "c = Connection(sys.argv[1], 5); c.call('register', rank=0, world=1, pid=os.getpid()); "
                 "time.sleep(600)")
 
@@ -119,7 +118,7 @@ def dummy_segment(name: str) -> Path:
 def test_launch_kill_node_restart_and_stop(cluster, tmp_path):
     d, job = cluster.dir, cluster.job
     with open(tmp_path / "launcher.log", "wb") as out:
-        launcher = cluster.popen([sys.executable, "-m", "ftd.launch", "launch", "--nodes", "4", "--parity", "1",
+        launcher = cluster.popen([sys.executable, "-m", "ftd.cli", "launch", "--nodes", "4", "--parity", "1",
                                   "--dir", str(d), "--job", job, "--memory-budget", "256MiB"],
                                  stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -3,7 +3,7 @@ import random
 import pytest
 
 from ftd.errors import ProtocolError
-from ftd.layout import ALIGNMENT, Manifest, chunk_count, chunk_plan, chunk_ranges, plan_layout
+from ftd.shm.layout import ALIGNMENT, Manifest, chunk_count, chunk_plan, chunk_ranges, plan_layout
 
 
 def test_plan_layout_aligns_and_orders():

@@ -10,8 +10,10 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from ftd.cli import keys
+from ftd.cli.registry import register
+from ftd.cluster.auth import ClusterKey, KeyFileError, PeerSecurity, generate_key_file, load_key_file
 from ftd.errors import FtdError
-from ftd.peerauth import ClusterKey, KeyFileError, PeerSecurity, add_commands, generate_key_file, load_key_file
 
 SILENCE_S = 1.0  # how long a refused client is given to get a message through
 
@@ -128,7 +130,7 @@ def test_missing_or_malformed_key_file_is_refused(tmp_path):
 @pytest.mark.timeout(30)
 def test_keygen_command(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="ftd")
-    add_commands(parser.add_subparsers(dest="command", required=True))
+    register(parser.add_subparsers(dest="command", required=True), keys.COMMANDS)
     out = tmp_path / "job.key"
     args = parser.parse_args(["keygen", "--out", str(out)])
     assert args.func(args) == 0

@@ -12,11 +12,11 @@ import random
 import numpy as np
 import pytest
 
-from ftd.codec import Codec
+from ftd.cluster.erasure import Codec
+from ftd.cluster.messages import PeerMessages
+from ftd.cluster.protection import NodeImage, NodeRound
+from ftd.cluster.stripes import Grouping
 from ftd.errors import ProtocolError
-from ftd.peerproto import PeerMessages
-from ftd.protection import NodeImage, NodeRound
-from ftd.stripes import Grouping
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -162,10 +162,10 @@ def test_peer_messages_are_validated_against_the_cluster():
 
 
 def test_a_rebuild_refuses_metadata_it_could_not_trust():
+    from ftd.cluster.auth import PeerSecurity
+    from ftd.cluster.rebuilder import Holdings, Rebuilder
     from ftd.config import Config
-    from ftd.layout import Manifest, chunk_count, plan_layout
-    from ftd.peerauth import PeerSecurity
-    from ftd.rebuild import Holdings, Rebuilder
+    from ftd.shm.layout import Manifest, chunk_count, plan_layout
     config = Config(job="t", peers=tuple(f"tcp://127.0.0.1:{7100 + i}" for i in range(4)), node_rank=1,
                     memory_budget=1 << 30)
     rb = Rebuilder(config, PeerSecurity(None), Holdings())

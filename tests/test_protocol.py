@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ftd import protocol
+from ftd.control import protocol
 from ftd.errors import ProtocolError
 
 

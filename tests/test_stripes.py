@@ -3,9 +3,8 @@ from collections import Counter
 
 import pytest
 
+from ftd.cluster.stripes import Block, Grouping, StripeLayout, UnrecoverableLoss, chunk_bytes, chunk_span, held_bytes
 from ftd.errors import FtdError
-from ftd.stripes import (Block, Grouping, StripeLayout, UnrecoverableLoss, chunk_bytes, chunk_span,
-                         held_bytes)
 
 pytestmark = pytest.mark.timeout(60)
 

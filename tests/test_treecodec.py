@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from ftd import rng, treecodec
 from ftd.errors import SerializationError
+from ftd.trainer import rng, statecodec
 
 
 def round_trip(obj):
-    skeleton, tensors = treecodec.encode(obj)
+    skeleton, tensors = statecodec.encode(obj)
     text = json.dumps(skeleton)                 # the skeleton is plain JSON: no pickle anywhere
     assert "pickle" not in text
-    return treecodec.decode(json.loads(text), lambda i: tensors[i].clone())
+    return statecodec.decode(json.loads(text), lambda i: tensors[i].clone())
 
 
 def same(a, b):
@@ -88,7 +88,7 @@ def test_rng_states_round_trip_and_reproduce():
 ])
 def test_unsupported_values_name_their_place(value, where):
     with pytest.raises(SerializationError, match=where):
-        treecodec.encode(value)
+        statecodec.encode(value)
 
 
 @pytest.mark.parametrize("skeleton", [
@@ -100,7 +100,7 @@ def test_unsupported_values_name_their_place(value, where):
 ])
 def test_malformed_skeletons_are_refused(skeleton):
     with pytest.raises(SerializationError):
-        treecodec.decode(skeleton, lambda i: torch.zeros(1))
+        statecodec.decode(skeleton, lambda i: torch.zeros(1))
 
 
 def test_pickle_is_never_used(monkeypatch):

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import ftd
-from ftd.ddp import ordered_allreduce_hook
 from ftd.examples.corpus import TEXT, VOCAB, encode
+from ftd.trainer.ddp import ordered_allreduce_hook
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,0 +1,6 @@
+"""``ftd agent``: the per-node supervisor of the node's daemon and its training workers, and the job store
+the agents of one job share.
+
+Starts processes; imports ``ftd.control`` (to ask the daemon whether it is ready) and the shared
+basics, and torch only for its TCPStore, lazily.
+"""

@@ -1,0 +1,146 @@
+"""``ftd status``: what a node's daemon holds, or one table for a whole local cluster."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ftd.cli.node import endpoint_of
+from ftd.cli.registry import Command
+from ftd.control.connection import Connection, status_or_none
+from ftd.errors import FtdError
+from ftd.local.configs import read_cluster
+from ftd.units import format_size
+
+
+def _age(t: float | None) -> str:
+    return "-" if t is None else f"{time.time() - t:.1f}s ago"
+
+
+def _ms(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1000:.1f} ms"
+
+
+def _status(args: argparse.Namespace) -> int:
+    if args.dir:
+        return _cluster_status(args)
+    conn = Connection(endpoint_of(args), timeout=5.0)
+    try:
+        st = conn.call("status")
+    except FtdError as e:
+        print(f"ftd status: {e}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"node {st['node_rank']} of job {st['job']!r}  daemon pid {st['pid']}  up {st['uptime']:.0f}s  "
+          f"{st['endpoint']}")
+    print(f"memory: {format_size(st['used'])} of {format_size(st['budget'])} budget in use  (shm: {st['shm_dir']})")
+    if not st["ranks"]:
+        print("no trainer rank has registered yet")
+    for r in st["ranks"]:
+        versions = ", ".join(f"step {v['step']} ({format_size(v['bytes'])}, {_age(v['committed_at'])})"
+                             for v in r["versions"]) or "none"
+        writing = f"  writing step {r['writing'][0]}" if r["writing"] else ""
+        alive = "alive" if r["alive"] else "not running"
+        print(f"rank {r['rank']}/{r['world']}  pid {r['pid']} ({alive})  commits {r['commits']}  "
+              f"buffers {format_size(r['buffer_bytes'])}")
+        print(f"   versions: {versions}{writing}")
+        print(f"   last snapshot: copy {_ms(r['last_copy_seconds'])}, trainer blocked {_ms(r['last_blocked_seconds'])}, "
+              f"committed {_age(r['last_commit_at'])}")
+    if st.get("cluster"):
+        print("\n".join(_cluster_lines(st["cluster"])))
+    if st.get("flush"):
+        print("\n".join(_flush_lines(st["flush"])))
+    return 0
+
+
+def _flush_lines(fl: dict) -> list[str]:
+    rule = " or ".join(([f"every {fl['every']} steps"] if fl["every"] else [])
+                       + ([f"every {fl['interval']:g} s"] if fl["interval"] else []))
+    lines = [f"flush to {fl['dir']} ({rule}, keep {fl['keep']}): {fl['flushed']} done, {fl['failures']} failed, "
+             f"{fl['superseded']} superseded; on disk: steps {fl['on_disk'][:5] or 'none'}"]
+    if fl.get("loading") is not None:
+        lines.append(f"   loading step {fl['loading']} from disk")
+    if fl["running"] is not None:
+        lines.append(f"   flushing step {fl['running']}" + (f", step {fl['pending']} waits" if fl["pending"] else ""))
+    last = fl.get("last")
+    if last and last["ok"]:
+        lines.append(f"   last: step {last['step']}, {format_size(last['bytes'])} in {last['seconds']:.2f} s "
+                     f"(buffers held {_ms(last.get('copy_seconds'))}), {_age(last['at'])}")
+    elif last:
+        lines.append(f"   last: step {last['step']} FAILED: {last['error']}")
+    return lines
+
+
+def _cluster_lines(cl: dict) -> list[str]:
+    lines = [f"cluster: node {cl['node_rank']} of {cl['nodes']}, group {cl['group']} = nodes {cl['group_nodes']} "
+             f"(k={cl['k']}, m={cl['m']}, {cl['code']}), peer link {cl['peer_endpoint']}"
+             + (" CURVE" if cl["secure"] else ""),
+             f"   recoverable step: {cl['recoverable'] if cl['recoverable'] >= 0 else 'none yet'}   "
+             f"memory: data {format_size(cl['data_bytes'])}, parity {format_size(cl['parity_bytes'])}"]
+    for v in cl["versions"]:
+        state = "recoverable" if v["recoverable"] else "protected" if v["protected"] else \
+            "local-complete" if v["local"] else "parity only"
+        lines.append(f"   step {v['step']}: {state}  (data {format_size(v['data_bytes'])}, "
+                     f"parity {format_size(v['parity_bytes'])})")
+    if cl["round"]:
+        lines.append(f"   protecting step {cl['round']['step']}: "
+                     + ("done, waiting for the coordinator" if cl["round"]["complete"] else
+                        f"{cl['round']['frames_left']} parity frame(s) to go"))
+    if cl["rebuilding"]:
+        lines.append(f"   rebuilding: {cl['rebuilding']}")
+    if cl.get("disk_wait"):
+        lines.append(f"   restores wait: {cl['disk_wait']}")
+    if cl["lost_error"]:
+        lines.append(f"   cannot restore: {cl['lost_error']}")
+    co = cl.get("coordinator")
+    if co:
+        lines.append(f"   coordinator: {co['phase']}, target step {co['target']}, rounds done {co['rounds_done']}, "
+                     f"abandoned {co['rounds_abandoned']}; {co['last_event']}")
+    return lines
+
+
+def _cluster_status(args: argparse.Namespace) -> int:
+    """One table for a whole `ftd launch` cluster: per version and node, its state."""
+    try:
+        cluster = read_cluster(Path(args.dir))
+    except Exception as e:
+        print(f"ftd status: {e}", file=sys.stderr)
+        return 2
+    rows: dict[int, dict[int, str]] = {}
+    nodes = []
+    for member in cluster["members"]:
+        n = member["node_rank"]
+        nodes.append(n)
+        st = status_or_none(member["endpoint"])
+        cl = None if st is None else st.get("cluster") or {}
+        if cl is None:
+            rows.setdefault(-1, {})[n] = "DOWN"
+            continue
+        for v in cl.get("versions", []):
+            rows.setdefault(v["step"], {})[n] = ("recoverable" if v["recoverable"] else "protected" if v["protected"]
+                                                 else "local" if v["local"] else "parity-only")
+    if args.json:
+        print(json.dumps({str(k): v for k, v in rows.items()}, indent=2))
+        return 0
+    print("step     " + "".join(f"node {n:<10}" for n in nodes))
+    for step in sorted(rows, reverse=True):
+        label = "daemon" if step < 0 else str(step)
+        print(f"{label:<9}" + "".join(f"{rows[step].get(n, '-'):<15}" for n in nodes))
+    return 0
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--config", help="the daemon's config file")
+    p.add_argument("--node-rank", type=int)
+    p.add_argument("--endpoint", help="the daemon's endpoint (default $FTD_ENDPOINT or the local default)")
+    p.add_argument("--dir", help="a cluster started by `ftd launch`: one table of every node's versions")
+
+
+COMMANDS = [Command("status", "show what the node daemon holds", _arguments, _status)]

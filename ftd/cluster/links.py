@@ -1,0 +1,170 @@
+"""Peer links of one daemon: a ROUTER that peers send to, a DEALER to each peer. Sockets only.
+
+Every message is one-way (DEALER -> the peer's ROUTER) except queries, whose answers go back
+through the ROUTER to the asking DEALER; ``PeerQueries`` is the asking side a rebuild uses, on
+sockets of its own (its thread must not touch the daemon loop's). Sends never block the daemon's loop: DEALERs queue only
+on established connections (ZMQ_IMMEDIATE), so a message to a dead peer fails at once rather than
+waiting in a queue to reach its restarted successor; protocol messages are re-sent by whoever
+waits for an answer, and chunk frames stay queued in the round until a send succeeds.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+
+import zmq
+
+from ftd.cluster.auth import PeerSecurity
+from ftd.cluster.messages import MAX_FRAME, MAX_HEADER, PeerMessages
+from ftd.config import Config
+from ftd.errors import FtdError, ProtocolError
+
+log = logging.getLogger("ftd.cluster.links")
+
+MAX_PEER_MESSAGE = MAX_FRAME + MAX_HEADER
+ROUTER_QUEUE = 32  # messages the peer ROUTER queues per connection, each way
+
+
+def dealer(ctx: zmq.Context, security: PeerSecurity, endpoint: str, hwm: int = 256,
+           immediate: bool = True) -> zmq.Socket:
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.IMMEDIATE, int(immediate))
+    s.setsockopt(zmq.SNDHWM, hwm)
+    s.setsockopt(zmq.RECONNECT_IVL, 100)
+    s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    s.setsockopt(zmq.MAXMSGSIZE, MAX_PEER_MESSAGE)
+    security.client(s)
+    s.connect(endpoint)
+    return s
+
+
+class PeerLinks:
+    def __init__(self, config: Config, ctx: zmq.Context, security: PeerSecurity, messages: PeerMessages):
+        self.me = config.node_rank
+        self.messages = messages
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_PEER_MESSAGE)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # Messages queued per connection, each way (each up to MAX_PEER_MESSAGE): an honest peer has a few
+        # protocol messages and inflight_bytes of frames unacknowledged, and an asker a window of fetches
+        # (rebuild.WINDOW_FRAMES). Beyond it a sender waits (TCP) and answers are dropped, so a peer that
+        # floods the daemon, or asks and never reads, cannot make it buffer more.
+        self.router.setsockopt(zmq.SNDHWM, ROUTER_QUEUE)
+        self.router.setsockopt(zmq.RCVHWM, ROUTER_QUEUE)
+        security.server(self.router)
+        self.router.bind(config.peer_bind)
+        self.dealers = {n: dealer(ctx, security, ep) for n, ep in enumerate(config.peers) if n != self.me}
+        self.dropped = 0
+
+    def sockets(self) -> list[zmq.Socket]:
+        return [self.router, *self.dealers.values()]
+
+    def send(self, dest: int, mtype: str, payload=None, **fields) -> bool:
+        """Send to node ``dest``; False if it cannot be sent now (peer not connected, queue full)."""
+        frames = self.messages.encode(mtype, payload, **fields)
+        try:
+            self.dealers[dest].send_multipart(frames, flags=zmq.NOBLOCK, copy=payload is None or len(frames[-1]) < 65536)
+            return True
+        except zmq.Again:
+            self.dropped += 1
+            return False
+
+    def reply(self, envelope: list, mtype: str, payload=None, **fields) -> bool:
+        frames = self.messages.encode(mtype, payload, **fields)
+        try:
+            self.router.send_multipart(envelope + frames, flags=zmq.NOBLOCK, copy=payload is None)
+            return True
+        except (zmq.Again, zmq.ZMQError):  # the asker is gone (EHOSTUNREACH) or its queue is full
+            self.dropped += 1
+            return False
+
+    def receive(self, sock: zmq.Socket) -> tuple[list | None, dict, object] | None:
+        """(envelope or None, header, payload) of one waiting message, or None if it was invalid
+        (logged and dropped: a bad peer must not take the daemon down)."""
+        frames = sock.recv_multipart(copy=False)
+        envelope = None
+        if sock is self.router:
+            envelope, frames = [frames[0].bytes], frames[1:]
+        try:
+            msg, payload = self.messages.decode(frames)
+        except ProtocolError as e:
+            log.warning("dropped an invalid peer message: %s", e)
+            return None
+        return envelope, msg, None if payload is None else payload.buffer
+
+    def close(self) -> None:
+        for s in self.sockets():
+            s.close(0)
+
+
+class PeerQueries:
+    """Questions to peers and their answers (``state_query``, ``meta_query``, ``fetch``), each with a
+    query id so that late or duplicated answers are told apart. For one thread."""
+
+    def __init__(self, config: Config, security: PeerSecurity, messages: PeerMessages,
+                 stop: threading.Event):
+        self.config, self.messages, self.stop = config, messages, stop
+        self._ctx = zmq.Context()
+        self._security = security
+        self._socks: dict[int, zmq.Socket] = {}
+        self._qid = itertools.count(1)
+
+    def _sock(self, node: int) -> zmq.Socket:
+        if node not in self._socks:
+            # queue until connected: a rebuild asks right away, and a dropped first question costs a retry
+            self._socks[node] = dealer(self._ctx, self._security, self.config.peers[node], hwm=4096, immediate=False)
+        return self._socks[node]
+
+    def ask(self, peer: int, mtype: str, **fields) -> int:
+        """Send a query to ``peer``; returns its query id (a send that fails now is the deadline's to judge)."""
+        qid = next(self._qid)
+        frames = self.messages.encode(mtype, None, qid=qid, **fields)
+        try:
+            self._sock(peer).send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # not connected (yet): the caller's deadline decides
+        return qid
+
+    def collect(self, wanted: dict[int, int], deadline: float,
+                first_only: bool = False) -> dict[int, tuple[dict, object]]:
+        """Answers to the queries ``wanted`` (qid -> node) until all came or the deadline passed;
+        with ``first_only``, as soon as at least one came (and whatever else is waiting)."""
+        got: dict[int, tuple[dict, object]] = {}
+        poller = zmq.Poller()
+        for n in set(wanted.values()):
+            poller.register(self._sock(n), zmq.POLLIN)
+        while len(got) < len(wanted) and not (first_only and got):
+            if self.stop.is_set():
+                raise FtdError("rebuild stopped: the daemon is shutting down")
+            left = min(deadline - time.monotonic(), 0.2)
+            if left <= 0:
+                break
+            for sock, _ in poller.poll(int(left * 1000) + 1):
+                frames = sock.recv_multipart(copy=False)
+                while True:
+                    self._take(frames, wanted, got)
+                    try:
+                        frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+        return got
+
+    def _take(self, frames, wanted: dict[int, int], got: dict) -> None:
+        """Keep one received answer if it is one of ``wanted`` from the node asked."""
+        try:
+            msg, payload = self.messages.decode(frames)
+        except FtdError as e:
+            log.warning("rebuild: dropped an invalid answer: %s", e)
+            return
+        q = msg.get("qid")
+        if q in wanted and wanted[q] == msg["src"]:
+            got[q] = (msg, None if payload is None else payload.buffer)
+
+    def close(self) -> None:
+        for s in self._socks.values():
+            s.close(0)
+        self._ctx.term()

@@ -1,0 +1,124 @@
+"""Messages between peer daemons: what may travel, checked before anyone acts on it. Pure.
+
+A message is one or two ZeroMQ frames: a JSON header ``{"v": 1, "type": ..., "job": ..., "src": N,
+fields...}`` and, for chunk data, the raw bytes. JSON, never pickle: bytes from another host are
+data. ``PeerMessages`` validates a header against the schema of its type (field kinds and bounds),
+then against the cluster (its job, node ranks below N, stripes and block numbers below g, payload
+length equal to the header's), so a daemon never indexes anything with a number it did not check.
+
+Steps use -1 for "none" (JSON has no int-or-null kind that stays cheap to check).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ftd.control import protocol
+from ftd.control.protocol import VERSION
+from ftd.errors import ProtocolError
+
+# field kinds (see protocol.check_field)
+_I, _STEP, _SIZE, _INTS, _BOOL, _STR, _META, _NODE, _U64 = (
+    "int", "optstep", "size", "ints", "bool", "str", "optdict", "rank", "u64")
+
+MAX_FRAME = 16 << 20
+MAX_HEADER = 4 << 20
+
+#: type -> {field: (kind, required)}; every message also has v, type, job, src.
+SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
+    # coordination (node <-> coordinator)
+    "candidate": {"target": (_I, True), "step": (_I, True), "nbytes": (_SIZE, True), "mismatch": (_BOOL, True),
+                  "recoverable": (_STEP, True), "latest": (_STEP, True), "epoch": (_I, False)},
+    # epoch: how many times the cluster restored from disk (a step of a newer epoch wins over a later
+    # step of an older one); flush: write this recoverable step to disk
+    "sync": {"target": (_I, True), "recoverable": (_STEP, True), "epoch": (_I, False), "flush": (_BOOL, False)},
+    "protect": {"round": (_I, True), "step": (_I, True), "sizes": (_INTS, True)},
+    "done": {"round": (_I, True), "step": (_I, True), "latest": (_STEP, True), "flushing": (_BOOL, False)},
+    "protected": {"round": (_I, True), "step": (_I, True), "group": (_I, True)},
+    "commit": {"round": (_I, True), "step": (_I, True)},
+    "committed": {"round": (_I, True), "step": (_I, True)},
+    "abort": {"round": (_I, True), "reason": (_STR, True)},
+    "refuse": {"round": (_I, True), "reason": (_STR, True)},
+    "hello": {"recoverable": (_STEP, True), "epoch": (_I, False)},
+    "restored": {"step": (_STEP, True)},
+    "alive": {"latest": (_STEP, True)},   # a node's answer to every sync/protect: the coordinator's heartbeat
+    "lost": {"step": (_STEP, True), "nodes": (_INTS, True), "error": (_STR, True)},
+    # the fallback restore from disk (coordinator <-> nodes)
+    "disk_offer": {"epoch": (_I, True), "recoverable": (_STEP, True), "steps": (_INTS, True), "need": (_BOOL, True)},
+    "disk_query": {},
+    "disk_load": {"epoch": (_I, True), "step": (_I, True)},
+    "disk_loaded": {"epoch": (_I, True), "step": (_I, True), "ok": (_BOOL, True), "error": (_STR, True)},
+    "disk_none": {"reason": (_STR, True)},
+    # protection data path (data holder <-> parity holder)
+    "node_meta": {"round": (_I, True), "step": (_I, True), "meta": (_META, True)},
+    "chunk": {"round": (_I, True), "step": (_I, True), "stripe": (_I, True), "number": (_I, True),
+              "frame": (_I, True), "length": (_SIZE, True), "hash": (_U64, True), "zero": (_BOOL, True)},
+    "chunk_ack": {"round": (_I, True), "step": (_I, True), "stripe": (_I, True), "frame": (_I, True),
+                  "length": (_SIZE, True)},
+    # queries (rebuild), answered on the same link
+    "state_query": {"qid": (_I, True)},
+    "state": {"qid": (_I, True), "recoverable": (_STEP, True), "data": (_INTS, True), "parity": (_INTS, True),
+              "rebuilding": (_BOOL, True)},
+    "meta_query": {"qid": (_I, True), "step": (_I, True), "node": (_NODE, True)},
+    "meta": {"qid": (_I, True), "step": (_I, True), "node": (_NODE, True), "meta": (_META, True)},
+    "fetch": {"qid": (_I, True), "step": (_I, True), "stripe": (_I, True), "number": (_I, True),
+              "frame": (_I, True)},
+    "block": {"qid": (_I, True), "length": (_SIZE, True), "hash": (_U64, True), "error": (_STR, True)},
+}
+_PAYLOAD = {"chunk", "block"}
+_COMMON = ("v", "type", "job", "src")
+
+
+class PeerMessages:
+    """Encode and validate peer messages of one cluster (job name, N nodes, groups of g)."""
+
+    def __init__(self, job: str, src: int, nodes: int, group_size: int):
+        self.job, self.src, self.nodes, self.g = job, src, nodes, group_size
+
+    def encode(self, mtype: str, payload: Any = None, **fields: Any) -> list:
+        msg = {"v": VERSION, "type": mtype, "job": self.job, "src": self.src, **fields}
+        protocol.validate_message(msg, SCHEMAS, _COMMON, "peer message")
+        header = json.dumps(msg, separators=(",", ":")).encode()
+        return [header] if payload is None else [header, payload]
+
+    def decode(self, frames: list) -> tuple[dict, Any]:
+        """(header, payload or None) of a received message; ProtocolError saying what is wrong."""
+        if not 1 <= len(frames) <= 2:
+            raise ProtocolError(f"a peer message has 1 or 2 frames, got {len(frames)}")
+        head = frames[0].bytes if hasattr(frames[0], "bytes") else frames[0]
+        if len(head) > MAX_HEADER:
+            raise ProtocolError(f"peer message header of {len(head)} bytes exceeds {MAX_HEADER}")
+        try:
+            msg = json.loads(head)
+        except (ValueError, RecursionError) as e:  # not JSON or UTF-8, an integer of > 4300 digits, deep nesting
+            raise ProtocolError(f"peer message header is not JSON ({str(e)[:200]})") from None
+        protocol.validate_message(msg, SCHEMAS, _COMMON, "peer message")
+        if msg.get("job") != self.job:
+            raise ProtocolError(f"peer message for job {protocol.brief(msg.get('job'))}, "
+                                f"this daemon serves {self.job!r}")
+        src = msg.get("src")
+        if not isinstance(src, int) or isinstance(src, bool) or not 0 <= src < self.nodes:
+            raise ProtocolError(f"peer message from node {protocol.brief(src)}, "
+                                f"the cluster has nodes 0..{self.nodes - 1}")
+        self._check_bounds(msg)
+        payload = frames[1] if len(frames) == 2 else None
+        if (payload is not None) != (msg["type"] in _PAYLOAD):
+            raise ProtocolError(f"{msg['type']} message {'needs' if payload is None else 'takes no'} payload frame")
+        if payload is not None:
+            size = len(payload.buffer) if hasattr(payload, "buffer") else len(payload)
+            if size > MAX_FRAME or size != msg["length"] and not msg.get("zero") and not msg.get("error"):
+                raise ProtocolError(f"{msg['type']} payload has {size} bytes, its header says {msg['length']}")
+        return msg, payload
+
+    def _check_bounds(self, msg: dict) -> None:
+        for key in ("stripe", "number"):
+            if key in msg and not 0 <= msg[key] < self.g:
+                raise ProtocolError(f"{msg['type']}.{key}={msg[key]} is outside 0..{self.g - 1}")
+        if "node" in msg and msg["node"] >= self.nodes:
+            raise ProtocolError(f"{msg['type']}.node={msg['node']} is not a node of this cluster")
+        if "length" in msg and msg["length"] > MAX_FRAME:
+            raise ProtocolError(f"{msg['type']}.length={msg['length']} exceeds {MAX_FRAME}")
+        if msg["type"] == "protect" and len(msg["sizes"]) != self.nodes:
+            raise ProtocolError(f"protect.sizes has {len(msg['sizes'])} entries for {self.nodes} nodes")
+        if msg["type"] == "lost" and not all(0 <= n < self.nodes for n in msg["nodes"]):
+            raise ProtocolError("lost.nodes names a node outside the cluster")

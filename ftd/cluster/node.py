@@ -1,0 +1,270 @@
+"""The daemon's cluster side: one node of a group, its peer links, and the parts that share its state.
+
+``ClusterNode`` owns what every part needs (the catalog, the parity store, the links, the node's
+identity in its group) and hands each peer message to its handler through one table
+(``_handlers``). The parts, each one concern:
+  - ``rounds.ProtectionRounds``: pin, send, encode and report one step per round;
+  - ``recovery.Recovery``: rebuilds from the peers, on their own thread;
+  - ``durable.cluster_restore.ClusterDisk``: the flushes the coordinator marks, the restore from disk;
+  - ``coordinator.Coordinator``, on node 0 only: its messages to itself are delivered in-process.
+
+Call order (the daemon's loop, one thread, no locks): ``start(ctx)`` once (links, the start-up
+rebuild, the coordinator); then ``on_socket(sock)`` for each waiting peer message and ``tick()`` every
+loop turn; the control side calls ``maybe_candidate()`` after a commit, ``restore_wait()`` before a
+restore and ``on_restored()`` after it, ``on_corrupt()`` and ``start_recover()``; ``close()`` at exit.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import zmq
+
+from ftd.cluster.auth import PeerSecurity
+from ftd.cluster.coordinator import Coordinator
+from ftd.cluster.erasure import Codec
+from ftd.cluster.links import PeerLinks
+from ftd.cluster.messages import PeerMessages
+from ftd.cluster.parity_store import ParityStore
+from ftd.cluster.recovery import Recovery
+from ftd.cluster.rounds import ProtectionRounds
+from ftd.config import Config
+from ftd.daemon.catalog import Catalog
+from ftd.durable.cluster_restore import ClusterDisk
+from ftd.durable.flusher import Flusher
+from ftd.durable.policy import FlushPolicy
+from ftd.errors import ProtocolError
+from ftd.shm.checksum import chunk_checksum
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict, object, list | None], None]  # (message, payload, envelope of a query)
+
+
+class ClusterNode:
+    def __init__(self, config: Config, catalog: Catalog, flusher: Flusher | None = None):
+        self.config, self.catalog = config, catalog
+        self.me = config.node_rank
+        self.grouping = config.grouping()
+        self.group = self.grouping.group_for(self.me)
+        self.layout = self.group.layout
+        self.pos = self.group.position(self.me)
+        self.codec = Codec(self.layout.k, self.layout.m, config.parity_code)
+        self.messages = PeerMessages(config.job, self.me, config.nodes, self.layout.g)
+        self.security = PeerSecurity.from_key_file(config.peer_key_file)
+        policy = FlushPolicy(config.flush_every, config.flush_interval) if flusher is not None else None
+        self.coordinator = (Coordinator(self.grouping, timeout=config.round_timeout, peer_timeout=config.peer_timeout,
+                                        flush_policy=policy)
+                            if self.me == 0 else None)
+        self.links: PeerLinks | None = None
+        catalog.clustered = True
+        self.store = ParityStore(config, catalog, self.layout, self.pos)
+        catalog.extra_used = lambda: self.store.parity_bytes
+        self.ready = False                                # the start-up sync with the peers is over
+        self.lost_error: str | None = None
+        self.latest_step = -1                             # newest step a trainer asked to snapshot
+        self.stats = {"rounds_done": 0, "rounds_aborted": 0, "bytes_sent": 0, "bytes_received": 0,
+                      "last_round_seconds": None, "invalid_messages": 0,
+                      # commit of a step by the node's last rank -> that step recoverable on every node
+                      "protection_lag": {"count": 0, "total_seconds": 0.0, "max_seconds": 0.0, "last_seconds": None}}
+        self.rounds = ProtectionRounds(self)
+        self.recovery = Recovery(self)
+        self.disk = ClusterDisk(self, flusher)
+        self._handlers = self._handler_table()
+
+    # ---- start and stop ---------------------------------------------------------------------
+    def start(self, ctx: zmq.Context) -> None:
+        self.security.start(ctx)
+        self.links = PeerLinks(self.config, ctx, self.security, self.messages)
+        self.recovery.start("start-up: checking what the peers hold")
+        if self.coordinator:
+            self.coordinator.start()
+
+    def sockets(self) -> list[zmq.Socket]:
+        return self.links.sockets() if self.links else []
+
+    def close(self) -> None:
+        self.recovery.close()
+        self.disk.close()
+        self.rounds.drop_round()
+        self.store.close()
+        if self.links:
+            self.links.close()
+        self.security.stop()
+
+    # ---- delivery -----------------------------------------------------------------------------
+    def send(self, dest: int, mtype: str, payload=None, **fields) -> bool:
+        """To node ``dest``; to this node itself (the coordinator's messages to node 0) in-process."""
+        if dest == self.me:
+            msg = {"type": mtype, "src": self.me, **fields}
+            self._dispatch(None, msg, payload)
+            return True
+        return self.links.send(dest, mtype, payload, **fields)
+
+    def to_coordinator(self, mtype: str, **fields) -> None:
+        self.send(0, mtype, **fields)
+
+    def flush_coordinator(self) -> None:
+        """Deliver what the coordinator (if this node runs it) has to say."""
+        if not self.coordinator:
+            return
+        for _ in range(100):  # messages to itself can make it speak again
+            out = self.coordinator.take()
+            if not out:
+                return
+            for o in out:
+                for d in o.dests:
+                    self.send(d, o.mtype, **o.fields)
+
+    def on_socket(self, sock: zmq.Socket) -> None:
+        got = self.links.receive(sock)
+        if got is None:
+            self.stats["invalid_messages"] += 1
+            return
+        envelope, msg, payload = got
+        try:
+            self._dispatch(envelope, msg, payload)
+        except ProtocolError as e:
+            self.stats["invalid_messages"] += 1
+            log.warning("peer message from node %s refused: %s", msg.get("src"), e)
+        self.flush_coordinator()
+
+    def _dispatch(self, envelope, msg: dict, payload) -> None:
+        if self.coordinator:
+            self.coordinator.heard_from(msg["src"])
+        handler = self._handlers.get(msg["type"])
+        if handler is not None:  # a coordinator's message on another node is dropped
+            handler(msg, payload, envelope)
+
+    def _handler_table(self) -> dict[str, Handler]:
+        """Peer message type -> what this node does with it."""
+        rounds, disk = self.rounds, self.disk
+        table: dict[str, Handler] = {
+            "sync": self._on_sync,
+            "protect": self._on_protect,
+            "node_meta": lambda m, p, e: rounds.on_round_message(m["src"], m, p),
+            "chunk": lambda m, p, e: rounds.on_round_message(m["src"], m, p),
+            "chunk_ack": lambda m, p, e: rounds.on_chunk_ack(m["src"], m["round"], m["length"]),
+            "protected": lambda m, p, e: rounds.on_protected(m["step"]),
+            "abort": lambda m, p, e: rounds.on_abort(m["round"], m["reason"]),
+            "lost": lambda m, p, e: self._on_lost(m["error"]),
+            "disk_query": lambda m, p, e: disk.offer_disk(need=self.lost_error is not None, asked=True),
+            "disk_load": lambda m, p, e: disk.on_disk_load(m["epoch"], m["step"]),
+            "disk_none": lambda m, p, e: disk.on_disk_none(m["reason"]),
+            "state_query": self._answer_state,
+            "meta_query": self._answer_meta,
+            "fetch": self._answer_fetch,
+        }
+        c = self.coordinator
+        if c:  # messages for the coordinator, which runs on this node
+            table.update({
+                "alive": lambda m, p, e: c.on_alive(m["src"], m["latest"]),
+                "candidate": lambda m, p, e: c.on_candidate(m["src"], m["target"], m["step"], m["nbytes"],
+                                                            m["mismatch"], m["recoverable"], m["latest"],
+                                                            m.get("epoch", 0)),
+                "done": lambda m, p, e: c.on_done(m["src"], m["round"], m["step"], m["latest"],
+                                                  m.get("flushing", False)),
+                "hello": lambda m, p, e: c.on_hello(m["src"], m["recoverable"], m.get("epoch", 0)),
+                "refuse": lambda m, p, e: c.on_refuse(m["src"], m["round"], m["reason"]),
+                "restored": lambda m, p, e: c.on_restored(m["src"], m["step"]),
+                "disk_offer": lambda m, p, e: c.on_disk_offer(m["src"], m["epoch"], m["recoverable"], m["steps"],
+                                                              m["need"]),
+                "disk_loaded": lambda m, p, e: c.on_disk_loaded(m["src"], m["epoch"], m["step"], m["ok"],
+                                                                m["error"]),
+            })
+        return table
+
+    def _on_sync(self, m: dict, payload, envelope) -> None:
+        self.rounds.on_sync(m["target"], m["recoverable"], m.get("epoch", 0), m.get("flush", False))
+        self._alive()
+
+    def _on_protect(self, m: dict, payload, envelope) -> None:
+        self.rounds.on_protect(m["round"], m["step"], m["sizes"])
+        self._alive()
+
+    def _alive(self) -> None:
+        """The answer to every sync and protect: the coordinator's heartbeat of this node."""
+        self.to_coordinator("alive", latest=self.latest_step)
+
+    def _on_lost(self, error: str) -> None:
+        self.lost_error = error
+        self.disk.offer_disk(need=True)
+
+    # ---- answers to a rebuilding peer's queries -------------------------------------------------
+    def _answer_state(self, msg: dict, payload, envelope) -> None:
+        self.links.reply(envelope, "state", qid=msg["qid"], recoverable=self.catalog.recoverable,
+                         data=[s for s in self.catalog.held_steps() if s in self.store.parity],
+                         parity=sorted(self.store.parity), rebuilding=self.recovery.rebuilding is not None)
+
+    def _answer_meta(self, msg: dict, payload, envelope) -> None:
+        self.links.reply(envelope, "meta", qid=msg["qid"], step=msg["step"], node=msg["node"],
+                         meta=self.store.meta_for(msg["step"], msg["node"]))
+
+    def _answer_fetch(self, msg: dict, payload, envelope) -> None:
+        data, error, corrupt = self.store.fetch(msg["step"], msg["stripe"], msg["number"], msg["frame"])
+        if corrupt:
+            self.recovery.schedule_repair(f"{corrupt} of step {msg['step']} fails its checksums")
+        self.links.reply(envelope, "block", data, qid=msg["qid"], length=len(data),
+                         hash=chunk_checksum(data) if not error else 0, error=error[:200])
+
+    # ---- loop turn ----------------------------------------------------------------------------------
+    def tick(self) -> None:
+        self.recovery.tick()
+        self.rounds.pump()
+        self.disk.tick()
+        if self.coordinator:
+            self.coordinator.tick()
+        self.flush_coordinator()
+
+    # ---- control-side hooks -----------------------------------------------------------------------
+    @property
+    def rebuilding(self) -> str | None:
+        return self.recovery.rebuilding
+
+    def maybe_candidate(self) -> None:
+        self.rounds.maybe_candidate()
+
+    def on_restored(self, rank: int, step: int) -> None:
+        self.rounds.on_restored(rank, step)
+
+    def on_corrupt(self) -> None:
+        self.recovery.on_corrupt()
+
+    def start_recover(self) -> bool:
+        return self.recovery.start_recover()
+
+    def restore_wait(self) -> str | None:
+        """Why a restore must wait now, or None."""
+        if not self.ready or self.recovery.rebuilding:
+            return f"node {self.me} is rebuilding from its peers ({self.recovery.rebuilding or 'start-up'})"
+        if self.disk.disk_wait:
+            return self.disk.disk_wait
+        if self.rounds.done_unsynced is not None:
+            return f"waiting for the coordinator to settle whether step {self.rounds.done_unsynced} is recoverable"
+        return None
+
+    def status(self) -> dict:
+        cat, store = self.catalog, self.store
+        versions = []
+        steps = sorted(set(cat.held_steps()) | set(store.parity), reverse=True)
+        for s in steps:
+            held = cat.buffers_of(s)
+            versions.append({"step": s, "local": bool(held),
+                             "data_bytes": sum(b.manifest["nbytes"] for _, b in held),
+                             "parity_bytes": store.segment_size(store.parity[s][0]) if s in store.parity else 0,
+                             "protected": s in store.parity and (s in self.rounds.group_protected
+                                                                  or s <= cat.recoverable),
+                             "recoverable": s == cat.recoverable})
+        return {
+            "node_rank": self.me, "nodes": self.config.nodes, "group": self.group.index,
+            "group_nodes": list(self.group.nodes), "position": self.pos, "k": self.layout.k, "m": self.layout.m,
+            "code": self.codec.kind, "peer_endpoint": self.config.peer_endpoint,
+            "secure": self.security.enabled, "ready": self.ready, "recoverable": cat.recoverable,
+            "target": cat.target, "versions": versions, "parity_bytes": store.parity_bytes,
+            "data_bytes": cat.used, "round": self.rounds.status(),
+            "rebuilding": self.recovery.rebuilding, "last_rebuild": self.recovery.last_rebuild,
+            "rebuilds": self.recovery.rebuilds, "lost_error": self.lost_error, "epoch": self.disk.epoch,
+            "disk_wait": self.disk.disk_wait,
+            "stats": {**self.stats, "sends_dropped": self.links.dropped if self.links else 0},
+            "coordinator": self.coordinator.status() if self.coordinator else None,
+        }

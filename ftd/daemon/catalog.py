@@ -1,0 +1,371 @@
+"""The daemon's state machine: ranks, their double buffers, and the versions they hold. Pure logic.
+
+Each trainer rank has at most two buffers (shared-memory segments). A buffer is ``writing`` (a
+copy is under way, or was abandoned), ``complete`` (holds a committed, checksummed version) or
+``free``. ``begin`` always hands out the buffer that does *not* hold the rank's newest complete
+version, so an interrupted copy can never destroy the last good snapshot. All I/O (creating and
+unlinking segments, writing the sidecar that marks a version complete) goes through a store
+object, so tests can drive this class with scripted requests and a fake store.
+
+In a cluster (``clustered``) two more versions matter: the node's *recoverable* step (protected by
+parity in every group; the only one a restore may serve) and each rank's *pinned* step (the first
+commit at or after the coordinator's target, held for the next protection round). Neither is ever
+overwritten; when both buffers of a rank hold one of them, ``begin`` answers "busy" and the client
+skips that snapshot, so a slow protection makes ftd snapshot less often, never slows training.
+A background flush to disk holds the version it copies out in the same way, for that copy only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from typing import Any, Callable, Protocol
+
+from ftd.errors import Refused
+from ftd.shm.layout import Manifest
+from ftd.units import format_size, round_up
+
+CAPACITY_QUANTUM = 1 << 20
+
+
+class SegmentStore(Protocol):
+    def allocate(self, name: str, size: int) -> None: ...
+    def release(self, name: str) -> None: ...
+    def mark_writing(self, name: str) -> None: ...
+    def mark_complete(self, name: str, meta: dict) -> None: ...
+
+
+@dataclasses.dataclass
+class Buffer:
+    name: str
+    capacity: int
+    state: str = "free"               # "free" | "writing" | "complete"
+    step: int | None = None
+    manifest: dict | None = None
+    seq: int = 0                      # commit order, to tell the newest version
+    committed_at: float | None = None
+    pid: int | None = None            # the trainer process that committed it (None: adopted, rebuilt)
+    origin: str = "memory"            # "disk:<dir>": loaded from a flushed version (a restore says so)
+
+
+@dataclasses.dataclass
+class RankEntry:
+    rank: int
+    world: int
+    session: str | None = None
+    pid: int | None = None
+    buffers: list[Buffer] = dataclasses.field(default_factory=list)
+    commits: int = 0
+    last_commit_at: float | None = None
+    last_copy_seconds: float | None = None
+    last_blocked_seconds: float | None = None
+    pinned: int | None = None         # cluster: step held for the next protection round
+    flush_hold: str | None = None     # buffer a flush is copying out: never handed out meanwhile
+
+    def complete(self) -> list[Buffer]:
+        """Complete versions, newest first."""
+        return sorted((b for b in self.buffers if b.state == "complete"), key=lambda b: -b.seq)
+
+
+class Catalog:
+    def __init__(self, store: SegmentStore, *, budget: int, available: Callable[[], int], reserve: int,
+                 segment_name: Callable[[int], str], clock: Callable[[], float] = time.time,
+                 new_session: Callable[[], str] = lambda: secrets.token_hex(8),
+                 alive: Callable[[int], bool] = lambda pid: True):
+        self.store = store
+        self.budget = budget
+        self.available = available
+        self.reserve = reserve
+        self.segment_name = segment_name
+        self.clock = clock
+        self.new_session = new_session
+        self.alive = alive
+        self.ranks: dict[int, RankEntry] = {}
+        self._seq = 0
+        self.clustered = False
+        self.extra_used: Callable[[], int] = lambda: 0  # cluster: parity held for the peers
+        self.recoverable = -1             # cluster: newest step recoverable in every group, -1 if none
+        self.target: int | None = None    # cluster: pin the first commit at or after this step
+        self.local_world = 0              # ranks on this node, as clients report it ($LOCAL_WORLD_SIZE)
+
+    # ---- accounting -------------------------------------------------------------------------
+    @property
+    def used(self) -> int:
+        return sum(b.capacity for r in self.ranks.values() for b in r.buffers)
+
+    def _allocate(self, entry: RankEntry, nbytes: int, replacing: Buffer | None) -> Buffer:
+        capacity = round_up(max(nbytes, 1), CAPACITY_QUANTUM)
+        freed = replacing.capacity if replacing else 0
+        after = self.used + self.extra_used() - freed + capacity
+        if after > self.budget:
+            raise Refused(
+                f"rank {entry.rank} needs {format_size(capacity)} of shared memory for a snapshot of "
+                f"{format_size(nbytes)}, but the daemon's memory budget is {format_size(self.budget)} with "
+                f"{format_size(self.used + self.extra_used() - freed)} in use (two buffers per rank, and parity "
+                f"held for peers). Raise memory_budget in the "
+                f"daemon's config, or snapshot less state")
+        available = self.available()
+        if capacity - freed > available - self.reserve:
+            raise Refused(
+                f"rank {entry.rank} needs {format_size(capacity)} of shared memory, but only "
+                f"{format_size(available)} of memory is available and {format_size(self.reserve)} is kept in "
+                f"reserve (memory_reserve). Free memory on the node or snapshot less state")
+        if replacing is not None:
+            self.store.release(replacing.name)
+            entry.buffers.remove(replacing)
+        buf = Buffer(self.segment_name(entry.rank), capacity)
+        self.store.allocate(buf.name, capacity)
+        entry.buffers.append(buf)
+        return buf
+
+    def _by_session(self, session: str) -> RankEntry:
+        for entry in self.ranks.values():
+            if entry.session == session:
+                return entry
+        raise Refused("unknown or outdated session (the daemon restarted, or another process registered this "
+                      "rank since); register again")
+
+    @staticmethod
+    def _buffer(entry: RankEntry, name: str) -> Buffer:
+        for b in entry.buffers:
+            if b.name == name:
+                return b
+        raise Refused(f"rank {entry.rank} has no buffer {name!r}")
+
+    # ---- requests ---------------------------------------------------------------------------
+    def adopt(self, rank: int, world: int, name: str, capacity: int, step: int, manifest: dict,
+              committed_at: float | None, origin: str = "memory") -> None:
+        """Take over a complete, verified version left by a predecessor daemon, rebuilt from the
+        peers or loaded from disk (call in commit order)."""
+        entry = self.ranks.setdefault(rank, RankEntry(rank, world))
+        self._seq += 1
+        entry.buffers.append(Buffer(name, capacity, "complete", step, manifest, self._seq, committed_at,
+                                    origin=origin))
+        if len(entry.buffers) > 2:
+            oldest = min((b for b in entry.buffers if b.name != entry.flush_hold), key=lambda b: b.seq)
+            self.store.release(oldest.name)
+            entry.buffers.remove(oldest)
+
+    def register(self, rank: int, world: int, pid: int, local_world: int | None = None) -> dict:
+        self._note_local_world(local_world)
+        if rank >= world:
+            raise Refused(f"rank {rank} is not below world size {world}")
+        entry = self.ranks.setdefault(rank, RankEntry(rank, world))
+        entry.world, entry.pid, entry.session = world, pid, self.new_session()
+        for b in entry.buffers:  # a write of the previous session will never be committed
+            if b.state == "writing":
+                b.state = "free"
+        return {"session": entry.session}
+
+    def begin(self, session: str, step: int, nbytes: int) -> dict:
+        entry = self._by_session(session)
+        if self.clustered:
+            # the buffer that serves each needed step (the newest holding it: a step loaded from disk
+            # may also be held from memory); any other buffer is spare
+            needed = set()
+            for kept in {self.recoverable, entry.pinned}:
+                holders = [b for b in entry.complete() if b.step == kept]
+                if holders:
+                    needed.add(holders[0].name)
+            spare = [b for b in entry.buffers if b.name not in needed and b.name != entry.flush_hold]
+            if not spare and len(entry.buffers) >= 2:
+                return {"busy": f"both buffers of rank {entry.rank} hold versions the cluster still needs "
+                                f"(recoverable step {self.recoverable}, step {entry.pinned} being protected, "
+                                f"or a version being copied out to disk)"}
+        else:
+            complete = entry.complete()
+            newest = complete[0] if complete else None
+            spare = [b for b in entry.buffers if b is not newest and b.name != entry.flush_hold]
+            if not spare and len(entry.buffers) >= 2:
+                return {"busy": f"both buffers of rank {entry.rank} are held (the newest version, and one "
+                                f"being copied out to disk)"}
+        spare.sort(key=lambda b: (b.state == "complete", b.seq))  # prefer free/writing over an older version
+        target = spare[0] if spare else None
+        if target is None or target.capacity < nbytes:
+            target = self._allocate(entry, nbytes, target)
+        if len(entry.buffers) < 2:  # allocate the second buffer now, not in the middle of a later step
+            self._allocate(entry, nbytes, None).state = "free"
+        self.store.mark_writing(target.name)
+        target.state, target.step, target.manifest, target.committed_at = "writing", step, None, None
+        following = next(b for b in entry.buffers if b is not target)
+        return {"buffer": target.name, "capacity": target.capacity, "next": following.name}
+
+    def commit(self, session: str, buffer: str, step: int, manifest: dict,
+               copy_seconds: float | None = None, blocked_seconds: float | None = None) -> dict:
+        entry = self._by_session(session)
+        buf = self._buffer(entry, buffer)
+        if buf.state != "writing" or buf.step != step:
+            raise Refused(f"buffer {buffer} of rank {entry.rank} is not being written for step {step}")
+        Manifest.from_json(manifest, max_nbytes=buf.capacity)
+        now = self.clock()
+        self._seq += 1
+        meta = {"rank": entry.rank, "world": entry.world, "step": step, "seq": self._seq,
+                "committed_at": now, "manifest": manifest}
+        self.store.mark_complete(buf.name, meta)
+        buf.state, buf.manifest, buf.seq, buf.committed_at, buf.pid = "complete", manifest, self._seq, now, entry.pid
+        entry.commits += 1
+        entry.last_commit_at, entry.last_copy_seconds, entry.last_blocked_seconds = now, copy_seconds, blocked_seconds
+        if self.clustered and self.target is not None and entry.pinned is None and step >= self.target:
+            entry.pinned = step
+        return {}
+
+    def abort(self, session: str, buffer: str, reason: str = "") -> dict:
+        entry = self._by_session(session)
+        buf = self._buffer(entry, buffer)
+        if buf.state == "writing":
+            buf.state, buf.step = "free", None
+        return {}
+
+    def _note_local_world(self, local_world: int | None) -> None:
+        if local_world:
+            self.local_world = max(self.local_world, local_world)
+
+    def restore(self, rank: int, local_world: int | None = None) -> dict:
+        """Versions this rank should try, newest first: only steps every rank of the node holds.
+        In a cluster: only the recoverable step."""
+        self._note_local_world(local_world)
+        if self.clustered and self.recoverable >= 0:
+            entry = self.ranks.get(rank)
+            mine = [b for b in entry.complete() if b.step == self.recoverable] if entry else []
+            if not mine:
+                raise Refused(
+                    f"rank {rank} has no snapshot of the cluster's recoverable step {self.recoverable} on this node "
+                    f"(it holds ranks {sorted(self.ranks)}); every rank must restart on the node it ran on, "
+                    f"or the job must start afresh with a new job name")
+            return {"versions": [{"step": b.step, "buffer": b.name, "manifest": b.manifest, "origin": b.origin}
+                                 for b in mine[:1]]}
+        if rank not in self.ranks or self.clustered:
+            return {"versions": []}
+        holders = [r for r in self.ranks.values() if r.complete()]
+        common = set.intersection(*({b.step for b in r.complete()} for r in holders)) if holders else set()
+        mine = [b for b in self.ranks[rank].complete() if b.step in common]
+        mine.sort(key=lambda b: (-b.step, -b.seq))
+        return {"versions": [{"step": b.step, "buffer": b.name, "manifest": b.manifest, "origin": b.origin}
+                             for b in mine]}
+
+    def versions(self) -> dict:
+        """Every rank's complete versions, newest first, and the step an export should take by default
+        (the recoverable one in a cluster, else the newest every rank holds). Changes nothing."""
+        ranks = [{"rank": r.rank, "world": r.world,
+                  "versions": [{"step": b.step, "buffer": b.name, "manifest": b.manifest}
+                               for b in sorted(r.complete(), key=lambda b: (-b.step, -b.seq))]}
+                 for r in sorted(self.ranks.values(), key=lambda r: r.rank)]
+        common = set.intersection(*({v["step"] for v in r["versions"]} for r in ranks)) if ranks else set()
+        latest = self.recoverable if self.clustered else max(common, default=-1)
+        return {"ranks": ranks, "latest": latest, "clustered": self.clustered}
+
+    def corrupt(self, rank: int, buffer: str, step: int) -> dict:
+        """A client found a version failing its checksums: never serve it again."""
+        entry = self.ranks.get(rank)
+        if entry is None:
+            raise Refused(f"unknown rank {rank}")
+        buf = self._buffer(entry, buffer)
+        if buf.state == "complete" and buf.step == step:
+            self.store.mark_writing(buf.name)
+            buf.state, buf.step, buf.manifest = "free", None, None
+        return {}
+
+    # ---- cluster ------------------------------------------------------------------------------
+    def _pinnable(self, entry: RankEntry, b: Buffer) -> bool:
+        """Only versions the rank's live trainer committed may be protected: a dead trainer's last
+        versions belong to a run that is over (its restart restores the recoverable step, so
+        protecting them now could hand a later-restoring rank a step the others did not restore)."""
+        return b.state == "complete" and b.pid is not None and b.pid == entry.pid and self.alive(entry.pid)
+
+    def candidate(self) -> tuple[int, int, bool] | None:
+        """(step, node bytes, mismatch) once every rank's live trainer pinned a step for the current
+        target. mismatch: the ranks pinned different steps (step is then the largest)."""
+        if self.target is None or not self.ranks or any(r.pinned is None for r in self.ranks.values()):
+            return None
+        if not all(r.pid is not None and self.alive(r.pid) for r in self.ranks.values()):
+            return None
+        if len(self.ranks) < self.local_world:
+            return None  # a rank of this node has not registered yet
+        steps = {r.pinned for r in self.ranks.values()}
+        step = max(steps)
+        nbytes = sum(b.manifest["nbytes"] for r in self.ranks.values() for b in r.complete() if b.step == r.pinned)
+        return step, nbytes, len(steps) > 1
+
+    def sync(self, target: int, recoverable: int) -> None:
+        """The coordinator's word: ``recoverable`` is safe to serve (the caller checked this node holds
+        it), and the next round pins the first commit at or after ``target``."""
+        if recoverable > self.recoverable:
+            self.recoverable = recoverable
+        self.target = target
+        for r in self.ranks.values():
+            later = [b.step for b in r.complete() if b.step >= target and self._pinnable(r, b)]
+            r.pinned = min(later) if later else None
+
+    def forget_newer(self, rank: int, step: int) -> None:
+        """Rank ``rank`` went back to ``step`` (a restore): its versions after that belong to the run
+        before the restart; never pin, protect or serve them. The recoverable version always stays.
+        Other ranks' versions are left alone: they may already be the new run's."""
+        entry = self.ranks.get(rank)
+        if entry is None:
+            return
+        step = max(step, self.recoverable)
+        entry.pinned = None
+        for b in entry.buffers:
+            if b.state == "complete" and b.step > step:
+                self.store.mark_writing(b.name)
+                b.state, b.step, b.manifest = "free", None, None
+
+    def newest_common(self) -> int:
+        """Newest step every rank of this node holds (standalone: what a restore serves), or -1."""
+        return max(self.held_steps(), default=-1)
+
+    def hold_for_flush(self, step: int) -> list[dict]:
+        """Hold every rank's buffer of ``step`` while a flush copies it out; [] if a rank lacks it."""
+        held = self.buffers_of(step)
+        for r, b in held:
+            r.flush_hold = b.name
+        return [{"rank": r.rank, "world": r.world, "name": b.name, "manifest": b.manifest} for r, b in held]
+
+    def release_flush_hold(self) -> None:
+        for r in self.ranks.values():
+            r.flush_hold = None
+
+    def reset_to(self, step: int) -> None:
+        """The cluster restored ``step`` from disk: it is the recoverable step now, even if an older
+        timeline had a later one; every version after it belongs to that timeline."""
+        self.recoverable = step
+        for rank in list(self.ranks):
+            self.forget_newer(rank, step)
+
+    def held_steps(self) -> list[int]:
+        """Steps that every rank of this node holds complete, newest first."""
+        holders = [r for r in self.ranks.values()]
+        if not holders:
+            return []
+        common = set.intersection(*({b.step for b in r.complete()} for r in holders))
+        return sorted(common, reverse=True)
+
+    def buffers_of(self, step: int) -> list[tuple[RankEntry, Buffer]]:
+        """(rank, buffer) holding ``step`` for every rank, in rank order; [] unless all ranks hold it."""
+        out = []
+        for r in sorted(self.ranks.values(), key=lambda r: r.rank):
+            b = next((b for b in r.complete() if b.step == step), None)
+            if b is None:
+                return []
+            out.append((r, b))
+        return out
+
+    def status(self) -> dict[str, Any]:
+        ranks = []
+        for r in sorted(self.ranks.values(), key=lambda r: r.rank):
+            ranks.append({
+                "rank": r.rank, "world": r.world, "pid": r.pid, "commits": r.commits,
+                "versions": [{"step": b.step, "bytes": b.manifest["nbytes"], "committed_at": b.committed_at}
+                             for b in r.complete()],
+                "writing": [b.step for b in r.buffers if b.state == "writing"],
+                "buffer_bytes": sum(b.capacity for b in r.buffers),
+                "last_commit_at": r.last_commit_at, "last_copy_seconds": r.last_copy_seconds,
+                "last_blocked_seconds": r.last_blocked_seconds, "pinned": r.pinned,
+            })
+        return {"budget": self.budget, "used": self.used, "ranks": ranks}
+
+    def release_all(self) -> None:
+        for entry in self.ranks.values():
+            for b in entry.buffers:
+                self.store.release(b.name)
+            entry.buffers.clear()

@@ -1,0 +1,81 @@
+"""What a snapshot takes from the state, at ``snapshot()`` time, on the trainer thread.
+
+``state_dict()`` of every Stateful value (modules, optimizers, schedulers, anything following the
+torch.distributed.checkpoint convention) plus the RNG states, encoded into a JSON skeleton and a flat
+list of tensors (``statecodec``). Tensors an optimizer owns (parameters and their optimizer state)
+only change inside ``optimizer.step()``, so they are copied live, in the background, until the
+optimizer's pre-step hook; everything else may change in the next forward pass (BatchNorm statistics,
+loose tensors) and is cloned now. A tensor caught changing in place outside the optimizer step is
+cloned from then on (``learned_clone``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ftd.errors import SerializationError
+from ftd.shm.layout import Layout, plan_layout
+from ftd.trainer import rng, statecodec
+from ftd.trainer.copier import SnapshotJob
+
+
+def is_stateful(x: Any) -> bool:
+    return callable(getattr(x, "state_dict", None)) and callable(getattr(x, "load_state_dict", None))
+
+
+def identity(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t.dtype, tuple(t.shape), t.device)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> set[tuple]:
+    """Identities of the tensors only optimizer.step() changes: its parameters and their state."""
+    owned = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            owned.add(identity(p))
+            for v in optimizer.state.get(p, {}).values():
+                if isinstance(v, torch.Tensor):
+                    owned.add(identity(v))
+    return owned
+
+
+class StateCapture:
+    """``capture(step, state)`` -> a SnapshotJob; calls ``on_optimizer(opt)`` for every optimizer found
+    in ``state`` (the client installs its pre-step hook there)."""
+
+    def __init__(self, capture_rng: bool, on_optimizer: Callable[[torch.optim.Optimizer], None]):
+        self.capture_rng = capture_rng
+        self.on_optimizer = on_optimizer
+        self.layout: Layout | None = None  # the last snapshot's arena layout, reused while shapes stay
+        self.learned_clone: set[tuple] = set()   # live tensors caught being mutated outside optimizer.step()
+
+    def capture(self, step: int, state: dict) -> SnapshotJob:
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise SerializationError("state must be a dict with string keys")
+        owned: set[tuple] = set()
+        captured: dict[str, Any] = {}
+        for key, value in state.items():
+            if isinstance(value, torch.optim.Optimizer):
+                self.on_optimizer(value)
+                owned.update(optimizer_tensors(value))
+            captured[key] = value.state_dict() if is_stateful(value) else value
+        tree = {"state": captured, "rng": rng.capture() if self.capture_rng else None}
+        skeleton, tensors = statecodec.encode(tree)
+        sources, versions = [], []
+        for t in tensors:
+            ident = identity(t)
+            if ident in owned and ident not in self.learned_clone:
+                sources.append(t)
+                versions.append(t._version)
+            else:
+                sources.append(t.clone())  # may change before the next optimizer step: capture it now
+                versions.append(None)
+        signature = tuple((statecodec.dtype_name(t.dtype), tuple(t.shape)) for t in tensors)
+        if self.layout is None or self.layout.signature != signature:
+            self.layout = plan_layout(signature)
+        job = SnapshotJob(step, skeleton, self.layout, sources, versions)
+        if any(t.is_cuda for t in sources):
+            job.ready_event = torch.cuda.Event()
+            job.ready_event.record()
+        return job
