@@ -28,7 +28,7 @@ from benchutil import REPO, ftd_revision, ms, table
 
 sys.path.insert(0, str(REPO))
 from ftd.control.connection import status_or_none  # noqa: E402
-from ftd.util.procs import kill_everything_from  # noqa: E402
+from ftd.util.procs import kill_everything_from, wait_for  # noqa: E402
 
 
 def env() -> dict:
@@ -36,16 +36,6 @@ def env() -> dict:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "FTD_ENDPOINT", "FTD_JOB", "FTD_NODE_RANK"):
         e.pop(key, None)
     return e
-
-
-def wait_for(fn, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise RuntimeError("timed out")
 
 
 def status(endpoint: str) -> dict | None:
@@ -61,7 +51,7 @@ def standalone_daemons(d: Path, nodes: int, job: str) -> list[str]:
         subprocess.Popen([sys.executable, "-m", "ftd.cli", "daemon", "--config", str(cfg)], env=env(), cwd=REPO,
                          stdout=open(d / f"node-{n}.log", "wb"), stderr=subprocess.STDOUT)
         endpoints.append(f"ipc://{d}/run/{job}-{n}/node0.sock")
-    wait_for(lambda: all(status(ep) for ep in endpoints), 60)
+    wait_for(lambda: all(status(ep) for ep in endpoints), 60, "the daemons to answer")
     return endpoints
 
 
@@ -69,9 +59,9 @@ def cluster(d: Path, nodes: int, job: str) -> list[str]:
     subprocess.Popen([sys.executable, "-m", "ftd.cli", "launch", "--nodes", str(nodes), "--parity", "1", "--dir",
                       str(d / "c"), "--job", job, "--memory-budget", "1GiB"], env=env(), cwd=REPO,
                      stdout=open(d / "launch.out", "wb"), stderr=subprocess.STDOUT)
-    wait_for(lambda: (d / "c" / "cluster.json").exists(), 60)
+    wait_for(lambda: (d / "c" / "cluster.json").exists(), 60, "ftd launch to write cluster.json")
     endpoints = [m["endpoint"] for m in json.loads((d / "c" / "cluster.json").read_text())["members"]]
-    wait_for(lambda: all((st := status(ep)) and st["cluster"]["ready"] for ep in endpoints), 60)
+    wait_for(lambda: all((st := status(ep)) and st["cluster"]["ready"] for ep in endpoints), 60, "the cluster to be ready")
     return endpoints
 
 

@@ -99,7 +99,7 @@ from ftd.cluster.protection import ALIGN  # noqa: E402
 from ftd.cluster.stripes import chunk_bytes  # noqa: E402
 from ftd.control.connection import Connection, status_or_none  # noqa: E402
 from ftd.errors import FtdError  # noqa: E402
-from ftd.util.procs import kill_everything_from  # noqa: E402
+from ftd.util.procs import kill_everything_from, wait_for  # noqa: E402
 
 MiB = 1 << 20
 MB = 1e6
@@ -284,13 +284,11 @@ def status_of(endpoint: str, timeout: float = 5.0) -> dict | None:
 
 
 def wait_until(fn: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(interval)
-    return None
+    """``fn()``'s first true value within ``timeout`` seconds, else None."""
+    try:
+        return wait_for(fn, timeout, "a condition", interval)
+    except TimeoutError:
+        return None
 
 
 # ---- one configuration --------------------------------------------------------------------------

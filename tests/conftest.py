@@ -1,135 +1,27 @@
-"""Shared fixtures: daemons as real processes (or threads), trainers as real processes.
+"""Fixtures every test may use, and the marks that split the suite by cost.
 
-Every daemon gets its own job name, so its control socket and its shared-memory segments
-(/dev/shm/ftd.<job>.*) are private to the test; teardown kills whatever the test left running
-and deletes that job's segments, even when the test failed.
+Tests under ``tests/unit`` (fast, no processes) are marked ``unit``; those under ``tests/e2e`` (real
+daemon, trainer, launcher and agent processes) ``e2e``. ``./scripts/test -m unit`` is the fast loop.
 """
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import tempfile
-import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SHM = Path("/dev/shm")
+from support.jobs import SHM, LocalJob, ThreadDaemon, leftovers
+
+TESTS = Path(__file__).resolve().parent
 
 
-def leftovers(job: str) -> list[str]:
-    return sorted(p.name for p in SHM.iterdir() if p.name.startswith(f"ftd.{job}."))
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class DaemonProcess:
-    """One `ftd daemon` subprocess of a test's job."""
-
-    def __init__(self, cluster: "LocalJob", node_rank: int, extra: str):
-        self.job = cluster
-        self.node_rank = node_rank
-        self.config_path = cluster.dir / f"node{node_rank}.toml"
-        self.config_path.write_text(
-            f'job = "{cluster.name}"\nnode_rank = {node_rank}\nruntime_dir = "{cluster.runtime}"\n'
-            f'memory_budget = "2GiB"\nmemory_reserve = "64MiB"\nrequest_timeout = 3.0\n{extra}')
-        self.socket = cluster.runtime / cluster.name / f"node{node_rank}.sock"
-        self.endpoint = f"ipc://{self.socket}"
-        self.log_path = cluster.dir / f"daemon{node_rank}-{len(cluster.daemons)}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, wait: bool = True) -> "DaemonProcess":
-        self._log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "ftd.cli", "daemon", "--config", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        log.close()
-        if wait:
-            wait_for(lambda: "serving at" in self.log()[self._log_from:] or self.proc.poll() is not None, 15,
-                     "the daemon to serve")
-            assert self.proc.poll() is None, f"daemon exited: {self.log()}"
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> int:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode if self.proc else 0
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-class LocalJob:
-    """A test's private ftd job: a work dir, a short runtime dir, daemons and trainers."""
-
-    def __init__(self, tmp_path: Path):
-        self.name = f"t{uuid.uuid4().hex[:10]}"
-        self.dir = tmp_path
-        self.runtime = Path(tempfile.mkdtemp(prefix="ftdt-", dir="/tmp"))
-        self.daemons: list[DaemonProcess] = []
-        self.procs: list[subprocess.Popen] = []
-
-    def daemon(self, node_rank: int = 0, extra: str = "", start: bool = True) -> DaemonProcess:
-        d = DaemonProcess(self, node_rank, extra)
-        self.daemons.append(d)
-        return d.start() if start else d
-
-    def env(self, daemon: DaemonProcess, **more: str) -> dict:
-        env = dict(os.environ, FTD_ENDPOINT=daemon.endpoint, PYTHONPATH=str(ROOT))
-        env.pop("RANK", None)
-        env.pop("WORLD_SIZE", None)
-        env.update(more)
-        return env
-
-    def trainer(self, daemon: DaemonProcess | None, losses: Path, steps: int, *args: str,
-                env: dict | None = None, stdout=subprocess.DEVNULL) -> subprocess.Popen:
-        """A tiny_trainer process; its stderr (ftd's warnings) goes to <losses>.log."""
-        cmd = [sys.executable, "-m", "ftd.examples.tiny_trainer", "--steps", str(steps), "--losses", str(losses), *args]
-        if daemon is None:
-            cmd.append("--no-ftd")
-        with open(f"{losses}.log", "ab") as err:
-            p = subprocess.Popen(cmd, env=env or (self.env(daemon) if daemon else dict(os.environ)), cwd=ROOT,
-                                 stdout=stdout, stderr=err, text=True)
-        self.procs.append(p)
-        return p
-
-    def cleanup(self) -> list[str]:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for d in self.daemons:
-            d.stop()
-        left = leftovers(self.name)
-        for name in left:
-            (SHM / name).unlink(missing_ok=True)
-        for child in sorted(self.runtime.rglob("*"), reverse=True):
-            child.unlink() if not child.is_dir() else child.rmdir()
-        self.runtime.rmdir()
-        return left
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        kind = Path(item.fspath).resolve().relative_to(TESTS).parts[0]
+        if kind in ("unit", "e2e"):
+            item.add_marker(getattr(pytest.mark, kind))
 
 
 @pytest.fixture
@@ -138,28 +30,6 @@ def job(tmp_path):
     yield j
     left = j.cleanup()
     assert not left, f"shared memory left behind by a cleanly stopped daemon: {left}"
-
-
-class ThreadDaemon:
-    """A daemon served from a thread of the test process: fast, for client-level tests."""
-
-    def __init__(self, config):
-        from ftd.daemon.server import Daemon
-        self.config = config
-        self.daemon = Daemon(config)
-        self.daemon.start()
-        self.thread = threading.Thread(target=self.daemon.serve, daemon=True)
-        self.thread.start()
-        self.endpoint = config.endpoint
-        self.stopped = False
-
-    def stop(self) -> None:
-        if self.stopped:
-            return
-        self.stopped = True
-        self.daemon.request_stop()
-        self.thread.join(10)
-        self.daemon.close()
 
 
 @pytest.fixture
@@ -187,37 +57,3 @@ def thread_daemon(tmp_path):
         (SHM / n).unlink(missing_ok=True)
     subprocess.run(["rm", "-rf", str(runtime)], check=False)
     assert not left, f"shared memory left behind: {left}"
-
-
-def read_losses(path: Path) -> list[tuple[int, str]]:
-    """All complete 'step hex' lines, in file order (a step re-run after a crash appears again)."""
-    out = []
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0].isdigit():
-            out.append((int(parts[0]), parts[1]))
-    return out
-
-
-def assert_bit_exact(run: Path, reference: Path, steps: int) -> None:
-    ref = dict(read_losses(reference))
-    assert sorted(ref) == list(range(steps)), "reference run incomplete"
-    got = read_losses(run)
-    assert {s for s, _ in got} == set(range(steps)), "the resumed run did not reach every step"
-    for step, value in got:
-        assert value == ref[step], f"step {step}: loss {value} differs from the uninterrupted run's {ref[step]}"
-
-
-def flip_tensor_byte(version: Path, node: int = 0, rank: int = 0) -> None:
-    """In a version on disk, flip one byte in the middle of the largest tensor record of ``rank``
-    (written by ``node``): inside its data, which the checksums must catch."""
-    import json
-    manifest = json.loads((version / f"ftd-export-node{node}.json").read_text())
-    entry = manifest["restore"][str(rank)]
-    where = max((w for w in entry["index"] if w), key=lambda w: w[2])
-    path = version / entry["dir"] / where[0]
-    data = bytearray(path.read_bytes())
-    data[where[1] + where[2] // 2] ^= 0x40
-    path.write_bytes(bytes(data))

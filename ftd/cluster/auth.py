@@ -51,8 +51,9 @@ import zmq
 from zmq.utils import z85
 
 from ftd.errors import FtdError, KeyFileError
+from ftd.util.files import write_all
 
-log = logging.getLogger("ftd.cluster.auth")
+log = logging.getLogger(__name__)
 
 ZAP_DOMAIN = "ftd-peer"
 """ZAP domain of the peer ROUTER sockets; the authenticator only admits the cluster key in it."""
@@ -88,9 +89,7 @@ def generate_key_file(path: Path) -> None:
         raise KeyFileError(f"cannot create {path}: permission denied") from None
     try:
         os.fchmod(fd, 0o600)  # whatever the umask
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -208,7 +207,7 @@ class PeerSecurity:
         if self._auth is not None:
             raise RuntimeError("PeerSecurity.start called twice")
         from zmq.auth.thread import ThreadAuthenticator
-        auth = ThreadAuthenticator(ctx, log=logging.getLogger("ftd.cluster.auth.zap"))
+        auth = ThreadAuthenticator(ctx, log=logging.getLogger(__name__ + ".zap"))
         # configured before the thread starts, so the handler never sees a half-set state
         auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=_ClusterKeyOnly(self.key.public))
         auth.start()

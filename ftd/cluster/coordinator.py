@@ -38,6 +38,10 @@ coordinator has not heard from for ``peer_timeout`` seconds is *silent* (frozen,
 dead): a round waiting for it is abandoned at once instead of after ``timeout``, and it is listed
 in ``status()`` until it speaks again. Training never waits for any of this; protection resumes
 with a newer step once the node answers (or its replacement has rebuilt).
+
+Call order (node 0's loop): ``start()`` once; for every message from node N, ``heard_from(N)`` and then
+the ``on_<type>`` handler of its type; ``tick()`` every loop turn; after each of these, ``take()`` the
+messages it wants sent (``Outgoing``: destinations, type, fields). Nothing here does I/O.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from ftd.cluster.messages import MAX_FRAME, MAX_HEADER, PeerMessages
 from ftd.config import Config
 from ftd.errors import FtdError, ProtocolError
 
-log = logging.getLogger("ftd.cluster.links")
+log = logging.getLogger(__name__)
 
 MAX_PEER_MESSAGE = MAX_FRAME + MAX_HEADER
 ROUTER_QUEUE = 32  # messages the peer ROUTER queues per connection, each way

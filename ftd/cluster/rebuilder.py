@@ -14,6 +14,10 @@ for a live node whose data or parity failed its checksums. Steps:
    the versions complete, so the daemon adopts them like any other.
 
 More than m unavailable nodes in the group: ``UnrecoverableLoss`` naming the nodes and the step.
+
+Call order: ``Rebuilder(config, security, holdings, stop=event)`` and ``run()`` once, on the rebuild
+thread (``recovery``); ``run`` returns a ``Result`` or raises, and closes its sockets either way.
+Setting ``stop`` makes a running rebuild give up at its next wait.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from ftd.shm import segments
 from ftd.shm.checksum import bad_chunks, chunk_checksum
 from ftd.shm.layout import Manifest
 
-log = logging.getLogger("ftd.cluster.rebuilder")
+log = logging.getLogger(__name__)
 
 WINDOW_FRAMES = 16  # frames being fetched at once (4 MiB each by default)
 SURVEY_WAIT = 3.0   # seconds a rebuild waits for every peer to say what it holds (at most peer_timeout)

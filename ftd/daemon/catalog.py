@@ -13,6 +13,16 @@ commit at or after the coordinator's target, held for the next protection round)
 overwritten; when both buffers of a rank hold one of them, ``begin`` answers "busy" and the client
 skips that snapshot, so a slow protection makes ftd snapshot less often, never slows training.
 A background flush to disk holds the version it copies out in the same way, for that copy only.
+
+Call order (the daemon's loop only, so no locks):
+  1. ``adopt`` for every version found at start-up (a predecessor's, in commit order), rebuilt from
+     the peers or loaded from disk;
+  2. per trainer rank: ``register``, then per snapshot ``begin`` and ``commit`` (or ``abort``);
+     ``restore`` and ``corrupt`` when a trainer restarts; ``versions`` for ``ftd export``;
+  3. in a cluster: ``sync`` on each coordinator sync, ``candidate`` after commits, ``forget_newer``
+     after a restore, ``reset_to`` after a restore from disk;
+  4. around a flush's copy-out: ``hold_for_flush``, then ``release_flush_hold``;
+  5. ``release_all`` at shutdown.
 """
 from __future__ import annotations
 

@@ -20,10 +20,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
 
 from ftd.durable import ondisk
-from ftd.durable.ondisk import FORMAT, IO_SLICE, canonical_checksums, file_checksum, fsync_dir, load_rank
+from ftd.durable.ondisk import FORMAT, IO_SLICE, canonical_checksums, file_checksum, load_rank
 from ftd.errors import FtdError
 from ftd.shm.layout import Manifest
 from ftd.trainer import statecodec
+from ftd.util.files import fsync_dir, write_atomic
 
 
 def arena_tensors(data: bytearray, manifest: Manifest) -> list[torch.Tensor]:
@@ -161,13 +162,8 @@ def write_version(out: Path, step: int, ranks: Iterable[tuple[int, int, bytearra
     node_manifest = {"format": FORMAT, "step": step, "job": job, "node_rank": node_rank, "nodes": nodes,
                      "world": world, "ranks": sorted(int(r) for r in restore), "created": time.time(),
                      "files": {str(p.relative_to(out)): file_checksum(p) for p in files}, "restore": restore}
-    path = out / f"ftd-export-node{node_rank}.json"
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp_path, "w") as f:
-        json.dump(node_manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
+    # last, so a node's part reads as complete only once all of it is on disk; readable as the DCP files are
+    write_atomic(out / f"ftd-export-node{node_rank}.json", json.dumps(node_manifest, indent=1), mode=0o666)
     fsync_dir(out)
     return node_manifest
 

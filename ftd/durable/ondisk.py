@@ -95,14 +95,6 @@ def canonical_checksums(data: bytearray, manifest: Manifest) -> list[int]:
 
 
 # ---- files ------------------------------------------------------------------------------------
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def file_checksum(path: Path) -> str:
     h = xxhash.xxh3_64()
     with open(path, "rb") as f:

@@ -20,7 +20,7 @@ from ftd.shm.checksum import ChunkHasher, chunk_checksum
 from ftd.shm.layout import Layout, chunk_plan
 from ftd.trainer.statecodec import dtype_from_name
 
-log = logging.getLogger("ftd.trainer.client")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass

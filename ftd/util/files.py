@@ -18,9 +18,7 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o600, fsync: boo
     payload = data.encode() if isinstance(data, str) else data
     fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_NOFOLLOW, mode)
     try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, payload)
         if fsync:
             os.fsync(fd)
     except BaseException:
@@ -38,3 +36,10 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte of ``data`` is written (a write may take fewer)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

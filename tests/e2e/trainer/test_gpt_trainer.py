@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, read_losses, wait_for
+from ftd.util.procs import free_ports, wait_for
+
+from support.jobs import ROOT
+from support.losses import read_losses
 
 STEPS = 12
 WORLD = 2
@@ -22,15 +24,9 @@ SMALL = ["--layers", "1", "--dim", "32", "--heads", "2", "--context", "16", "--b
 RESUMING = re.compile(r"rank (\d+) pid \d+: (?:resuming after step (\d+)|starting fresh)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_ranks(job, daemon, out: Path, phase: str, *extra: str) -> list[subprocess.Popen]:
     """WORLD trainer processes with the environment torchrun would give them; output to out/<phase>-rank<R>.log."""
-    port = str(free_port())
+    port = str(free_ports(1)[0])
     procs = []
     for rank in range(WORLD):
         env = job.env(daemon, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),

@@ -16,8 +16,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from clusters import LocalCluster, assert_matches_reference, reference_losses
-from conftest import wait_for
+
+from ftd.util.procs import wait_for
+
+from support.clusters import LocalCluster, assert_matches_reference, reference_losses
 
 SOAK = os.environ.get("FTD_SOAK") == "1"
 FAILURES = 25 if SOAK else 4

@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+
+from support.jobs import ROOT
 
 
 @pytest.mark.soak

@@ -3,6 +3,8 @@ import pytest
 from ftd.config import Config, load_config
 from ftd.units import format_size, parse_size
 
+from support.jobs import ROOT
+
 
 @pytest.mark.parametrize("text,expected", [("4MiB", 4 << 20), ("2GB", 2_000_000_000), ("1048576", 1 << 20),
                                            ("1.5 GiB", 3 << 29), (4096, 4096)])
@@ -28,9 +30,8 @@ def test_config_defaults_and_paths(monkeypatch):
 
 
 def test_shipped_local_config_is_the_defaults(monkeypatch):
-    from pathlib import Path
     monkeypatch.delenv("FTD_JOB", raising=False)
-    shipped = load_config(Path(__file__).parent.parent / "configs" / "local.toml")
+    shipped = load_config(ROOT / "configs" / "local.toml")
     defaults = load_config(None)
     assert shipped.endpoint == defaults.endpoint and shipped.chunk_size == defaults.chunk_size
     assert shipped.shm_dir == defaults.shm_dir
@@ -51,8 +52,7 @@ def test_config_errors_name_the_problem(tmp_path):
 
 
 def test_shipped_cluster_config_describes_four_nodes_with_curve():
-    from pathlib import Path
-    c = load_config(Path(__file__).parent.parent / "configs" / "cluster.toml", node_rank=2)
+    c = load_config(ROOT / "configs" / "cluster.toml", node_rank=2)
     assert c.nodes == 4 and c.peer_endpoint == "tcp://10.0.0.13:7710" and c.peer_bind == "tcp://*:7710"
     assert c.grouping().k == 3 and c.parity_code == "xor" and c.peer_key_file is not None
 

@@ -10,10 +10,12 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from clusters import LocalCluster, assert_matches_reference, reference_losses
-from conftest import flip_tensor_byte, wait_for
 
 from ftd.durable import ondisk
+from ftd.util.procs import wait_for
+
+from support.clusters import LocalCluster, assert_matches_reference, reference_losses
+from support.disk import flip_tensor_byte
 
 STEPS = 40
 

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SHM
+
+from support.jobs import ROOT, SHM
 
 pytestmark = pytest.mark.timeout(90)
 AGENT = [sys.executable, "-m", "ftd.cli", "agent"]

@@ -24,7 +24,6 @@ import psutil
 import pytest
 import torch
 import zmq
-from conftest import ROOT, LocalJob
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -33,6 +32,8 @@ from ftd.control import protocol
 from ftd.errors import ProtocolError
 from ftd.shm.checksum import chunk_checksum
 from ftd.shm.layout import Manifest, plan_layout
+
+from support.jobs import ROOT, LocalJob
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -20,10 +20,12 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-from conftest import ROOT, SHM, leftovers, wait_for
 
 from ftd.config import load_config
 from ftd.control.connection import Connection
+from ftd.util.procs import wait_for
+
+from support.jobs import ROOT, SHM, leftovers
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from test_gpt_trainer import free_port
+
+from ftd.util.procs import free_ports
+
+from support.jobs import ROOT
 
 pytestmark = pytest.mark.timeout(180)
 MODEL = ["--layers", "1", "--dim", "32", "--heads", "2", "--context", "16", "--batch", "4"]
@@ -42,7 +44,7 @@ dist.destroy_process_group()
 
 def _ranks(world: int, cmd: list[str], env_extra: dict, logs: Path) -> list[subprocess.Popen]:
     import os
-    port = str(free_port())
+    port = str(free_ports(1)[0])
     procs = []
     for rank in range(world):
         env = dict(os.environ, PYTHONPATH=str(ROOT), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),

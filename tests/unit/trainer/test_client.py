@@ -124,7 +124,7 @@ def test_parameter_mutated_outside_the_optimizer_tears_the_snapshot_then_is_clon
         client.snapshot(0, state)
         with torch.no_grad():                          # e.g. weight clipping between steps, on a tensor
             state["model"][3].weight.mul_(0.5)        # late in the arena, so its copy has not happened yet
-        with caplog.at_level(logging.WARNING, "ftd.trainer.client"):
+        with caplog.at_level(logging.WARNING, "ftd.trainer"):
             assert client.wait(30) is False
         assert "changed in place" in caplog.text
         expected = tensors_of(state)
@@ -154,7 +154,7 @@ def test_layout_changes_re_register(thread_daemon):
 def test_no_daemon_never_crashes_training_and_restore_says_how_to_start(tmp_path, caplog):
     client = ftd.Client(f"ipc://{tmp_path}/nobody.sock", timeout=0.5)
     state = make_state()
-    with caplog.at_level(logging.WARNING, "ftd.trainer.client"):
+    with caplog.at_level(logging.WARNING, "ftd.trainer"):
         train_step(state)
         client.snapshot(0, state)                     # returns, training goes on
         assert client.wait(10) is False
@@ -167,7 +167,7 @@ def test_no_daemon_never_crashes_training_and_restore_says_how_to_start(tmp_path
 
 def test_full_budget_is_a_warning_not_a_crash(thread_daemon, caplog):
     d = thread_daemon(memory_budget=2 << 20)
-    with ftd.Client(d.endpoint) as client, caplog.at_level(logging.WARNING, "ftd.trainer.client"):
+    with ftd.Client(d.endpoint) as client, caplog.at_level(logging.WARNING, "ftd.trainer"):
         client.snapshot(0, {"big": torch.zeros(1 << 20)})   # 4 MiB > 2 MiB budget
         assert client.wait(10) is False
         assert "memory budget is 2.0 MiB" in caplog.text
@@ -188,7 +188,7 @@ def test_corrupted_newest_version_falls_back_to_the_previous(thread_daemon, capl
             f.seek(100)
             f.write(bytes([b[0] ^ 0xFF]))
         out = {}
-        with caplog.at_level(logging.WARNING, "ftd.trainer.client"):
+        with caplog.at_level(logging.WARNING, "ftd.trainer"):
             assert client.restore(out) == 0
         assert "step 1 (rank 0) fails its checksum" in caplog.text and torch.equal(out["x"], torch.zeros(1000))
         assert [v["step"] for v in d.daemon.catalog.restore(0)["versions"]] == [0]
@@ -319,7 +319,7 @@ def test_slow_daemon_makes_the_optimizer_skip_the_snapshot_not_wait(thread_daemo
 
         d.daemon.catalog.begin = slow_begin
         client.snapshot(1, state)
-        with caplog.at_level(logging.WARNING, "ftd.trainer.client"):
+        with caplog.at_level(logging.WARNING, "ftd.trainer"):
             train_step(state)                           # waits the grace, then skips snapshot 1
         assert "did not hand out a buffer" in caplog.text
         assert client.stats["hook_wait_seconds"] < 0.9    # far less than the daemon's 1 s

@@ -7,12 +7,15 @@ import stat
 import subprocess
 import sys
 
+import psutil
 import pytest
 import torch
 import zmq
-from conftest import SHM, leftovers, wait_for
 
 import ftd
+from ftd.util.procs import free_ports, wait_for
+
+from support.jobs import SHM, leftovers
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -183,3 +186,27 @@ def test_zero_configuration_on_one_machine(tmp_path):
         proc.wait(15)
         log.close()
     assert leftovers(job) == []
+
+
+def _mapped_libraries(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return {line.split()[-1].rsplit("/", 1)[-1] for line in f if "/" in line.split()[-1]}
+
+
+def test_the_daemon_process_never_loads_torch(job, tmp_path):
+    """A daemon with every part switched on (peers, a flush directory) serving a trainer: torch is
+    not in its memory, and it stays small. Its flush worker, a process of its own, imports torch."""
+    peers = ", ".join(f'"tcp://127.0.0.1:{port}"' for port in free_ports(2))
+    d = job.daemon(extra=f'peers = [{peers}]\nparity = 1\nflush_dir = "{tmp_path / "flush"}"\nflush_every = 1\n')
+    with ftd.Client(d.endpoint, rank=0, world_size=1) as c:
+        c.snapshot(0, {"x": torch.ones(1000)})
+        assert c.wait(10)
+    libraries = _mapped_libraries(d.proc.pid)
+    assert "libzmq" in " ".join(libraries)  # the check reads the map of the right process
+    assert not [lib for lib in libraries if "torch" in lib], sorted(lib for lib in libraries if "torch" in lib)
+    rss = psutil.Process(d.proc.pid).memory_info().rss
+    assert rss < 200 << 20, f"the daemon holds {rss >> 20} MiB of its own memory"
+    workers = [p for p in psutil.Process(d.proc.pid).children() if "flush_worker" in " ".join(p.cmdline())]
+    assert workers
+    wait_for(lambda: any("torch" in lib for lib in _mapped_libraries(workers[0].pid)), 60,
+             "the flush worker to import torch (it does so at start, before any flush)")

@@ -17,10 +17,11 @@ import time
 import uuid
 from pathlib import Path
 
-from conftest import ROOT, SHM, leftovers, read_losses, wait_for
-
 from ftd.control.connection import status_or_none
-from ftd.util.procs import kill_everything_from
+from ftd.util.procs import kill_everything_from, wait_for
+
+from support.jobs import ROOT, SHM, leftovers
+from support.losses import read_losses
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 for _key in ("RANK", "WORLD_SIZE", "FTD_ENDPOINT"):

@@ -34,8 +34,6 @@ import psutil
 import pytest
 import torch
 import zmq
-from clusters import LocalCluster
-from conftest import SHM, wait_for
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -51,6 +49,10 @@ from ftd.config import load_config
 from ftd.errors import ProtocolError
 from ftd.shm import segments
 from ftd.shm.checksum import chunk_checksum
+from ftd.util.procs import wait_for
+
+from support.clusters import LocalCluster
+from support.jobs import SHM
 
 pytestmark = pytest.mark.timeout(180)
 

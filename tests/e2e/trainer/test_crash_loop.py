@@ -11,7 +11,10 @@ import time
 
 import pytest
 import zmq
-from conftest import assert_bit_exact, read_losses, wait_for
+
+from ftd.util.procs import wait_for
+
+from support.losses import assert_bit_exact, read_losses
 
 SOAK = os.environ.get("FTD_SOAK") == "1"
 

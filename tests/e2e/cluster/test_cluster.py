@@ -17,10 +17,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from clusters import ENV, LocalCluster, assert_matches_reference, reference_losses
-from conftest import ROOT, SHM, read_losses, wait_for
 
 from ftd.shm import segments
+from ftd.util.procs import wait_for
+
+from support.clusters import ENV, LocalCluster, assert_matches_reference, reference_losses
+from support.jobs import ROOT, SHM
+from support.losses import read_losses
 
 MAX_STEPS = 200
 SOAK = os.environ.get("FTD_SOAK") == "1"  # the long mode: every node lost in turn, four pairs

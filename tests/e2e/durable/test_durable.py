@@ -10,9 +10,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import assert_bit_exact, flip_tensor_byte, read_losses, wait_for
 
 from ftd.durable import ondisk
+from ftd.util.procs import wait_for
+
+from support.disk import flip_tensor_byte
+from support.jobs import ROOT
+from support.losses import assert_bit_exact, read_losses
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -23,7 +27,7 @@ def flush_config(flush_dir: Path, every: int = 3, keep: int = 2) -> str:
 
 def status(daemon) -> dict:
     r = subprocess.run([sys.executable, "-m", "ftd.cli", "status", "--json", "--endpoint",
-                        daemon.endpoint], capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent)
+                        daemon.endpoint], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 

@@ -1,0 +1,17 @@
+"""Damage done on purpose to a version on disk, for the tests of the checks that must catch it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def flip_tensor_byte(version: Path, node: int = 0, rank: int = 0) -> None:
+    """In a version on disk, flip one byte in the middle of the largest tensor record of ``rank``
+    (written by ``node``): inside its data, which the checksums must catch."""
+    manifest = json.loads((version / f"ftd-export-node{node}.json").read_text())
+    entry = manifest["restore"][str(rank)]
+    where = max((w for w in entry["index"] if w), key=lambda w: w[2])
+    path = version / entry["dir"] / where[0]
+    data = bytearray(path.read_bytes())
+    data[where[1] + where[2] // 2] ^= 0x40
+    path.write_bytes(bytes(data))
