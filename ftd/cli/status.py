@@ -7,9 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from ftd.cli.node import endpoint_of
+from ftd.cli import daemon_link
+from ftd.cli.daemon_link import connect
 from ftd.cli.registry import Command
-from ftd.control.connection import Connection, status_or_none
+from ftd.control.connection import status_or_none
 from ftd.errors import FtdError
 from ftd.local.configs import read_cluster
 from ftd.units import format_size
@@ -26,7 +27,7 @@ def _ms(s: float | None) -> str:
 def _status(args: argparse.Namespace) -> int:
     if args.dir:
         return _cluster_status(args)
-    conn = Connection(endpoint_of(args), timeout=5.0)
+    conn = connect(args, 5.0, "ftd status")
     try:
         st = conn.call("status")
     except FtdError as e:
@@ -137,9 +138,7 @@ def _cluster_status(args: argparse.Namespace) -> int:
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--config", help="the daemon's config file")
-    p.add_argument("--node-rank", type=int)
-    p.add_argument("--endpoint", help="the daemon's endpoint (default $FTD_ENDPOINT or the local default)")
+    daemon_link.add_arguments(p)
     p.add_argument("--dir", help="a cluster started by `ftd launch`: one table of every node's versions")
 
 
