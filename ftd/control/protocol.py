@@ -35,7 +35,8 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     },
     "abort": {"session": (_STR, True), "buffer": (_STR, True), "reason": (_STR, False)},
     # resume: "auto" | "never" | "must" (the client's restore policy); pid: the restoring process
-    "restore": {"rank": (_RANK, True), "local_world": (_POS, False), "pid": (_INT, False), "resume": (_STR, False)},
+    "restore": {"rank": (_RANK, True), "local_world": (_POS, False), "pid": (_INT, False), "resume": (_STR, False),
+                "world": (_POS, False)},
     "finish": {"session": (_STR, True)},            # this rank's run is over
     "detach": {"rank": (_RANK, True), "pid": (_INT, True)},  # the client closes: it holds the rank no more
     "clear": {"force": (_BOOL, False)},              # drop the job's versions (memory and flush_dir)

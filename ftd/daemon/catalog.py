@@ -91,17 +91,17 @@ class Catalog:
         return buf
 
     def _by_session(self, session: str) -> RankEntry:
-        for entry in self.ranks.values():
-            if entry.session == session:
-                return entry
+        entry = next((e for e in self.ranks.values() if e.session == session), None)
+        if entry is not None:
+            return entry
         raise Refused("unknown or outdated session (the daemon restarted, or another process registered this "
                       "rank since); register again")
 
     @staticmethod
     def _buffer(entry: RankEntry, name: str) -> Buffer:
-        for b in entry.buffers:
-            if b.name == name:
-                return b
+        buf = next((b for b in entry.buffers if b.name == name), None)
+        if buf is not None:
+            return buf
         raise Refused(f"rank {entry.rank} has no buffer {name!r}")
 
     # ---- requests ---------------------------------------------------------------------------
@@ -203,21 +203,18 @@ class Catalog:
         return {}
 
     def abort(self, session: str, buffer: str, reason: str = "") -> dict:
-        entry = self._by_session(session)
-        buf = self._buffer(entry, buffer)
+        buf = self._buffer(self._by_session(session), buffer)
         if buf.state == "writing":
             buf.state, buf.step = "free", None
         return {}
 
     def _note_local_world(self, local_world: int | None) -> None:
-        if local_world:
-            self.local_world = max(self.local_world, local_world)
+        self.local_world = max(self.local_world, local_world or 0)
 
     def finish(self, session: str) -> dict:
         """This rank's trainer says its run is over; returns the step of its newest version."""
         entry = self._by_session(session)
-        entry.finished = True
-        complete = entry.complete()
+        entry.finished, complete = True, entry.complete()
         return {"step": complete[0].step if complete else -1, "run_finished": self.run_finished()}
 
     def detach(self, rank: int, pid: int) -> dict:
@@ -392,8 +389,12 @@ class Catalog:
             })
         return {"budget": self.budget, "used": self.used, "ranks": ranks}
 
-    def release_all(self) -> None:
+    def release_all(self, forget: bool = False) -> None:
+        """Unlink every buffer (shutdown); ``forget``: drop the ranks too (a run at another world size)."""
         for entry in self.ranks.values():
             for b in entry.buffers:
                 self.store.release(b.name)
             entry.buffers.clear()
+        if forget:
+            self.ranks.clear()
+            self.local_world = 0

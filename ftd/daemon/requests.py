@@ -8,6 +8,7 @@ internal error is refused with its reason, and the daemon stays up for the other
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -15,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from ftd.control import protocol
+from ftd.daemon.world_change import WorldChange
 from ftd.errors import ProtocolError, Refused
 
 if TYPE_CHECKING:
@@ -36,6 +38,11 @@ class RequestHandler:
             "recover": self.recover, "versions": self.versions, "finish": self.finish, "clear": self.clear,
             "detach": self.detach,
         }
+
+    @functools.cached_property
+    def world_change(self) -> WorldChange:
+        disk = self.daemon.standalone_disk
+        return WorldChange(self.daemon.catalog, self.daemon.config.job, disk.newest_complete if disk else None)
 
     def handle(self, payload: bytes) -> bytes:
         try:
@@ -116,7 +123,7 @@ class RequestHandler:
             self.daemon.flusher.copies_changed()
 
     def restore(self, rank: int, local_world: int | None = None, pid: int | None = None,
-                resume: str = "auto") -> dict:
+                resume: str = "auto", world: int | None = None) -> dict:
         d, cat = self.daemon, self.daemon.catalog
         if resume not in ("auto", "never", "must"):
             raise ProtocolError(f"restore.resume={resume!r} is not one of 'auto', 'never', 'must'")
@@ -143,6 +150,9 @@ class RequestHandler:
                 wait = d.standalone_disk.restore_wait()
                 if wait:
                     return {"wait": wait}
+        reshard = self.world_change.answer(world, d.node is not None) if world else None
+        if reshard is not None:  # a run at another world size: every rank reads the flushed version
+            return {"versions": [], "reshard": reshard, **self._where()}
         result = cat.restore(rank, local_world, pid)
         if d.node is not None:
             d.node.on_restored(rank, result["versions"][0]["step"] if result["versions"] else -1)
@@ -167,6 +177,7 @@ class RequestHandler:
         d = self.daemon
         newest = d.catalog.newest_step()
         d.catalog.reset_to(-1)
+        self.world_change.forget()
         removed = d.standalone_disk.new_run() if d.standalone_disk is not None else []
         log.warning("a new run of job %r starts (%s): dropped the previous run's versions%s%s", d.config.job, why,
                     f" up to step {newest}" if newest >= 0 else "", f" and flushed steps {removed}" if removed else "")

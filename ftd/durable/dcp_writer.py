@@ -1,13 +1,26 @@
-"""Writing a version to disk as a torch.distributed.checkpoint directory (the format: ``durable``).
+"""Writing a version to disk as one global torch.distributed.checkpoint (the format: ``ondisk``).
 
-Apart from ``durable`` because it needs torch (DCP writes the files), which the daemon never
-imports: only ``ftd export`` and the flush worker write.
+Every rank contributes what it owns: the shards of its DTensors at their global offsets (a shard
+that several replicas hold, under HSDP's replicate dimension say, is written once, by the replica
+at coordinate 0 of those dimensions), and its per-rank values (plain tensors and data: RNG states, a
+data loader position, and with DDP the model and optimizer). Rank 0's per-rank values sit at the top
+level, so that plain ``dcp.load`` of a DDP job finds its model there; rank R's under ``rank-R.``.
+Each rank's records go to ``rank-R/__0_0.distcp``; the node's manifest lists them (as JSON), and the
+global ``.metadata`` is built from every node's manifest once all of them are there
+(``build_global_metadata``), so plain ``dcp.load`` reads the version at any world size, onto any
+mesh, or into an unsharded model.
+
+Apart from ``ondisk`` because it needs torch, which the daemon never imports: only ``ftd export`` and
+the flush worker write.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import io
 import json
 import os
+import pickle
 import shutil
 import time
 import warnings
@@ -17,7 +30,17 @@ from typing import Iterable
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from ftd.durable import ondisk
 from ftd.durable.ondisk import FORMAT, IO_SLICE, canonical_checksums, file_checksum, load_rank
@@ -25,6 +48,8 @@ from ftd.errors import FtdError
 from ftd.shm.layout import Manifest
 from ftd.trainer import statecodec
 from ftd.util.files import fsync_dir, write_atomic
+
+DATA_FILE = "__0_0.distcp"
 
 
 def arena_tensors(data: bytearray, manifest: Manifest) -> list[torch.Tensor]:
@@ -35,27 +60,97 @@ def arena_tensors(data: bytearray, manifest: Manifest) -> list[torch.Tensor]:
             for s in manifest.layout.slots]
 
 
-def state_of(tensors: list[torch.Tensor], manifest: Manifest) -> dict:
-    """{key: state_dict or data} (+ "rng") over ``tensors``, in the form DCP stores every tensor of as
-    a tensor: numpy arrays become tensors and tuples lists (DCP would pickle an array, or a tuple
-    whole; numpy's RNG state is a tuple holding an array)."""
+# ---- what a rank writes ----------------------------------------------------------------------------
+class Shard:
+    """A DTensor's local shard, placed in its global tensor: DCP writes it as one chunk at its offsets."""
+
+    def __init__(self, local: torch.Tensor, node: dict):
+        self.local, self.node = local, node
+        self.offsets = torch.Size(node["offsets"])
+        self.size = torch.Size(node["shape"])
+
+    def __create_write_items__(self, fqn: str, obj) -> list[WriteItem]:
+        return [WriteItem(index=MetadataIndex(fqn, self.offsets), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(self.offsets, self.local.shape),
+                                                      properties=TensorProperties(dtype=self.local.dtype),
+                                                      size=self.size))]
+
+
+class _ShardPlanner(DefaultSavePlanner):
+    """DCP's planner, that also knows where a ``Shard``'s bytes are."""
+
+    def lookup_object(self, index: MetadataIndex):
+        obj = self.state_dict.get(index.fqn)
+        return obj.local if isinstance(obj, Shard) else super().lookup_object(index)
+
+
+def writes_shard(node: dict) -> bool:
+    """Whether this rank writes a DTensor shard: not if another replica of it (the one at coordinate 0
+    of every replicated or partial mesh dimension) does."""
+    coord = node.get("coordinate") or []
+    for dim, placement in enumerate(node.get("placements", [])):
+        if not placement.startswith(("Shard(", "_StridedShard(")) and dim < len(coord) and coord[dim] != 0:
+            return False
+    return True
+
+
+class _Ref:
+    """A DTensor shard that another replica writes: this rank's slot points at that record."""
+
+    def __init__(self, node: dict):
+        self.node = node
+
+
+def split_state(tensors: list[torch.Tensor], manifest: Manifest) -> tuple[dict, dict, dict]:
+    """(global part: the DTensor shards this rank writes; per-rank part: everything else; refs: the
+    shards another replica writes, as ``_Ref``s). All three keep the state's nesting, in the form DCP
+    stores every tensor of as a tensor: arrays become tensors, tuples lists, Generators their state
+    tensor, dataclasses dicts of their fields (DCP would pickle an array, a tuple, a Generator or a
+    dataclass whole)."""
     tree = manifest.tree
-    state = {key: statecodec.decode(sub, lambda i: tensors[i]) for key, sub in tree["state"].items()}
+
+    def on_dtensor(node: dict, shard: torch.Tensor, live, where: str):
+        return Shard(shard, node) if writes_shard(node) else _Ref(node)
+
+    full = {key: statecodec.decode(sub, lambda i: tensors[i], on_dtensor=on_dtensor, path=key, generator_states=True)
+            for key, sub in tree["state"].items()}
     if tree.get("rng") is not None:
-        state["rng"] = statecodec.decode(tree["rng"], lambda i: tensors[i])
-    return _arrays_as_tensors(state)
+        full["rng"] = statecodec.decode(tree["rng"], lambda i: tensors[i], generator_states=True)
+    return _split(_storable(full))
 
 
-def _arrays_as_tensors(x):
+def _split(x) -> tuple:
+    """(shards, per-rank values, refs) of a nested dict, each keeping the nesting of its own leaves."""
+    if isinstance(x, Shard):
+        return x, None, None
+    if isinstance(x, _Ref):
+        return None, None, x
+    if isinstance(x, dict):
+        parts: tuple[dict, dict, dict] = ({}, {}, {})
+        for k, v in x.items():
+            for part, value in zip(parts, _split(v)):
+                if value is not None:
+                    part[k] = value
+        g, r, f = parts
+        return (g or None), (r if r or not (g or f) else None), (f or None)
+    return None, x, None
+
+
+def _storable(x):
+    if isinstance(x, (Shard, _Ref)):
+        return x
     if isinstance(x, np.ndarray):
         return torch.from_numpy(x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _storable(getattr(x, f.name)) for f in dataclasses.fields(x)}
     if isinstance(x, dict):
-        return {k: _arrays_as_tensors(v) for k, v in x.items()}
+        return {k: _storable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)) and not isinstance(x, torch.Size):
-        return [_arrays_as_tensors(v) for v in x]
+        return [_storable(v) for v in x]
     return x
 
 
+# ---- writing the files -------------------------------------------------------------------------------
 def _fsync_tree(directory: Path) -> None:
     for path in sorted(directory.rglob("*")):
         if path.is_file():
@@ -90,29 +185,52 @@ class _SlicedFileSystem(FileSystem):
             yield _SlicedWrites(stream) if "w" in mode or "a" in mode else stream
 
 
-def _save_dcp(state: dict, directory: Path):
+def _save_dcp(state: dict, directory: Path) -> Metadata:
     writer = FileSystemWriter(directory)
     writer.fs = _SlicedFileSystem()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
-        metadata = dcp.save(state, storage_writer=writer, no_dist=True)
+        metadata = dcp.save(state, storage_writer=writer, planner=_ShardPlanner(), no_dist=True)
+    (directory / ".metadata").unlink()  # this rank's view only: the global one is built from every node's
     _fsync_tree(directory)
     return metadata
 
 
-def _tensor_index(state: dict, metadata, tensors: list[torch.Tensor], manifest: Manifest) -> list:
-    """Per slot, [file, offset, length] of the zip record DCP wrote its bytes to (None: empty slot)."""
+def _items(metadata: Metadata, subdir: str) -> list[dict]:
+    """What this rank wrote, as JSON: per record its key, the chunk it holds and where its bytes are."""
+    out = []
+    for index, info in metadata.storage_data.items():
+        md = metadata.state_dict_metadata[index.fqn]
+        item = {"fqn": index.fqn, "file": f"{subdir}/{info.relative_path}", "offset": info.offset,
+                "length": info.length}
+        if isinstance(md, TensorStorageMetadata):
+            chunk = next(c for c in md.chunks if tuple(c.offsets) == tuple(index.offset or ()))
+            item.update(dtype=str(md.properties.dtype).removeprefix("torch."), size=list(md.size),
+                        offsets=list(chunk.offsets), sizes=list(chunk.sizes))
+        out.append(item)
+    return out
+
+
+def _slot_index(items: list[dict], state: dict, refs: dict | None, tensors: list[torch.Tensor],
+                manifest: Manifest) -> list:
+    """Per slot, [file, offset, length] of the record that holds its bytes, or a reference to a shard
+    another replica writes ({"fqn", "offsets"}: the loader finds it in that replica's manifest); the
+    same for an empty DTensor shard (nothing to read, but its key); None for another empty slot."""
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     flat, _ = flatten_state_dict(state)
-    where = {info_key.fqn: info for info_key, info in metadata.storage_data.items()}
+    where = {i["fqn"]: i for i in items}  # one record per key and rank
     slot_of = {t.data_ptr(): i for i, t in enumerate(tensors) if t.numel()}
     index: list = [None] * len(tensors)
     for fqn, value in flat.items():
-        if isinstance(value, torch.Tensor) and value.numel() and fqn in where:
-            i = slot_of.get(value.data_ptr())
+        local = value.local if isinstance(value, Shard) else value
+        if isinstance(value, Shard) and not local.numel():  # an empty shard: its key, for a resharded restore
+            index[value.node["index"]] = {"fqn": fqn, "offsets": value.node["offsets"]}
+        elif isinstance(local, torch.Tensor) and local.numel() and fqn in where:
+            i = slot_of.get(local.data_ptr())
             if i is not None and index[i] is None:
-                info = where[fqn]
-                index[i] = [info.relative_path, info.offset, info.length]
+                index[i] = [where[fqn]["file"], where[fqn]["offset"], where[fqn]["length"]]
+    for fqn, ref in (flatten_state_dict(refs)[0] if refs else {}).items():
+        index[ref.node["index"]] = {"fqn": fqn, "offsets": ref.node["offsets"]}
     missing = [i for i, s in enumerate(manifest.layout.slots) if s.nbytes and index[i] is None]
     if missing:
         raise FtdError(f"tensor(s) {missing[:5]} of the snapshot are not saved as tensors by DCP (inside a "
@@ -123,10 +241,12 @@ def _tensor_index(state: dict, metadata, tensors: list[torch.Tensor], manifest: 
 def write_version(out: Path, step: int, ranks: Iterable[tuple[int, int, bytearray, Manifest]], *, job: str,
                   node_rank: int, nodes: int, verify: bool = True) -> dict:
     """Write ``ranks`` ((rank, world, checked private arena copy, manifest), one at a time so that only
-    one arena is held) of ``step`` into ``out``; return the node manifest, which is written last.
+    one arena is held) of ``step`` into ``out``; return the node manifest, which is written last, and
+    build the global ``.metadata`` if every node's part is there now.
 
     Every part appears under a temporary name and is renamed into place after an fsync. With
-    ``verify``, each rank is loaded back from the files just written and checked bit for bit."""
+    ``verify``, each rank is loaded back from the files just written and checked bit for bit (a shard
+    another replica writes is checked when that replica's part is there)."""
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     restore: dict[str, dict] = {}
@@ -135,26 +255,21 @@ def write_version(out: Path, step: int, ranks: Iterable[tuple[int, int, bytearra
         world = max(world, rank_world)
         sums = canonical_checksums(data, manifest)
         tensors = arena_tensors(data, manifest)
-        state = state_of(tensors, manifest)
+        global_part, per_rank, refs = split_state(tensors, manifest)
+        # rank 0's own values at the top level (what plain dcp.load of a DDP job reads), rank R's under rank-R
+        mine = (per_rank or {}) if rank == 0 else ({f"rank-{rank}": per_rank} if per_rank else {})
+        state = _merge(global_part or {}, mine)
         final, tmp = out / f"rank-{rank}", out / f".rank-{rank}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        index = _tensor_index(state, _save_dcp(state, tmp), tensors, manifest)
+        items = _items(_save_dcp(state, tmp), final.name)
+        index = _slot_index(items, state, refs, tensors, manifest)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        entry = {"world": rank_world, "dir": final.name, "index": index,
+        entry = {"world": rank_world, "dir": final.name, "index": index, "items": items,
                  "manifest": {**manifest.to_json(), "checksums": sums}}
-        if rank == 0:  # the top level: rank 0's state, what a resharded DDP resume loads
-            tmp = out / f".top.{os.getpid()}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            _save_dcp(state, tmp)
-            names = sorted(p.name for p in tmp.iterdir())
-            for name in [n for n in names if n != ".metadata"] + [".metadata"]:  # .metadata last: complete
-                os.replace(tmp / name, out / name)
-                files.append(out / name)
-            tmp.rmdir()
-        del state, tensors
-        if verify:  # into the copy just written out: it is not needed any more, and no new memory is touched
-            load_rank(final, entry, memoryview(data))
+        del state, tensors, global_part, per_rank
+        if verify and not any(isinstance(w, dict) and s.nbytes for w, s in zip(index, manifest.layout.slots)):
+            load_rank(out, entry, memoryview(data))  # into the copy just written out: no new memory touched
         del data
         files += sorted(p for p in final.rglob("*") if p.is_file())
         restore[str(rank)] = entry
@@ -165,6 +280,53 @@ def write_version(out: Path, step: int, ranks: Iterable[tuple[int, int, bytearra
     # last, so a node's part reads as complete only once all of it is on disk; readable as the DCP files are
     write_atomic(out / f"ftd-export-node{node_rank}.json", json.dumps(node_manifest, indent=1), mode=0o666)
     fsync_dir(out)
+    build_global_metadata(out, nodes)
     return node_manifest
 
 
+def _merge(a: dict, b: dict) -> dict:
+    """Two nested dicts with disjoint leaves, as one (rank 0's shards and its per-rank values)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+# ---- the global metadata -------------------------------------------------------------------------------
+def build_global_metadata(out: Path, nodes: int) -> bool:
+    """Write ``out/.metadata`` (DCP's, for plain ``dcp.load``) from every node's manifest, if all ``nodes``
+    wrote theirs; False if some are missing yet (the last node to finish writes it). Only JSON written
+    by ftd is read here: never a pickle from another host."""
+    manifests = []
+    for node in range(nodes):
+        try:
+            manifests.append(ondisk.read_node_manifest(out, node))
+        except ondisk.CorruptVersion:
+            return False
+    state_md: dict = {}
+    storage: dict = {}
+    for manifest in manifests:
+        for entry in manifest["restore"].values():
+            for item in entry.get("items", []):
+                fqn = item["fqn"]
+                info = _storage_info(item)
+                if "dtype" in item:
+                    md = state_md.setdefault(fqn, TensorStorageMetadata(
+                        TensorProperties(dtype=statecodec.dtype_from_name(item["dtype"])), torch.Size(item["size"]),
+                        []))
+                    chunk = ChunkStorageMetadata(torch.Size(item["offsets"]), torch.Size(item["sizes"]))
+                    if chunk not in md.chunks:  # (a shard two meshes replicate, e.g. a layer outside TP)
+                        md.chunks.append(chunk)
+                    storage[MetadataIndex(fqn, torch.Size(item["offsets"]))] = info
+                else:
+                    state_md[fqn] = BytesStorageMetadata()
+                    storage[MetadataIndex(fqn)] = info
+    buf = io.BytesIO()
+    pickle.dump(Metadata(state_dict_metadata=state_md, storage_data=storage), buf)  # DCP's own format
+    write_atomic(out / ".metadata", buf.getvalue(), mode=0o666)
+    return True
+
+
+def _storage_info(item: dict):
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    return _StorageInfo(relative_path=item["file"], offset=item["offset"], length=item["length"])

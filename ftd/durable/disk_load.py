@@ -45,7 +45,7 @@ def load_flushed(config: Config, step: int, segment_name: Callable[[int], str]) 
             created.append(path)
             mapping = segments.Mapping(path, populate=False)
             try:
-                ondisk.load_rank(out / entry["dir"], entry, mapping.view())
+                ondisk.load_rank(out, entry, mapping.view())
             finally:
                 mapping.close()
             segments.write_meta(path, {"rank": rank, "world": world, "step": step, "seq": 0, "committed_at": None,

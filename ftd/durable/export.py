@@ -1,9 +1,10 @@
 """``ftd export``: a version held in a daemon's memory, written as a torch.distributed.checkpoint directory.
 
-The directory is plain DCP, readable without ftd (layout in ``durable``): rank 0's state at the top
-level, every rank's own in ``rank-<R>/``, and a checksummed manifest per node. A cluster's ranks
-live on several nodes: run the export on each node with the same DIR (a shared file system) and
-every node adds its ranks. A version is read by copying its buffer and then checking every chunk
+The directory is one global DCP checkpoint, readable without ftd at any world size (layout in
+``ondisk``): every DTensor shard at its global offsets, each rank's other values (rank 0's at the top
+level), and a checksummed manifest per node. A cluster's ranks live on several nodes: run the export
+on each node with the same DIR (a shared file system); the last node to finish writes the global
+``.metadata``. A version is read by copying its buffer and then checking every chunk
 against the checksums committed with it, so a version the trainer overwrites meanwhile is
 detected, never written half old, half new.
 """

@@ -1,19 +1,23 @@
-"""Snapshots on disk: one version of a node's ranks as a torch.distributed.checkpoint directory that
-ftd can also load back without unpickling anything.
+"""Snapshots on disk: one version of a job as one global torch.distributed.checkpoint, which ftd can
+also load back without unpickling anything.
 
-Layout of one version (``ftd export`` and the background flush write the same)::
+Layout of one version (``ftd export`` and the background flush write the same; ``dcp_writer``)::
 
-  DIR/.metadata, DIR/__0_0.distcp   rank 0's state: with DDP every rank holds the same replica, so
-                                    plain ``dcp.load`` reads it at any world size
-  DIR/rank-<R>/                     each rank's own state (sharded state, RNG), one DCP each
-  DIR/ftd-export-node<N>.json       the node's manifest, written last: step, job, world, an xxh3-64
-                                    checksum of every file, and per rank what ftd needs to load it
+  DIR/.metadata                 DCP's metadata of the whole version, built from every node's manifest
+                                once all are there: plain ``dcp.load`` reads it at any world size, onto
+                                any mesh, or into an unsharded model
+  DIR/rank-<R>/__0_0.distcp     rank R's records: the DTensor shards it writes (a shard several replicas
+                                hold is written by one), and its per-rank values (at the top level of
+                                the checkpoint for rank 0, under ``rank-<R>.`` for the others)
+  DIR/ftd-export-node<N>.json   the node's manifest, written last: step, job, world, an xxh3-64
+                                checksum of every file, and per rank what ftd needs to load it back
 
-Writing needs torch (``dcpwrite``); this module, which the daemon uses to list and load versions,
-does not. DCP's reader unpickles (``.metadata``, and non-tensor values with ``weights_only=False``), so ftd
-never uses it on files another host wrote. The manifest keeps, per rank, the arena layout, the
-JSON skeleton of the state and where each tensor's bytes lie in the ``.distcp`` files (DCP stores
-each tensor as a torch.save zip record, uncompressed): ftd's loader reads those bytes with
+Writing needs torch (``dcp_writer``); this module, which the daemon uses to list and load versions,
+does not. DCP's reader unpickles (``.metadata``, and non-tensor values with ``weights_only=False``), so
+ftd never uses it on files another host wrote. The manifest keeps, per rank, the arena layout, the
+JSON skeleton of the state and, per tensor, where its bytes lie: a record of a ``.distcp`` file (DCP
+stores each tensor as a torch.save zip record, uncompressed), or, for a shard another replica wrote,
+that shard's key and offsets, found in that replica's manifest. ftd's loader reads those bytes with
 ``zipfile`` into a fresh arena and checks every chunk against the checksums, so a restore from disk
 goes through the same check as one from memory, and is bit-exact or refused.
 
@@ -39,7 +43,7 @@ from ftd.shm import segments
 from ftd.shm.checksum import chunk_checksum
 from ftd.shm.layout import Manifest, chunk_plan, chunk_ranges
 
-FORMAT = "ftd-export-2"
+FORMAT = "ftd-export-3"
 IO_SLICE = 1 << 20  # bytes per read or write system call: a low-priority flush yields the CPU between them
 
 
@@ -50,10 +54,6 @@ def _no_pause() -> None:
 between_slices = _no_pause  # the flush worker sets this: it waits there while a trainer's copy runs
 _STEP_DIR = re.compile(r"^step-(\d{10})$")
 _NODE_MANIFEST = re.compile(r"^ftd-export-node(\d+)\.json$")
-
-
-
-
 
 
 # ---- reading a version out of shared memory ----------------------------------------------------
@@ -136,7 +136,9 @@ class _Window(io.RawIOBase):
         return got
 
 
-def _read_record(directory: Path, where, nbytes: int, dest: memoryview, name: str) -> None:
+def read_record(directory: Path, where, nbytes: int, dest: memoryview, name: str) -> None:
+    """Copy the ``nbytes`` of the tensor record at ``where`` ([file relative to ``directory``, offset,
+    length]: one torch.save zip record of a ``.distcp`` file) into ``dest``, with zipfile, never torch.load."""
     if not (isinstance(where, list) and len(where) == 3 and isinstance(where[0], str)
             and all(isinstance(x, int) and x >= 0 for x in where[1:])):
         raise CorruptVersion(f"{name}: the manifest's location {where!r:.80} is not [file, offset, length]")
@@ -163,25 +165,51 @@ def _read_record(directory: Path, where, nbytes: int, dest: memoryview, name: st
         raise CorruptVersion(f"{name}: cannot read {rel}: {e}") from None
 
 
-def load_rank(directory: Path, entry: dict, dest: memoryview) -> Manifest:
-    """Fill ``dest`` (zeroed, at least the arena's size) with one rank's arena from ``directory`` and
-    check every chunk; CorruptVersion if anything does not match. Returns the rank's manifest."""
+def load_rank(out: Path, entry: dict, dest: memoryview) -> Manifest:
+    """Fill ``dest`` (zeroed, at least the arena's size) with one rank's arena from version directory
+    ``out`` and check every chunk; CorruptVersion if anything does not match. Returns the rank's manifest."""
     try:
         manifest = Manifest.from_json(entry.get("manifest"), max_nbytes=len(dest))
     except ProtocolError as e:
-        raise CorruptVersion(f"{directory}: {e}") from None
+        raise CorruptVersion(f"{out}: {e}") from None
     index = entry.get("index")
     slots = manifest.layout.slots
     if not isinstance(index, list) or len(index) != len(slots):
-        raise CorruptVersion(f"{directory}: the manifest's tensor index does not match its layout")
+        raise CorruptVersion(f"{out}: the manifest's tensor index does not match its layout")
+    shards = None
     for i, (s, where) in enumerate(zip(slots, index)):
-        if s.nbytes:
-            _read_record(directory, where, s.nbytes, dest[s.offset:s.end], f"{directory.name} tensor {i}")
+        if not s.nbytes:
+            continue
+        if isinstance(where, dict):  # a shard another replica wrote: its record is in that replica's manifest
+            shards = shard_records(out) if shards is None else shards
+            key = (where.get("fqn"), tuple(where.get("offsets") or ()))
+            if key not in shards:
+                raise CorruptVersion(f"{out}: the shard {key[0]} at {list(key[1])} that another replica writes is "
+                                     f"not there; every node's part must be in one directory (a shared flush_dir)")
+            where = shards[key]
+        read_record(out, where, s.nbytes, dest[s.offset:s.end], f"{entry.get('dir', out.name)} tensor {i}")
     bad = [c for c, ((lo, hi), _) in enumerate(chunk_plan(manifest.layout, manifest.chunk_size))
            if chunk_checksum(dest[lo:hi]) != manifest.checksums[c]]
     if bad:
-        raise CorruptVersion(f"{directory}: {len(bad)} chunk(s) fail their checksums (first: chunk {bad[0]})")
+        raise CorruptVersion(f"{out} ({entry.get('dir', '?')}): {len(bad)} chunk(s) fail their checksums (first: chunk {bad[0]})")
     return manifest
+
+
+def shard_records(out: Path) -> dict[tuple, list]:
+    """(key, global offsets) -> [file, offset, length] of every tensor record the nodes' manifests in
+    ``out`` list (their JSON only)."""
+    found: dict = {}
+    for path in sorted(out.glob("ftd-export-node*.json")):
+        try:
+            manifest = read_node_manifest(out, int(_NODE_MANIFEST.match(path.name).group(1)))
+        except (CorruptVersion, AttributeError):
+            continue
+        for entry in manifest["restore"].values():
+            for item in entry.get("items", []) if isinstance(entry, dict) else []:
+                if isinstance(item, dict) and "offsets" in item:
+                    found[(item.get("fqn"), tuple(item["offsets"]))] = [item.get("file"), item.get("offset"),
+                                                                        item.get("length")]
+    return found
 
 
 def read_node_manifest(out: Path, node_rank: int) -> dict:
@@ -260,13 +288,10 @@ def remove_part(out: Path, node_rank: int, ranks: Iterable[int]) -> None:
     """Remove what ``node_rank`` wrote into a version directory (its manifest first, so the part
     reads as incomplete at once); the directory goes once no node's part is left in it."""
     segments.unlink(out / f"ftd-export-node{node_rank}.json")
+    segments.unlink(out / ".metadata")  # the version is not whole any more
     for rank in ranks:
         shutil.rmtree(out / f"rank-{rank}", ignore_errors=True)
-        if rank == 0:
-            for p in out.iterdir():
-                if p.is_file() and (p.name == ".metadata" or p.suffix == ".distcp"):
-                    segments.unlink(p)
-    mine = [f".rank-{r}." for r in ranks] + [f".ftd-export-node{node_rank}.json."] + ([".top."] if 0 in ranks else [])
+    mine = [f".rank-{r}." for r in ranks] + [f".ftd-export-node{node_rank}.json."]
     for p in out.glob(".*.tmp"):  # this node's leftovers of a flush that was killed
         if p.name.startswith(tuple(mine)):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else segments.unlink(p)

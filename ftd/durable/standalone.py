@@ -12,9 +12,11 @@ after each commit; ``tick()`` every loop turn; ``restore_wait()`` before serving
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from ftd.config import Config
 from ftd.daemon.catalog import Catalog
+from ftd.durable import global_index, ondisk
 from ftd.durable.disk_load import DiskLoad
 from ftd.durable.flusher import Flusher
 from ftd.durable.policy import FlushPolicy
@@ -73,6 +75,15 @@ class StandaloneDisk:
         self._next_disk_load()
         if self.disk_load is None:
             log.error("no flushed version on disk passes its checks: the trainers start afresh")
+
+    def newest_complete(self) -> tuple[int, Path] | None:
+        """(step, directory) of the newest flushed version every node's part of which is on disk: what a
+        run at another world size reshards from."""
+        for step in self.flusher.on_disk():
+            out = ondisk.step_dir(self.config.flush_dir, self.config.job, step)
+            if global_index.is_complete(out):
+                return step, out
+        return None
 
     def new_run(self) -> list[int]:
         """A new run starts (resume="never", a rerun of a finished run, `ftd clear`): forget the flush

@@ -28,15 +28,21 @@ def identity(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t.dtype, tuple(t.shape), t.device)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose bytes the arena holds: a DTensor's local shard, else the tensor itself."""
+    return t.to_local() if statecodec.is_dtensor(t) else t
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> set[tuple]:
-    """Identities of the tensors only optimizer.step() changes: its parameters and their state."""
+    """Identities of the tensors only optimizer.step() changes: its parameters and their state (for
+    DTensors, FSDP2's and tensor parallel's, their local shards)."""
     owned = set()
     for group in optimizer.param_groups:
         for p in group["params"]:
-            owned.add(identity(p))
+            owned.add(identity(_local(p)))
             for v in optimizer.state.get(p, {}).values():
                 if isinstance(v, torch.Tensor):
-                    owned.add(identity(v))
+                    owned.add(identity(_local(v)))
     return owned
 
 

@@ -30,6 +30,7 @@ from ftd.shm.layout import Manifest
 from ftd.trainer.capture import StateCapture, identity
 from ftd.trainer.copier import SnapshotJob, Worker, copy_and_hash
 from ftd.trainer.discovery import detect_rank_world, local_world
+from ftd.trainer.reshard import restore_resharded
 from ftd.trainer.restore import REPAIRING, restore_versions
 from ftd.trainer.session import Busy, DaemonSession
 
@@ -165,13 +166,17 @@ class Client:
         reported = started
         while True:
             try:
-                reply = self._conn.call("restore", rank=self.rank, pid=os.getpid(), resume=resume, **local_world())
+                reply = self._conn.call("restore", rank=self.rank, pid=os.getpid(), resume=resume,
+                                        world=self.world_size, **local_world())
             except DaemonUnavailable as e:
                 raise DaemonUnavailable(f"{e} (this trainer looked there because of {self.found_by})") from None
             self._restored = True
             if "wait" not in reply:
                 if reply.get("fresh"):
                     self._say(f"ftd: rank {self.rank} of job {reply.get('job')!r} starts afresh: {reply['fresh']}")
+                if reply.get("reshard"):  # a run at another world size: from the global checkpoint on disk
+                    return restore_resharded(reply["reshard"], state, self.rank, self.world_size, self.capture_rng,
+                                             strict=strict, verbose=self.verbose, job=reply.get("job", "?"))
                 step = restore_versions(self._conn, reply, state, self.rank, self.capture_rng, strict=strict,
                                         verbose=self.verbose)
                 if step is not REPAIRING:

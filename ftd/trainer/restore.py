@@ -15,10 +15,12 @@ tuples, None, paths and enums are immutable and are replaced in ``state``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -79,43 +81,59 @@ def restore_versions(conn, reply: dict, state: dict, rank: int, capture_rng: boo
 
 
 # ---- does the snapshot fit the live state? ------------------------------------------------------
-def _saved_shapes(skeleton, slots, path: str, out: dict) -> None:
-    """{path: (dtype, shape)} of every tensor in a skeleton, paths written as in ``statecodec``."""
+def _saved_shapes(skeleton, slots, path: str, out: dict, whole: bool = False) -> None:
+    """{path: (dtype, shape, mesh)} of every tensor in a skeleton, paths written as in ``statecodec``;
+    a DTensor by its shard (by its global shape with ``whole``)."""
     if isinstance(skeleton, list):
         for i, v in enumerate(skeleton):
-            _saved_shapes(v, slots, f"{path}[{i}]", out)
+            _saved_shapes(v, slots, f"{path}[{i}]", out, whole)
     elif isinstance(skeleton, dict):
         tag = skeleton.get(statecodec.TAG)
-        if tag in ("tensor", "ndarray") and isinstance(skeleton.get("index"), int) and skeleton["index"] < len(slots):
+        if (tag in ("tensor", "ndarray", "dtensor") and isinstance(skeleton.get("index"), int)
+                and skeleton["index"] < len(slots)):
             s = slots[skeleton["index"]]
-            out[path] = (s.dtype, tuple(s.shape))
+            if whole and tag == "dtensor":
+                out[path] = (s.dtype, tuple(skeleton.get("shape") or ()), None)
+            else:
+                out[path] = (s.dtype, tuple(s.shape), _mesh_text(skeleton) if tag == "dtensor" else None)
         elif tag in ("dict", "odict") and isinstance(skeleton.get("items"), list):
             for pair in skeleton["items"]:
                 if isinstance(pair, list) and len(pair) == 2:
-                    _saved_shapes(pair[1], slots, f"{path}[{pair[0]!r}]", out)
+                    _saved_shapes(pair[1], slots, f"{path}[{pair[0]!r}]", out, whole)
         elif tag == "tuple" and isinstance(skeleton.get("items"), list):
-            _saved_shapes(skeleton["items"], slots, path, out)
+            _saved_shapes(skeleton["items"], slots, path, out, whole)
         elif tag is None:
             for k, v in skeleton.items():
-                _saved_shapes(v, slots, f"{path}[{k!r}]", out)
+                _saved_shapes(v, slots, f"{path}[{k!r}]", out, whole)
 
 
-def _live_shapes(value, path: str, out: dict, depth: int = 0) -> None:
+def _live_shapes(value, path: str, out: dict, whole: bool = False, depth: int = 0) -> None:
     if depth > statecodec.MAX_DEPTH:
         return
-    if isinstance(value, torch.Tensor):
-        out[path] = (str(value.dtype).removeprefix("torch."), tuple(value.shape))
+    if isinstance(value, torch.Tensor):  # a DTensor by its local shard (what a snapshot holds of it)
+        dt = statecodec.is_dtensor(value)
+        if whole:
+            out[path] = (str(value.dtype).removeprefix("torch."), tuple(value.shape), None)
+            return
+        local = value.to_local() if dt else value
+        out[path] = (str(local.dtype).removeprefix("torch."), tuple(local.shape),
+                     _mesh_text(statecodec.dtensor_layout(value)) if dt else None)
     elif isinstance(value, dict):
         for k, v in value.items():
-            _live_shapes(v, f"{path}[{k!r}]", out, depth + 1)
+            _live_shapes(v, f"{path}[{k!r}]", out, whole, depth + 1)
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            _live_shapes(v, f"{path}[{i}]", out, depth + 1)
+            _live_shapes(v, f"{path}[{i}]", out, whole, depth + 1)
 
 
-def _shape_text(dtype_shape) -> str:
-    dtype, shape = dtype_shape
-    return f"{dtype}{list(shape)}"
+def _mesh_text(layout: dict) -> str:
+    return (f"a shard of {layout.get('shape')} with placements {layout.get('placements')} on a mesh of shape "
+            f"{layout.get('mesh_shape')}")
+
+
+def _shape_text(entry) -> str:
+    dtype, shape, mesh = entry
+    return f"{dtype}{list(shape)}" + (f" ({mesh})" if mesh else "")
 
 
 def _fresh_hint(job: str) -> str:
@@ -123,9 +141,10 @@ def _fresh_hint(job: str) -> str:
             f"or use another job name ($FTD_JOB)")
 
 
-def check_fits(manifest: Manifest, state: dict, *, job: str, step: int, strict: bool) -> None:
+def check_fits(manifest: Manifest, state: dict, *, job: str, step: int, strict: bool, whole: bool = False) -> None:
     """FtdError naming what differs if the snapshot of ``step`` cannot be loaded into ``state``:
-    top-level keys (unless not ``strict``) and the shapes of the tensors of its Stateful values."""
+    top-level keys (unless not ``strict``) and the shapes of the tensors of its Stateful values (of
+    DTensors: their shards, or with ``whole`` their global shapes, for a restore that reshards)."""
     tree = manifest.tree
     if not isinstance(tree, dict) or not isinstance(tree.get("state"), dict):
         raise SerializationError("snapshot skeleton has no state")
@@ -143,9 +162,9 @@ def check_fits(manifest: Manifest, state: dict, *, job: str, step: int, strict: 
         if not is_stateful(target):
             continue
         saved: dict = {}
-        _saved_shapes(tree["state"][key], manifest.layout.slots, f"state[{key!r}]", saved)
+        _saved_shapes(tree["state"][key], manifest.layout.slots, f"state[{key!r}]", saved, whole)
         live: dict = {}
-        _live_shapes(target.state_dict(), f"state[{key!r}]", live)
+        _live_shapes(target.state_dict(), f"state[{key!r}]", live, whole)
         for path in sorted(saved.keys() & live.keys()):
             if saved[path] != live[path]:
                 differ.append(f"{path} is {_shape_text(saved[path])} in the snapshot, {_shape_text(live[path])} now")
@@ -154,9 +173,13 @@ def check_fits(manifest: Manifest, state: dict, *, job: str, step: int, strict: 
             differ += [f"{path} is in the model, not in the snapshot" for path in sorted(live.keys() - saved.keys())]
     if differ:
         more = f" (and {len(differ) - MAX_LISTED} more)" if len(differ) > MAX_LISTED else ""
+        mesh = any("mesh of shape" in d for d in differ)
+        cause = ("The world size or the device mesh differs from the snapshot's: a snapshot in memory restores "
+                 "onto the mesh it was taken on; a run at another world size restores from the newest version "
+                 "flushed to disk (flush_dir), which reshards" if mesh else
+                 "The model or optimizer changed since that snapshot was taken")
         raise FtdError(f"job {job!r}, step {step}: the snapshot does not fit the live state: "
-                       f"{'; '.join(differ[:MAX_LISTED])}{more}. The model or optimizer changed since that "
-                       f"snapshot was taken; {_fresh_hint(job)}")
+                       f"{'; '.join(differ[:MAX_LISTED])}{more}. {cause}; {_fresh_hint(job)}")
 
 
 def read_verified(arena: Arena, manifest: Manifest, state: dict, step: int,
@@ -201,10 +224,15 @@ def read_verified(arena: Arena, manifest: Manifest, state: dict, step: int,
     return out
 
 
-def load(manifest: Manifest, state: dict, tensors: dict[int, torch.Tensor], capture_rng: bool, *,
-         job: str = "?", step: int = -1, strict: bool = True) -> None:
-    """Load a checked snapshot into ``state`` (what goes in place and what is replaced: module doc)."""
+def load(manifest: Manifest, state: dict, tensors: dict[int, torch.Tensor] | Callable[[int], torch.Tensor],
+         capture_rng: bool, *, job: str = "?", step: int = -1, strict: bool = True,
+         on_dtensor: Callable | None = None) -> None:
+    """Load a checked snapshot into ``state`` (what goes in place and what is replaced: module doc).
+    ``tensors``: the snapshot's tensors by slot, or a function giving them; ``on_dtensor``: what fills
+    a live DTensor (default: its saved shard, on the same mesh; ``reshard``: the chunks overlapping it)."""
     def tensor_at(i: int) -> torch.Tensor:
+        if callable(tensors):
+            return tensors(i)
         if i not in tensors:
             raise SerializationError(f"snapshot skeleton refers to tensor {i}, the layout has {len(tensors)}")
         return tensors[i]
@@ -214,12 +242,31 @@ def load(manifest: Manifest, state: dict, tensors: dict[int, torch.Tensor], capt
     for key, sub in tree["state"].items():
         target = state.get(key)
         if is_stateful(target):
+            if isinstance(target, torch.optim.Optimizer) and not target.state and _holds_dtensors(sub):
+                _init_optimizer_state(target)  # its moments are DTensors: they need live ones to land in
             try:
-                target.load_state_dict(statecodec.decode(sub, tensor_at))
+                # DTensor shards go into the live DTensors (the template); the rest is copied by load_state_dict
+                live = target.state_dict() if _holds_dtensors(sub) else None
+                target.load_state_dict(statecodec.decode(sub, tensor_at, template=live, into_live=False,
+                                                         path=f"state[{key!r}]", on_dtensor=on_dtensor))
+            except SerializationError as e:
+                raise FtdError(f"job {job!r}, step {step}: {e}") from None
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise FtdError(f"job {job!r}, step {step}: state[{key!r}].load_state_dict() refused the snapshot: "
                                f"{str(e)[:500]}; {_fresh_hint(job)}") from e
         elif key in state or not strict or not live_keys:
-            state[key] = statecodec.decode(sub, tensor_at, template=target)
+            state[key] = statecodec.decode(sub, tensor_at, template=target, on_dtensor=on_dtensor,
+                                           path=f"state[{key!r}]")
     if capture_rng and tree.get("rng") is not None:
         rng.restore(statecodec.decode(tree["rng"], tensor_at))
+
+
+def _holds_dtensors(skeleton) -> bool:
+    return '"dtensor"' in json.dumps(skeleton) if isinstance(skeleton, (dict, list)) else False
+
+
+def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """An optimizer that has not stepped yet has no moments to restore DTensor shards into: create them
+    the way torch.distributed.checkpoint does (a step with zero gradients and a learning rate of 0)."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+    _init_optim_state(optimizer)

@@ -72,6 +72,8 @@ class Encoder:
             if type(x) not in (type(None), bool, int, float, str):  # subclasses such as np.float64
                 return self._scalar_subclass(x, path)
             return x
+        if isinstance(x, torch.Tensor) and is_dtensor(x):
+            return self._dtensor(x, path)
         if isinstance(x, torch.Tensor):
             if x.layout != torch.strided or x.is_quantized or x.device.type == "meta":
                 raise SerializationError(f"{path}: only dense tensors can be snapshotted, got layout {x.layout}"
@@ -125,6 +127,20 @@ class Encoder:
             "state_dict()/load_state_dict() methods, make it a dataclass of plain data, or convert it to "
             "tensors, numbers, strings, lists, dicts and sets")
 
+    def _dtensor(self, x: torch.Tensor, path: str) -> dict:
+        """A DTensor: this rank's shard goes to the arena, and what it is a shard of to the skeleton
+        (placements, mesh, global shape, where the shard sits), so that a restore can check it lands on
+        the same layout and the disk tier can write one global checkpoint."""
+        local = x.to_local()
+        if local.layout != torch.strided or local.device.type == "meta":
+            raise SerializationError(f"{path}: a DTensor whose local shard is {local.layout} on {local.device} "
+                                     "cannot be snapshotted")
+        dtype_name(local.dtype)
+        node = {TAG: "dtensor", "index": self._tensor(local.detach()), **dtensor_layout(x)}
+        if isinstance(x, torch.nn.Parameter):
+            node["parameter"] = True
+        return node
+
     @staticmethod
     def _key(k: Any, path: str) -> Any:
         if not (k is None or type(k) in (str, int, float, bool)):
@@ -150,18 +166,24 @@ def encode(obj: Any, path: str = "state") -> tuple[Any, list[torch.Tensor]]:
     return enc.encode(obj, path), enc.tensors
 
 
-def decode(skeleton: Any, tensor_at: Callable[[int], torch.Tensor], template: Any = None) -> Any:
+def decode(skeleton: Any, tensor_at: Callable[[int], torch.Tensor], template: Any = None, *,
+           into_live: bool = True, path: str = "state", on_dtensor: Callable | None = None,
+           generator_states: bool = False) -> Any:
     """Rebuild the value; ``tensor_at(i)`` supplies tensor i (already copied out of shared memory).
-    With ``template`` (the live value), restore into it where its type allows (see the module doc)."""
-
-    def walk(x: Any, live: Any, depth: int) -> Any:
+    With ``template`` (the live value), restore into it where its type allows (see the module doc);
+    with ``into_live`` False, only DTensors go into the live ones (the shard cannot become a DTensor
+    otherwise) and everything else comes back new, for a ``load_state_dict`` that copies it anyway.
+    ``path`` names the value in errors (a DTensor that does not fit its live one). ``on_dtensor(node,
+    shard, live, path)``, if given, decides what a DTensor becomes instead (the disk writer's shards);
+    with ``generator_states`` a Generator comes back as its state tensor (what the disk writer stores)."""
+    def walk(x: Any, live: Any, depth: int, where: str = path) -> Any:
         if depth > MAX_DEPTH:
             raise SerializationError("snapshot skeleton nested too deep")
         if x is None or isinstance(x, (bool, int, float, str)):
             return x
         if isinstance(x, list):
-            items = [walk(v, _at(live, i), depth + 1) for i, v in enumerate(x)]
-            if type(live) is list:
+            items = [walk(v, _at(live, i), depth + 1, f"{where}[{i}]") for i, v in enumerate(x)]
+            if into_live and type(live) is list:
                 live[:] = items
                 return live
             return items
@@ -169,19 +191,25 @@ def decode(skeleton: Any, tensor_at: Callable[[int], torch.Tensor], template: An
             raise SerializationError(f"unexpected {type(x).__name__} in snapshot skeleton")
         tag = x.get(TAG)
         if tag is None:
-            return _into_dict(live, {k: walk(v, _get(live, k), depth + 1) for k, v in x.items()})
+            new = {k: walk(v, _get(live, k), depth + 1, f"{where}[{k!r}]") for k, v in x.items()}
+            return _into_dict(live, new) if into_live else new
+        if tag == "dtensor":
+            return (on_dtensor or _restore_dtensor)(x, tensor_at(_index(x)), live, where)
         if tag == "tensor":
             t = tensor_at(_index(x))
             if x.get("parameter"):
                 return torch.nn.Parameter(t, requires_grad=bool(x.get("requires_grad", True)))
-            return _into_tensor(live, t)
+            return _into_tensor(live, t) if into_live else t
         if tag == "ndarray":
             a = tensor_at(_index(x)).numpy()
-            if isinstance(live, np.ndarray) and live.shape == a.shape and live.dtype == a.dtype and live.flags.writeable:
+            if (into_live and isinstance(live, np.ndarray) and live.shape == a.shape and live.dtype == a.dtype
+                    and live.flags.writeable):
                 np.copyto(live, a)
                 return live
             return a
         if tag == "generator":
+            if generator_states:
+                return tensor_at(_index(x))
             g = live if isinstance(live, torch.Generator) else torch.Generator(str(x.get("device", "cpu")))
             g.set_state(tensor_at(_index(x)).clone())
             return g
@@ -196,13 +224,13 @@ def decode(skeleton: Any, tensor_at: Callable[[int], torch.Tensor], template: An
         if tag == "path":
             return (type(live) if isinstance(live, pathlib.PurePath) else pathlib.Path)(str(x["value"]))
         if tag == "tuple":
-            return tuple(walk(v, _at(live, i), depth + 1) for i, v in enumerate(_list(x["items"])))
+            return tuple(walk(v, _at(live, i), depth + 1, f"{where}[{i}]") for i, v in enumerate(_list(x["items"])))
         if tag == "set":
             items = [walk(v, None, depth + 1) for v in _list(x["items"])]
             try:
                 if x.get("frozen"):
                     return frozenset(items)
-                if type(live) is set:
+                if into_live and type(live) is set:
                     live.clear()
                     live.update(items)
                     return live
@@ -220,7 +248,8 @@ def decode(skeleton: Any, tensor_at: Callable[[int], torch.Tensor], template: An
                 raise SerializationError("malformed dataclass in snapshot skeleton")
             same_class = (dataclasses.is_dataclass(live) and not isinstance(live, type)
                           and _qualname(type(live)) == x.get("type"))
-            values = {k: walk(v, getattr(live, k, None) if same_class else None, depth + 1) for k, v in fields.items()}
+            values = {k: walk(v, getattr(live, k, None) if same_class else None, depth + 1, f"{where}.{k}")
+                      for k, v in fields.items()}
             if not same_class:
                 return values
             for k, v in values.items():
@@ -231,13 +260,57 @@ def decode(skeleton: Any, tensor_at: Callable[[int], torch.Tensor], template: An
             for pair in _list(x["items"]):
                 if not (isinstance(pair, list) and len(pair) == 2) or isinstance(pair[0], (list, dict)):
                     raise SerializationError("malformed dict entry in snapshot skeleton")
-                out[pair[0]] = walk(pair[1], _get(live, pair[0]), depth + 1)
+                out[pair[0]] = walk(pair[1], _get(live, pair[0]), depth + 1, f"{where}[{pair[0]!r}]")
             if tag == "odict" and isinstance(x.get("metadata"), dict):
                 out._metadata = walk(x["metadata"], None, depth + 1)
-            return _into_dict(live, out)
+            return _into_dict(live, out) if into_live else out
         raise SerializationError(f"unknown tag {tag!r} in snapshot skeleton")
 
     return walk(skeleton, template, 0)
+
+
+# ---- DTensors (FSDP2, tensor parallel, HSDP) ---------------------------------------------------------
+def is_dtensor(x: Any) -> bool:
+    """Whether ``x`` is a torch.distributed DTensor (without importing torch.distributed for others)."""
+    return type(x).__name__ == "DTensor" and hasattr(x, "to_local") and hasattr(x, "placements")
+
+
+def dtensor_layout(x: torch.Tensor) -> dict:
+    """What a DTensor is a shard of, as JSON: placements, mesh shape and dim names, global shape and
+    stride, this rank's mesh coordinate and the global offsets of its shard."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    mesh = x.device_mesh
+    _, offsets = compute_local_shape_and_global_offset(x.shape, mesh, x.placements)
+    return {"placements": [repr(p) for p in x.placements], "mesh_shape": list(mesh.shape),
+            "mesh_dims": list(mesh.mesh_dim_names or ()), "shape": list(x.shape), "stride": list(x.stride()),
+            "offsets": [int(o) for o in offsets], "coordinate": [int(c) for c in (mesh.get_coordinate() or ())]}
+
+
+def _restore_dtensor(node: dict, shard: torch.Tensor, live: Any, where: str) -> Any:
+    """Copy the saved shard into the live DTensor's local shard, after checking it is the same shard
+    of the same tensor on the same mesh (no gather, no full tensor ever built)."""
+    if not is_dtensor(live):
+        raise SerializationError(
+            f"{where} was saved as a shard of a DTensor ({node.get('placements')} on a mesh of shape "
+            f"{node.get('mesh_shape')}); restore it into the live DTensor of the same model and optimizer "
+            f"(build and shard them, e.g. with fully_shard, before restore()), "
+            f"{'not a plain tensor' if isinstance(live, torch.Tensor) else 'got ' + type(live).__name__}")
+    saved = {k: node.get(k) for k in ("placements", "mesh_shape", "mesh_dims", "shape", "offsets")}
+    now = dtensor_layout(live)
+    now = {k: now[k] for k in saved}
+    if saved != now:
+        differ = ", ".join(f"{k} {saved[k]} in the snapshot, {now[k]} now" for k in saved if saved[k] != now[k])
+        raise SerializationError(
+            f"{where} does not fit the live DTensor: {differ}. A snapshot in memory restores onto the same "
+            f"mesh and placements only; to go onto another world size or mesh, load the version flushed to "
+            f"disk (one global checkpoint that reshards), or start afresh")
+    local = live.to_local()
+    if local.shape != shard.shape or local.dtype != shard.dtype:
+        raise SerializationError(f"{where}: its local shard is {local.dtype}{list(local.shape)} now, "
+                                 f"{shard.dtype}{list(shard.shape)} in the snapshot")
+    with torch.no_grad():
+        local.copy_(shard)
+    return live
 
 
 def _get(live: Any, key: Any) -> Any:
@@ -287,8 +360,9 @@ def _ints(x: Any) -> list[int]:
     return x
 
 
-def tensor_indices(skeleton: Any) -> set[int]:
-    """Indices of the tensors (and arrays, and Generator states) a skeleton refers to."""
+def tensor_indices(skeleton: Any, tags: tuple[str, ...] = ("tensor", "ndarray", "generator", "dtensor")) -> set[int]:
+    """Indices of the tensors (and arrays, and Generator states) a skeleton refers to; only those
+    with one of ``tags`` if given (``("dtensor",)``: the DTensor shards)."""
     found: set[int] = set()
 
     def walk(x: Any) -> None:
@@ -296,7 +370,7 @@ def tensor_indices(skeleton: Any) -> set[int]:
             for v in x:
                 walk(v)
         elif isinstance(x, dict):
-            if x.get(TAG) in ("tensor", "ndarray", "generator") and isinstance(x.get("index"), int):
+            if x.get(TAG) in tags and isinstance(x.get("index"), int):
                 found.add(x["index"])
             for v in x.values():
                 walk(v)

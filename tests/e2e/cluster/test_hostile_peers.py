@@ -238,7 +238,12 @@ def well_formed(draw, job: str, mtype: str | None = None) -> tuple[dict, bytes |
     mtype = mtype or draw(st.sampled_from(sorted(peerproto.SCHEMAS)))
     msg = {"v": 1, "type": mtype, "job": job, "src": draw(st.integers(0, NODES - 1))}
     for name, (kind, _) in peerproto.SCHEMAS[mtype].items():
-        msg[name] = draw(st.integers(0, NODES - 1) if name in ("stripe", "number") else _KIND_VALUES[kind])
+        if name in ("stripe", "number"):
+            msg[name] = draw(st.integers(0, NODES - 1))
+        elif (mtype, name) in (("lost", "nodes"), ("sync", "lost")):  # lists of nodes of this cluster
+            msg[name] = draw(st.lists(st.integers(0, NODES - 1), max_size=NODES))
+        else:
+            msg[name] = draw(_KIND_VALUES[kind])
     payload = None
     if mtype in ("chunk", "block"):
         payload = draw(st.binary(max_size=64))

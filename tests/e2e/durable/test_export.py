@@ -70,7 +70,8 @@ def test_export_of_4_ddp_ranks_loads_with_plain_dcp_on_2_ranks(job, tmp_path):
     assert f"step {STEPS - 1} of job" in r.stdout and "ranks [0, 1, 2, 3] of 4" in r.stdout
     manifest = json.loads((out / "ftd-export-node0.json").read_text())
     assert manifest["step"] == STEPS - 1 and manifest["ranks"] == [0, 1, 2, 3] and manifest["world"] == 4
-    assert (out / ".metadata").is_file() and all((out / f"rank-{r}" / ".metadata").is_file() for r in range(4))
+    assert (out / ".metadata").is_file() and all((out / f"rank-{r}" / "__0_0.distcp").is_file() for r in range(4))
+    assert not list(out.glob("*.distcp"))                           # rank 0's state is not written twice
 
     loaders = _ranks(2, [sys.executable, "-c", LOADER, str(out), str(final), *MODEL], {}, tmp_path)
     job.procs += loaders
@@ -99,7 +100,7 @@ def test_export_checks_what_it_wrote_and_refuses_steps_not_held(job, tmp_path):
     assert r.returncode == 0, r.stderr
     import torch.distributed.checkpoint as dcp
     state = {"w": torch.empty(1000), "meta": {"step": -1}}   # dcp.load fills the keys it is given
-    dcp.load(state, checkpoint_id=str(out / "rank-0"), no_dist=True)
+    dcp.load(state, checkpoint_id=str(out), no_dist=True)      # rank 0's values are the top level
     assert torch.equal(state["w"], torch.full((1000,), 1.0)) and state["meta"] == {"step": 1}
     assert verify_export(out) == []
     victim = next(p for p in (out / "rank-0").iterdir() if p.suffix == ".distcp")
