@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -85,13 +86,14 @@ class FtdCallback(Callback):
             state[f"scheduler{i}"] = config.scheduler
         return state
 
-    def _meta(self, trainer: Trainer) -> dict:
+    def _meta(self, trainer: Trainer, live: dict) -> dict:
         callbacks = {}
         for cb in trainer.callbacks:
             if cb is not self and (sd := cb.state_dict()):
                 callbacks[cb.state_key] = sd
         batches = trainer.num_training_batches
         return {
+            "entries": sorted(live),
             "fit_loop": trainer.fit_loop.state_dict(),
             "callbacks": callbacks,
             "datamodule": trainer.datamodule.state_dict() if trainer.datamodule is not None else {},
@@ -130,10 +132,11 @@ class FtdCallback(Callback):
                            f"(step {step}); pass ckpt_path=None to resume from ftd, or FtdCallback(restore=False) "
                            "to resume from the checkpoint file")
         meta = state.pop(META)
-        if not isinstance(meta, dict) or set(state) != set(live) or any(state[k] is not live[k] for k in live):
-            raise FtdError(f"the snapshot of step {step} holds {sorted(set(state) - {'module'})} besides the "
-                           f"module, this run has {sorted(set(live) - {'module'})}: the optimizers and schedulers "
-                           "changed since the snapshot; start a new job (another FTD_JOB) to train afresh")
+        held = meta.get("entries") if isinstance(meta, dict) else sorted(state)
+        if held != sorted(live) or any(state[k] is not live[k] for k in live):
+            raise FtdError(f"the snapshot of step {step} holds {held}, this run has {sorted(live)}: the "
+                           "optimizers and schedulers changed since the snapshot (or it was not taken by "
+                           "FtdCallback); start a new job (another FTD_JOB) to train afresh")
         trainer.fit_loop.load_state_dict(meta["fit_loop"])
         for cb in trainer.callbacks:
             if cb.state_key in meta["callbacks"]:
@@ -154,6 +157,8 @@ class FtdCallback(Callback):
             self._skip, self._expected_first = consumed, meta["first_batch"]
             self._resume_rng = rng.capture()
             rng.restore(meta["epoch_rng"])
+            # Lightning warns that a plain loader cannot resume mid-epoch; this callback replays it
+            warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
         log.info("ftd: resumed after step %d (epoch %d, %d batches of it done)", step, trainer.current_epoch, consumed)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -209,7 +214,7 @@ class FtdCallback(Callback):
             return  # accumulating gradients: no optimizer step since the last snapshot
         self._last_step = trainer.global_step
         state = self._live(trainer, pl_module)
-        state[META] = self._meta(trainer)
+        state[META] = self._meta(trainer, state)
         self.client.snapshot(trainer.global_step - 1, state)  # step = index of the optimizer step just taken
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
