@@ -51,6 +51,9 @@ class Config:
     flush_every: int = 0            # flush a recoverable version once it is this many steps past the last
     flush_interval: float = 300.0   # ... or once this many seconds passed since the last flush began
     flush_keep: int = 2             # newest flushed versions kept on disk (per node)
+    # ---- Prometheus metrics (the optional extra ftd[metrics]) ----
+    metrics_port: int = 0           # serve /metrics on this TCP port; 0: no metrics
+    metrics_host: str = "127.0.0.1" # the address it binds ("0.0.0.0": every interface, for a remote Prometheus)
 
     def __post_init__(self) -> None:
         if not _JOB_NAME.match(self.job):
@@ -67,6 +70,8 @@ class Config:
                              f"and one of them > 0")
         if self.flush_keep < 1:
             raise ValueError(f"flush_keep must keep at least 1 flushed version, got {self.flush_keep}")
+        if not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be a TCP port (1-65535), or 0 for no metrics; got {self.metrics_port!r}")
         if self.memory_budget == 0:
             object.__setattr__(self, "memory_budget", psutil.virtual_memory().total // 2)
         self._check_peers()
@@ -201,7 +206,8 @@ def load_config(path: str | os.PathLike | None = None, *, node_rank: int | None 
             kwargs[key] = parse_size(value, total=total)
         elif key in ("request_timeout", "round_timeout", "peer_timeout", "flush_interval"):
             kwargs[key] = float(value)
-        elif key in ("node_rank", "parity", "group_size", "group_stride", "flush_every", "flush_keep"):
+        elif key in ("node_rank", "parity", "group_size", "group_stride", "flush_every", "flush_keep",
+                     "metrics_port"):
             kwargs[key] = int(value)
         elif key == "peers":
             if not isinstance(value, list):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -27,6 +28,8 @@ def _daemon(args: argparse.Namespace) -> int:
     from ftd.daemon import server  # here, not at the top: the other commands need no daemon code
     try:
         config = load_config(args.config, node_rank=args.node_rank)
+        if args.metrics_port is not None:
+            config = dataclasses.replace(config, metrics_port=args.metrics_port)
     except ValueError as e:
         print(f"ftd daemon: {e}", file=sys.stderr)
         return 2
@@ -105,6 +108,8 @@ def _recover(args: argparse.Namespace) -> int:
 def _daemon_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config (see configs/local.toml); default: single-node defaults")
     p.add_argument("--node-rank", type=int, help="this node's rank (overrides the config)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (overrides the config's "
+                   "metrics_port; needs ftd[metrics])")
 
 
 def _recover_arguments(p: argparse.ArgumentParser) -> None:
