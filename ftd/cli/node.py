@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -11,17 +10,14 @@ from pathlib import Path
 from ftd.cli.registry import Command
 from ftd.config import load_config
 from ftd.control.connection import Connection
+from ftd.control.status import resolve_endpoint
 from ftd.errors import FtdError
 from ftd.units import format_size
 
 
 def endpoint_of(args: argparse.Namespace) -> str:
     """The daemon a command talks to: --endpoint, else --config's, else $FTD_ENDPOINT, else the default."""
-    if args.endpoint:
-        return args.endpoint
-    if args.config:
-        return load_config(args.config, node_rank=args.node_rank).endpoint
-    return os.environ.get("FTD_ENDPOINT") or load_config(None, node_rank=args.node_rank).endpoint
+    return resolve_endpoint(args.endpoint, args.config, args.node_rank)
 
 
 def _daemon(args: argparse.Namespace) -> int:

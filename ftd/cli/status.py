@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import time
@@ -24,6 +26,8 @@ def _ms(s: float | None) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.watch is not None:
+        return _watch(args)
     if args.dir:
         return _cluster_status(args)
     conn = Connection(endpoint_of(args), timeout=5.0)
@@ -135,12 +139,30 @@ def _cluster_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _watch(args: argparse.Namespace) -> int:
+    """Redraw the status every ``--watch`` seconds until Ctrl-C; a daemon that is down shows as such."""
+    once = argparse.Namespace(**{**vars(args), "watch": None})
+    try:
+        while True:
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                _status(once)
+            sys.stdout.write("\x1b[H\x1b[2J" + f"ftd status, every {args.watch:g} s (Ctrl-C to stop)  "
+                             f"{time.strftime('%H:%M:%S')}\n\n" + out.getvalue() + err.getvalue())
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--config", help="the daemon's config file")
     p.add_argument("--node-rank", type=int)
     p.add_argument("--endpoint", help="the daemon's endpoint (default $FTD_ENDPOINT or the local default)")
     p.add_argument("--dir", help="a cluster started by `ftd launch`: one table of every node's versions")
+    p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                   help="redraw the view every SECONDS (default 2) until Ctrl-C")
 
 
 COMMANDS = [Command("status", "show what the node daemon holds", _arguments, _status)]

@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import ftd
 from ftd.util.procs import free_ports, wait_for
 
 from support.clusters import LocalCluster
@@ -46,5 +47,7 @@ def test_a_rebuilt_cluster_node_reports_rebuild_protection_and_recoverable_step(
         assert m[("ftd_snapshots_committed_total", (("rank", "0"),))] >= 1
         assert m[("ftd_rebuilding", ())] == 0
         assert m[("ftd_invalid_messages_total", (("source", "peers"),))] == 0
+        st = ftd.status(c.endpoints[0])  # the Python status API says the same
+        assert st.cluster.recoverable == recoverable and st.cluster.last_rebuild["ok"]
     finally:
         assert not c.close(), "shared memory left behind"
