@@ -168,6 +168,10 @@ class FtdCallback(Callback):
         if fetcher is None or not hasattr(fetcher, "fetched"):
             raise FtdError("this Lightning version's fit loop has no data fetcher to skip batches on; "
                            "ftd's callback needs lightning 2.x")
+        if type(fetcher).__name__ == "_DataLoaderIterDataFetcher":
+            raise FtdError("training_step takes dataloader_iter, so ftd cannot replay the epoch's position up to "
+                           f"the {self._skip} batches it had consumed; use a loader with state_dict()/load_state_dict() "
+                           "(torchdata's StatefulDataLoader), which Lightning restores itself")
         # the fit loop sets the samplers' epoch (DistributedSampler's shuffle) only after this hook
         for loader in trainer.fit_loop._combined_loader.flattened:
             set_sampler_epoch(loader, trainer.fit_loop.epoch_progress.current.processed)

@@ -49,5 +49,7 @@ def test_a_rebuilt_cluster_node_reports_rebuild_protection_and_recoverable_step(
         assert m[("ftd_invalid_messages_total", (("source", "peers"),))] == 0
         st = ftd.status(c.endpoints[0])  # the Python status API says the same
         assert st.cluster.recoverable == recoverable and st.cluster.last_rebuild["ok"]
+        with open(f"/proc/{st.pid}/maps") as f:  # prometheus_client in, torch still out
+            assert not [line for line in f if "libtorch" in line], "the daemon with metrics on loaded torch"
     finally:
         assert not c.close(), "shared memory left behind"

@@ -5,6 +5,8 @@ from a thread of the test; the scrape is a real HTTP request.
 from __future__ import annotations
 
 import dataclasses
+import re
+import types
 import urllib.request
 
 import pytest
@@ -16,6 +18,8 @@ import ftd
 from ftd.config import Config
 from ftd.daemon.server import Daemon
 from ftd.util.procs import free_ports, wait_for
+
+from support.jobs import ROOT
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -70,3 +74,28 @@ def test_a_port_in_use_is_a_clear_error(thread_daemon):
 def test_metrics_port_is_validated():
     with pytest.raises(ValueError, match="metrics_port must be a TCP port"):
         Config(metrics_port=70000)
+
+
+def test_every_family_of_a_cluster_node_and_the_example_dashboard_uses_only_those():
+    from prometheus_client import generate_latest
+
+    from ftd.daemon.metrics import DaemonMetrics
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(job="j", node_rank=2),
+                                 catalog=types.SimpleNamespace(ranks={}))
+    m = DaemonMetrics(fake)
+    m.on_request("begin", {}, {"busy": "both buffers held"}, 0.0)
+    m.on_request("commit", {"session": "s", "copy_seconds": 0.01, "blocked_seconds": 0.001}, {}, 0.0002)
+    m.view = {"used": 30, "budget": 100, "ranks": 1, "newest": {0: 9}, "recoverable": 8, "invalid_control": 0,
+              "uptime": 5.0, "parity": 10, "rebuilding": False, "rounds": (4, 1), "invalid_peers": 2,
+              "lag": {"count": 4, "total_seconds": 0.4, "max_seconds": 0.2, "last_seconds": 0.1},
+              "flushes": {"done": 1, "failed": 0, "superseded": 2}}
+    m.rebuild_counts["ok"], m.rebuild_fetched = 1, 1 << 20
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(m.registry).decode())}
+    assert {"ftd_protection_lag_seconds", "ftd_protection_rounds", "ftd_rebuilds", "ftd_rebuild_fetched_bytes",
+            "ftd_flushes", "ftd_parity_bytes", "ftd_rebuilding", "ftd_memory_used_bytes"} <= set(families)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("ftd_protection_lag_seconds_count", (("ftd_job", "j"), ("node", "2")))] == 4
+    assert samples[("ftd_invalid_messages_total", (("ftd_job", "j"), ("node", "2"), ("source", "peers")))] == 2
+    used = set(re.findall(r"\bftd_[a-z_]+", (ROOT / "configs" / "grafana-ftd.json").read_text())) - {"ftd_job"}
+    known = {n for f in families.values() for s in f.samples for n in (s.name, f.name)}
+    assert used and used <= known, f"the dashboard asks for metrics the daemon does not serve: {used - known}"
