@@ -217,9 +217,15 @@ class FtdCallback(Callback):
         if trainer.global_step == self._last_step:
             return  # accumulating gradients: no optimizer step since the last snapshot
         self._last_step = trainer.global_step
-        state = self._live(trainer, pl_module)
-        state[META] = self._meta(trainer, state)
-        self.client.snapshot(trainer.global_step - 1, state)  # step = index of the optimizer step just taken
+        step = trainer.global_step - 1  # the index of the optimizer step just taken
+        try:
+            state = self._live(trainer, pl_module)
+            state[META] = self._meta(trainer, state)
+        except Exception as e:  # a failed snapshot never stops training, and never passes for a good one
+            log.warning("ftd: snapshot of step %d skipped: the trainer's state could not be read: %s "
+                        "(training continues)", step, e)
+            return
+        self.client.snapshot(step, state)  # never raises; warns itself
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and self.client is not None and self._owns_client:

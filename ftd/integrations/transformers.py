@@ -75,7 +75,21 @@ class FtdTrainerCallback(TrainerCallback):
         return self.client
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.connect(args)
+        client = self.connect(args)
+        if self.folder is None and state.global_step == 0:
+            self._warn_if_snapshots_are_passed_over(client, args.process_index)
+
+    @staticmethod
+    def _warn_if_snapshots_are_passed_over(client: "ftd.Client", rank: int) -> None:
+        """Training starts afresh: say so if the daemon holds this rank's snapshots (resume_from forgotten)."""
+        try:
+            held = [v.step for r in ftd.status(client.endpoint).ranks if r.rank == rank for v in r.versions]
+        except FtdError:
+            return  # the first snapshot will say what is wrong with the daemon
+        if held:
+            log.warning("ftd: the daemon holds snapshots of rank %d up to step %d, but this run starts at step 0 "
+                        "(train(resume_from_checkpoint=resume_from(trainer)) resumes from them); its snapshots "
+                        "will replace them", rank, max(held))
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.folder is not None:
@@ -83,10 +97,16 @@ class FtdTrainerCallback(TrainerCallback):
             self.folder = None
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        snapshot = {"model": model, "optimizer": _inner(optimizer, "optimizer"),
-                    "scheduler": _inner(lr_scheduler, "scheduler"),
-                    META: {"trainer_state": self._trainer_state(state, control), "rng": rng.capture()}}
-        self.client.snapshot(state.global_step - 1, snapshot)  # step = index of the optimizer step just taken
+        step = state.global_step - 1  # the index of the optimizer step just taken
+        try:
+            snapshot = {"model": model, "optimizer": _inner(optimizer, "optimizer"),
+                        "scheduler": _inner(lr_scheduler, "scheduler"),
+                        META: {"trainer_state": self._trainer_state(state, control), "rng": rng.capture()}}
+        except Exception as e:  # a failed snapshot never stops training, and never passes for a good one
+            log.warning("ftd: snapshot of step %d skipped: the trainer's state could not be read: %s "
+                        "(training continues)", step, e)
+            return
+        self.client.snapshot(step, snapshot)  # never raises; warns itself
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.client is not None and self._owns_client:

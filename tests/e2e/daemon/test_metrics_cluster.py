@@ -5,21 +5,14 @@ recoverable step the nodes agree on, the protection rounds and their lag, the pa
 """
 from __future__ import annotations
 
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import ftd
 from ftd.util.procs import free_ports, wait_for
 
 from support.clusters import LocalCluster
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("ftd_job", "node")))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+from support.metrics import scrape
 
 
 @pytest.mark.timeout(120)

@@ -1,11 +1,12 @@
 """The checkpoint folder ``resume_from`` writes is the Trainer's own layout, and plain PyTorch and
 transformers load it: ``from_pretrained`` gives the snapshot's weights, ``torch.load(weights_only=True)``
 its optimizer and scheduler state, bit for bit; the Trainer resumes from it and removes it at the
-first step. In process, against a daemon served from a thread.
+first step. A run that forgets ``resume_from`` is told that it passes snapshots over. In process, against a daemon served from a thread.
 """
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def assert_same(a, b, where=""):
 
 
 @pytest.mark.timeout(60)
-def test_the_folder_is_a_trainer_checkpoint_that_plain_torch_and_transformers_load(thread_daemon, tmp_path):
+def test_the_folder_is_a_trainer_checkpoint_that_plain_torch_and_transformers_load(thread_daemon, tmp_path, caplog):
     d = thread_daemon()
     first = trainer_for(tmp_path, d.endpoint, max_steps=3, seed=1)
     first.train()  # snapshots steps 0-2; train end commits the last one
@@ -78,6 +79,10 @@ def test_the_folder_is_a_trainer_checkpoint_that_plain_torch_and_transformers_lo
     second.train(resume_from_checkpoint=folder)  # the Trainer's own resume reads it
     assert second.state.global_step == 5
     assert not any((tmp_path / "shm").iterdir()), "the folder outlived the resume"
+
+    with caplog.at_level(logging.WARNING, logger="ftd.integrations.transformers"):
+        trainer_for(tmp_path, d.endpoint, max_steps=1, seed=3).train()  # resume_from forgotten
+    assert "holds snapshots of rank 0 up to step 4, but this run starts at step 0" in caplog.text
 
 
 def test_nothing_to_resume_gives_none(thread_daemon, tmp_path):

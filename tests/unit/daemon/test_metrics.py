@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import types
-import urllib.request
 
 import pytest
 import torch
@@ -20,12 +19,7 @@ from ftd.daemon.server import Daemon
 from ftd.util.procs import free_ports, wait_for
 
 from support.jobs import ROOT
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("ftd_job", "node")))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+from support.metrics import scrape
 
 
 def test_the_endpoint_reports_commits_skips_times_memory_steps_and_invalid_messages(thread_daemon):
