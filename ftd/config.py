@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 
+from ftd.errors import ConfigError
 from ftd.units import parse_size
 
 _JOB_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -57,21 +58,21 @@ class Config:
 
     def __post_init__(self) -> None:
         if not _JOB_NAME.match(self.job):
-            raise ValueError(f"job name {self.job!r} must be 1-64 letters, digits, '_' or '-'")
+            raise ConfigError(f"job name {self.job!r} must be 1-64 letters, digits, '_' or '-'")
         if self.node_rank < 0:
-            raise ValueError(f"node_rank must be >= 0, got {self.node_rank}")
+            raise ConfigError(f"node_rank must be >= 0, got {self.node_rank}")
         if not (4096 <= self.chunk_size <= 64 << 20) or self.chunk_size % 4096:
-            raise ValueError(f"chunk_size must be a multiple of 4 KiB between 4 KiB and 64 MiB, got {self.chunk_size}")
+            raise ConfigError(f"chunk_size must be a multiple of 4 KiB between 4 KiB and 64 MiB, got {self.chunk_size}")
         for name in ("request_timeout", "round_timeout", "peer_timeout"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be a number of seconds > 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be a number of seconds > 0, got {getattr(self, name)}")
         if self.flush_every < 0 or self.flush_interval < 0 or (self.flush_every == 0 and self.flush_interval == 0):
-            raise ValueError(f"flush_every ({self.flush_every}) and flush_interval ({self.flush_interval}) must be >= 0, "
+            raise ConfigError(f"flush_every ({self.flush_every}) and flush_interval ({self.flush_interval}) must be >= 0, "
                              f"and one of them > 0")
         if self.flush_keep < 1:
-            raise ValueError(f"flush_keep must keep at least 1 flushed version, got {self.flush_keep}")
+            raise ConfigError(f"flush_keep must keep at least 1 flushed version, got {self.flush_keep}")
         if not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port must be a TCP port (1-65535), or 0 for no metrics; got {self.metrics_port!r}")
+            raise ConfigError(f"metrics_port must be a TCP port (1-65535), or 0 for no metrics; got {self.metrics_port!r}")
         if self.memory_budget == 0:
             object.__setattr__(self, "memory_budget", psutil.virtual_memory().total // 2)
         self._check_peers()
@@ -82,30 +83,30 @@ class Config:
             return
         for i, ep in enumerate(self.peers):
             if not isinstance(ep, str) or not re.match(r"^tcp://[^\s:/]+:\d{1,5}$", ep):
-                raise ValueError(f"peers[{i}] = {ep!r} must be a tcp://host:port endpoint")
+                raise ConfigError(f"peers[{i}] = {ep!r} must be a tcp://host:port endpoint")
         remote = [ep for ep in self.peers if not _is_loopback(ep)]
         if remote and self.peer_key_file is None and not self.insecure_peers:
-            raise ValueError(
+            raise ConfigError(
                 f"peer links leave this host ({remote[0]}), but no peer_key_file is configured: anyone on the "
                 f"network could read or inject snapshot data. Create a key with `ftd keygen --out FILE`, copy it "
                 f"to every node (mode 0600) and set peer_key_file = FILE; or set insecure_peers = true on a "
                 f"private network")
         if len(set(self.peers)) != len(self.peers):
-            raise ValueError("peers lists an endpoint twice; every node rank needs its own host:port")
+            raise ConfigError("peers lists an endpoint twice; every node rank needs its own host:port")
         if self.node_rank >= len(self.peers):
-            raise ValueError(f"node_rank {self.node_rank} has no entry in peers (it lists {len(self.peers)} nodes)")
+            raise ConfigError(f"node_rank {self.node_rank} has no entry in peers (it lists {len(self.peers)} nodes)")
         if self.group_size == 0:
             object.__setattr__(self, "group_size", len(self.peers))
         if self.parity_code == "auto":
             object.__setattr__(self, "parity_code", "xor" if self.parity == 1 else "rs")
         if self.parity_code not in ("xor", "rs"):
-            raise ValueError(f"parity_code must be 'auto', 'xor' or 'rs', got {self.parity_code!r}")
+            raise ConfigError(f"parity_code must be 'auto', 'xor' or 'rs', got {self.parity_code!r}")
         if self.parity_code == "xor" and self.parity != 1:
-            raise ValueError(f"parity_code 'xor' gives one parity block; parity = {self.parity} needs 'rs'")
+            raise ConfigError(f"parity_code 'xor' gives one parity block; parity = {self.parity} needs 'rs'")
         if not (4096 <= self.frame_size <= 16 << 20):
-            raise ValueError(f"frame_size must be between 4 KiB and 16 MiB, got {self.frame_size}")
+            raise ConfigError(f"frame_size must be between 4 KiB and 16 MiB, got {self.frame_size}")
         if self.inflight_bytes < self.frame_size:
-            raise ValueError("inflight_bytes must hold at least one frame (frame_size)")
+            raise ConfigError("inflight_bytes must hold at least one frame (frame_size)")
         self.grouping()  # raises a clear ValueError for a node count that does not split into groups
 
     @property
@@ -121,7 +122,7 @@ class Config:
         from ftd.cluster.stripes import Grouping
         g, m = self.group_size, self.parity
         if not isinstance(m, int) or not 1 <= m < g:
-            raise ValueError(f"parity = {m} must satisfy 1 <= parity < group size ({g} nodes per group)")
+            raise ConfigError(f"parity = {m} must satisfy 1 <= parity < group size ({g} nodes per group)")
         return Grouping(self.nodes, g - m, m, self.group_stride)
 
     @property
@@ -165,7 +166,7 @@ def node_rank_from_env() -> tuple[int, str] | None:
         value = os.environ.get(name, "").strip()
         if value:
             if not value.isdigit():
-                raise ValueError(f"${name}={value!r} is not a node rank (a number >= 0); unset it or fix it")
+                raise ConfigError(f"${name}={value!r} is not a node rank (a number >= 0); unset it or fix it")
             return int(value), name
     return None
 
@@ -179,12 +180,12 @@ def load_config(path: str | os.PathLike | None = None, *, node_rank: int | None 
             with open(path, "rb") as f:
                 raw = tomllib.load(f)
         except FileNotFoundError:
-            raise ValueError(f"config file {path} does not exist") from None
+            raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
         unknown = set(raw) - _KEYS
         if unknown:
-            raise ValueError(f"config file {path}: unknown keys {sorted(unknown)}; known: {sorted(_KEYS)}")
+            raise ConfigError(f"config file {path}: unknown keys {sorted(unknown)}; known: {sorted(_KEYS)}")
         if "node_rank" not in raw and node_rank is None:
             found = node_rank_from_env()  # one config shared by all nodes of a job (SLURM, torchrun)
             if found is not None:
@@ -197,33 +198,49 @@ def load_config(path: str | os.PathLike | None = None, *, node_rank: int | None 
             raw["node_rank"] = found[0]
     total = psutil.virtual_memory().total
     kwargs: dict = {}
+    where = f"config file {path}" if path is not None else "the configuration"
     for key, value in raw.items():
-        if key == "runtime_dir":
-            kwargs[key] = Path(value).expanduser() if value else default_runtime_dir()
-        elif key == "shm_dir":
-            kwargs[key] = Path(value).expanduser() if value else Path("/dev/shm")
-        elif key in ("memory_budget", "memory_reserve", "chunk_size", "frame_size", "inflight_bytes"):
-            kwargs[key] = parse_size(value, total=total)
-        elif key in ("request_timeout", "round_timeout", "peer_timeout", "flush_interval"):
-            kwargs[key] = float(value)
-        elif key in ("node_rank", "parity", "group_size", "group_stride", "flush_every", "flush_keep",
-                     "metrics_port"):
-            kwargs[key] = int(value)
-        elif key == "peers":
-            if not isinstance(value, list):
-                raise ValueError(f"config file {path}: peers must be a list of tcp://host:port strings")
-            kwargs[key] = tuple(value)
-        elif key == "insecure_peers":
-            if not isinstance(value, bool):
-                raise ValueError(f"config file {path}: insecure_peers must be true or false")
-            kwargs[key] = value
-        elif key in ("peer_key_file", "flush_dir"):
-            kwargs[key] = Path(value).expanduser() if value else None
-        else:
-            kwargs[key] = value
+        try:
+            kwargs[key] = _value(key, value, total, where)
+        except (ValueError, TypeError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{where}: {key} = {value!r}: {e}") from None
     if node_rank is not None:
         kwargs["node_rank"] = node_rank
-    return Config(**kwargs)
+    try:
+        return Config(**kwargs)
+    except ValueError as e:  # ConfigError, and the grouping's ValueError
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _value(key: str, value, total: int, where: str):
+    """One config value, converted to its type (ValueError or ConfigError if it does not fit)."""
+    if key == "runtime_dir":
+        return Path(value).expanduser() if value else default_runtime_dir()
+    if key == "shm_dir":
+        return Path(value).expanduser() if value else Path("/dev/shm")
+    if key in ("memory_budget", "memory_reserve", "chunk_size", "frame_size", "inflight_bytes"):
+        return parse_size(value, total=total)
+    if key in ("request_timeout", "round_timeout", "peer_timeout", "flush_interval"):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be a number of seconds, got {value!r}")
+        return float(value)
+    if key in ("node_rank", "parity", "group_size", "group_stride", "flush_every", "flush_keep", "metrics_port"):
+        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where}: {key} must be a whole number, got {value!r}")
+        return int(value)
+    if key == "peers":
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: peers must be a list of tcp://host:port strings")
+        return tuple(value)
+    if key == "insecure_peers":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: insecure_peers must be true or false")
+        return value
+    if key in ("peer_key_file", "flush_dir"):
+        return Path(value).expanduser() if value else None
+    return value
 
 
 def ensure_private_dir(path: Path) -> None:

@@ -8,6 +8,7 @@ import sys
 
 from ftd.cli import agent, demo, keys, local, node, status
 from ftd.cli.registry import register
+from ftd.errors import ConfigError, FtdError, UsageError
 
 GROUPS = (node, status, local, keys, agent, demo)
 
@@ -21,7 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError) as e:  # what the user typed or configured: one line, status 2
+        print(f"ftd {args.command}: {e}", file=sys.stderr)
+        return 2
+    except FtdError as e:
+        print(f"ftd {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

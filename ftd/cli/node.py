@@ -1,4 +1,4 @@
-"""Commands about one node's daemon: ``ftd daemon``, ``ftd recover``, ``ftd export``."""
+"""Commands about one node's daemon: ``ftd daemon``, ``ftd recover``, ``ftd export``, ``ftd clear``."""
 from __future__ import annotations
 
 import argparse
@@ -7,17 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+from ftd.cli import daemon_link
+from ftd.cli.daemon_link import connect
 from ftd.cli.registry import Command
 from ftd.config import load_config
-from ftd.control.connection import Connection
-from ftd.control.status import resolve_endpoint
-from ftd.errors import FtdError
+from ftd.errors import ConfigError, FtdError
 from ftd.units import format_size
-
-
-def endpoint_of(args: argparse.Namespace) -> str:
-    """The daemon a command talks to: --endpoint, else --config's, else $FTD_ENDPOINT, else the default."""
-    return resolve_endpoint(args.endpoint, args.config, args.node_rank)
 
 
 def _daemon(args: argparse.Namespace) -> int:
@@ -29,14 +24,14 @@ def _daemon(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"ftd daemon: {e}", file=sys.stderr)
         return 2
-    return server.run(config)
+    return server.run(config, clear_on_stop=args.clear)
 
 
 def _export(args: argparse.Namespace) -> int:
     """Write a version from the daemon's memory as a torch.distributed.checkpoint directory."""
     from ftd.durable.export import export
     from ftd.durable.ondisk import verify_export
-    conn = Connection(endpoint_of(args), timeout=30.0)
+    conn = connect(args, 30.0, "ftd export")
     try:
         manifest = export(conn, Path(args.to), None if args.latest else args.step)
     except FtdError as e:
@@ -57,9 +52,10 @@ def _export(args: argparse.Namespace) -> int:
 
 def _recover(args: argparse.Namespace) -> int:
     """Ask a node's daemon to rebuild what it lacks of the recoverable step, and wait for the outcome."""
-    endpoint = endpoint_of(args)
-    conn = Connection(endpoint, timeout=5.0)
+    conn = None
     try:
+        conn = connect(args, 5.0, "ftd recover")
+        endpoint = conn.endpoint
         before = conn.call("status").get("cluster")
         if before is None:
             print(f"ftd recover: the daemon at {endpoint} has no peers in its config; nothing to rebuild from",
@@ -93,12 +89,15 @@ def _recover(args: argparse.Namespace) -> int:
             time.sleep(0.2)
         print(f"ftd recover: no result within {args.timeout:.0f} s; see `ftd status`", file=sys.stderr)
         return 1
+    except ConfigError:
+        raise  # the main command line says it in one line
     except FtdError as e:
         print(f"ftd recover: {e}\n(start the node's daemon with `ftd daemon --config FILE`: it rebuilds by itself "
               "at start; `ftd recover` waits for it and reports)", file=sys.stderr)
         return 1
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
 
 
 def _daemon_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,12 +105,13 @@ def _daemon_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-rank", type=int, help="this node's rank (overrides the config)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (overrides the config's "
                    "metrics_port; needs ftd[metrics])")
+    p.add_argument("--clear", action="store_true",
+                   help="at stop, drop every snapshot, even those of trainers that still run (by default a stop "
+                        "keeps them for the next daemon, as after a crash)")
 
 
 def _recover_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="the node's daemon config file")
-    p.add_argument("--node-rank", type=int, help="the node to rebuild (overrides the config's node_rank)")
-    p.add_argument("--endpoint", help="the daemon's control endpoint, instead of --config")
+    daemon_link.add_arguments(p, "the node to rebuild (overrides the config's node_rank)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the rebuild (default 600)")
 
 
@@ -121,9 +121,40 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     which.add_argument("--latest", action="store_true",
                        help="the recoverable step (cluster), else the newest step every rank holds")
     p.add_argument("--to", required=True, help="the directory to write (on a shared file system: every node adds its ranks)")
-    p.add_argument("--config", help="the daemon's config file")
-    p.add_argument("--node-rank", type=int)
-    p.add_argument("--endpoint", help="the daemon's endpoint (default $FTD_ENDPOINT or the local default)")
+    daemon_link.add_arguments(p)
+
+
+def _clear(args: argparse.Namespace) -> int:
+    """Drop every version of the job: memory and flush_dir (in a cluster: on every node)."""
+    conn = connect(args, 10.0, "ftd clear")
+    try:
+        before = conn.call("status")
+        job, node = before["job"], before["node_rank"]
+        reply = conn.call("clear", force=args.force)
+        newest = f" (the newest up to step {reply['newest']})" if reply["newest"] >= 0 else ""
+        if not reply["cluster"]:
+            flushed = f"; removed flushed steps {reply['flushed']} from {before['flush']['dir']}" if reply["flushed"] else ""
+            print(f"ftd clear: job {job!r}, node {node}: dropped every version{newest}{flushed}")
+            return 0
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            cluster = conn.call("status")["cluster"]
+            if cluster["epoch"] > reply["epoch"]:
+                print(f"ftd clear: job {job!r}: every node of the cluster dropped its versions{newest} and its "
+                      f"flushed ones (a new run, epoch {cluster['epoch']})")
+                return 0
+            time.sleep(0.2)
+        print(f"ftd clear: job {job!r}: the cluster did not start a new run within {args.timeout:g} s (is node 0, "
+              "the coordinator, up?); see `ftd status`", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+
+
+def _clear_arguments(p: argparse.ArgumentParser) -> None:
+    daemon_link.add_arguments(p)
+    p.add_argument("--force", action="store_true", help="drop them even while trainers of the job still run")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for every node of a cluster (default 60)")
 
 
 COMMANDS = [
@@ -131,4 +162,6 @@ COMMANDS = [
     Command("recover", "rebuild a node's snapshots and parity from its peers, and report", _recover_arguments, _recover),
     Command("export", "write a version held in memory as a torch.distributed.checkpoint directory",
             _export_arguments, _export),
+    Command("clear", "drop every version of a job, in memory and on disk (a cluster: on every node), to start afresh",
+            _clear_arguments, _clear),
 ]

@@ -9,9 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from ftd.cli.node import endpoint_of
+from ftd.cli import daemon_link
+from ftd.cli.daemon_link import connect
 from ftd.cli.registry import Command
-from ftd.control.connection import Connection, status_or_none
+from ftd.control.connection import status_or_none
 from ftd.errors import FtdError
 from ftd.local.configs import read_cluster
 from ftd.units import format_size
@@ -30,7 +31,7 @@ def _status(args: argparse.Namespace) -> int:
         return _watch(args)
     if args.dir:
         return _cluster_status(args)
-    conn = Connection(endpoint_of(args), timeout=5.0)
+    conn = connect(args, 5.0, "ftd status")
     try:
         st = conn.call("status")
     except FtdError as e:
@@ -141,12 +142,15 @@ def _cluster_status(args: argparse.Namespace) -> int:
 
 def _watch(args: argparse.Namespace) -> int:
     """Redraw the status every ``--watch`` seconds until Ctrl-C; a daemon that is down shows as such."""
-    once = argparse.Namespace(**{**vars(args), "watch": None})
+    once = argparse.Namespace(**{**vars(args), "watch": None, "wait": 0.0})  # a daemon down shows at once
     try:
         while True:
             out, err = io.StringIO(), io.StringIO()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                _status(once)
+                try:
+                    _status(once)
+                except FtdError as e:  # the daemon is down or restarting: say so, and look again
+                    print(f"ftd status: {e}", file=sys.stderr)
             sys.stdout.write("\x1b[H\x1b[2J" + f"ftd status, every {args.watch:g} s (Ctrl-C to stop)  "
                              f"{time.strftime('%H:%M:%S')}\n\n" + out.getvalue() + err.getvalue())
             sys.stdout.flush()
@@ -157,9 +161,7 @@ def _watch(args: argparse.Namespace) -> int:
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--config", help="the daemon's config file")
-    p.add_argument("--node-rank", type=int)
-    p.add_argument("--endpoint", help="the daemon's endpoint (default $FTD_ENDPOINT or the local default)")
+    daemon_link.add_arguments(p)
     p.add_argument("--dir", help="a cluster started by `ftd launch`: one table of every node's versions")
     p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
                    help="redraw the view every SECONDS (default 2) until Ctrl-C")

@@ -23,15 +23,15 @@ Messages may be lost (peers restart): the coordinator re-sends its current phase
 ``resend`` seconds to nodes that have not answered, and nodes answer idempotently. A node that
 (re)starts says ``hello``, which abandons a round in progress: that node lost its half of it.
 
-Disk: when the memory copies cannot give a recoverable step (a node reports more than m losses in
-its group, ``disk_offer`` with ``need``; or every node started with nothing in memory), the
-coordinator asks every node which versions it flushed completely (``disk_query``/``disk_offer``),
-picks the newest step all of them have, and has every node load it (``disk_load``). A node whose
-copy fails its checksums says so (``disk_loaded`` not ok) and the next older common step is tried.
-Once all loaded it, that step becomes recoverable in a new *epoch*: the cluster's recoverable step
-may go back in time only by starting an epoch, and any report from an older epoch is stale.
-Recoverable steps the ``FlushPolicy`` picks go out with ``flush`` in their ``sync``, so every node
-flushes the same steps; none is picked while a node reports (in ``done``) that it still flushes.
+Timelines: the cluster's recoverable step may go back in time only in a new *epoch*, and any report
+from an older epoch is stale. An epoch starts with a restore from disk (``disk_decision``: when the
+memory copies cannot give a step, every node loads the newest step all of them flushed), or with a
+new run: a node asks for it (``reset``) when its trainers pass resume="never", rerun a run that
+finished (every node reports in its ``alive`` that all its ranks called finish(); the syncs then say
+``finished``), or on ``ftd clear``; every node then drops the previous run, memory and flushed
+versions. Recoverable steps the ``FlushPolicy`` picks go out with ``flush`` in their ``sync``, so
+every node flushes the same steps; none is picked while a node reports (in ``done``) that it still
+flushes.
 
 Liveness: every node answers each ``sync`` and ``protect`` with at least an ``alive``, so a node the
 coordinator has not heard from for ``peer_timeout`` seconds is *silent* (frozen, partitioned or
@@ -50,8 +50,9 @@ import random
 import time
 from typing import Callable
 
+from ftd.cluster.disk_decision import DiskDecision, DiskRecovery
 from ftd.cluster.stripes import Grouping
-from ftd.durable.policy import FlushPolicy, common_step
+from ftd.durable.policy import FlushPolicy
 
 COLLECT, PROTECT = "collect", "protect"
 
@@ -65,15 +66,6 @@ class Round:
     done: set[int] = dataclasses.field(default_factory=set)
     protected_groups: set[int] = dataclasses.field(default_factory=set)
     flushing: set[int] = dataclasses.field(default_factory=set)  # nodes whose flush worker is busy
-
-
-@dataclasses.dataclass
-class DiskRecovery:
-    """A restore from disk in progress: what each node offers, and the step being loaded."""
-    offers: dict[int, list[int]] = dataclasses.field(default_factory=dict)
-    step: int | None = None
-    loaded: set[int] = dataclasses.field(default_factory=set)
-    bad: dict[int, set[int]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +97,13 @@ class Coordinator:
         self.lead = 1
         self.latest: dict[int, int] = {}
         self.last_event = ""
-        self.epoch = 0                      # restores from disk so far
+        self.epoch = 0                      # timelines so far: restores from disk and new runs
         self.flush_policy = flush_policy
         self.flush_step = -1                # the newest recoverable step to be flushed
-        self.disk: DiskRecovery | None = None
-        self.cold: dict[int, list[int]] = {}  # offers of nodes that started with nothing in memory
-        self.cold_decided = False           # ... and nothing on disk was common to all: start afresh
-        self.disk_restores: list[dict] = []
+        self.finished: set[int] = set()     # nodes whose every rank finished the run
+        self.lost_nodes: set[int] = set()   # nodes that said they cannot be rebuilt, until they say hello
+        self.resets: list[dict] = []        # new runs the cluster started (resume="never", a rerun, ftd clear)
+        self.disk_decision = DiskDecision(self)
         self._outbox: list[Outgoing] = []
         self._last_send = clock()
 
@@ -127,8 +119,21 @@ class Coordinator:
         self._last_send = self.clock()
 
     def _sync(self, dests=None) -> None:
+        extra = {"finished": True} if self.run_finished else {}
+        if self.lost_nodes:
+            extra["lost"] = sorted(self.lost_nodes)
         self._send(self.nodes if dests is None else dests, "sync", target=self.target, recoverable=self.recoverable,
-                   epoch=self.epoch, flush=self.recoverable >= 0 and self.recoverable == self.flush_step)
+                   epoch=self.epoch, flush=self.recoverable >= 0 and self.recoverable == self.flush_step, **extra)
+
+    @property
+    def disk(self) -> DiskRecovery | None:
+        """The restore from disk in progress, if any."""
+        return self.disk_decision.active
+
+    @property
+    def run_finished(self) -> bool:
+        """Every node reported that all its ranks finished the run (a rerun starts afresh)."""
+        return len(self.finished) == len(self.nodes)
 
     def start(self) -> None:
         self._sync()
@@ -138,8 +143,43 @@ class Coordinator:
         """Any message from ``src`` (call for every one, before the handler): it is alive."""
         self.heard[src] = self.clock()
 
-    def on_alive(self, src: int, latest: int) -> None:
+    def on_alive(self, src: int, latest: int, finished: bool = False) -> None:
         self.latest[src] = max(self.latest.get(src, -1), latest)
+        was = self.run_finished
+        (self.finished.add if finished else self.finished.discard)(src)
+        if self.run_finished != was:
+            self.last_event = (f"every node's trainers finished the run (recoverable step {self.recoverable})"
+                               if self.run_finished else f"node {src} trains again")
+            self._sync()
+
+    def on_lost(self, src: int) -> None:
+        """Node ``src`` cannot be rebuilt from its peers' memory (more than m of its group are gone): the
+        syncs say so until it says hello again, rebuilt, so that no node keeps refusing restores after
+        the cluster is whole again."""
+        if src not in self.lost_nodes:
+            self.lost_nodes.add(src)
+            self.last_event = f"node {src} cannot be rebuilt from memory"
+            self._sync()
+
+    def on_reset(self, src: int, epoch: int, reason: str) -> None:
+        """Node ``src`` starts a new run (its trainers passed resume="never", reran a finished run, or
+        `ftd clear` was called): every node drops the previous run, in a new epoch. ``epoch`` is the one
+        the node asked from; a request about an older epoch is stale (that run is gone already)."""
+        if epoch != self.epoch:
+            self._sync((src,))
+            return
+        self.drop_round(f"a new run starts: {reason}")
+        self.disk_decision.cancel()
+        self.epoch += 1
+        self.recoverable, self.target, self.lead, self.latest = -1, 0, 1, {}
+        self.finished.clear()
+        self.lost_nodes.clear()
+        self.flush_step = -1
+        if self.flush_policy is not None:
+            self.flush_policy.last_step = None
+        self.resets.append({"epoch": self.epoch, "node": src, "reason": reason[:200], "at": time.time()})
+        self.last_event = f"node {src} starts a new run ({reason[:100]}): epoch {self.epoch}"
+        self._sync()
 
     def silent(self) -> list[int]:
         """Nodes the coordinator waits for and has not heard from for peer_timeout seconds."""
@@ -213,11 +253,12 @@ class Coordinator:
     def on_hello(self, src: int, recoverable: int, epoch: int = 0) -> None:
         """Node ``src`` (re)started: whatever it had of a round in flight is gone."""
         self._learn(epoch, recoverable)
+        self.finished.discard(src)
+        if src in self.lost_nodes and recoverable >= self.recoverable:
+            self.lost_nodes.discard(src)  # it rebuilt (or loaded) the recoverable step
+            self._sync()
         if self.disk is not None:  # it must offer (and load) again
-            self.disk.offers.pop(src, None)
-            self.disk.loaded.discard(src)
-            if self.disk.step is not None and src not in self.disk.loaded:
-                self._send((src,), "disk_load", epoch=self.epoch + 1, step=self.disk.step)
+            self.disk_decision.on_hello(src)
             return
         if self.phase == PROTECT:
             self._abandon(f"node {src} restarted during the protection of step {self.round.step}")
@@ -245,99 +286,19 @@ class Coordinator:
             self.lead = 1
             self._retarget(step + 1, f"trainers of node {src} restored step {step}")
 
-    # ---- the restore from disk ------------------------------------------------------------------
+    # ---- the restore from disk (decided in ``disk_decision``) -----------------------------------
     def on_disk_offer(self, src: int, epoch: int, recoverable: int, steps: list[int], need: bool) -> None:
-        """Node ``src`` lists the steps it flushed completely; ``need``: its memory cannot give the
-        recoverable step (more than m nodes of its group lost)."""
-        if self.disk is None:
-            if need:
-                self._start_disk({src: steps}, f"node {src} cannot rebuild from its peers' memory")
-                return
-            if recoverable >= 0 or self.recoverable >= 0 or self.cold_decided:
-                # a node started empty, but the cluster's memory holds its step: it rebuilds that
-                self._send((src,), "disk_none", reason=f"the cluster's recoverable step {self.recoverable} is "
-                                                       f"in memory" if self.recoverable >= 0 else "start afresh")
-                self._sync((src,))
-                return
-            self.cold[src] = list(steps)
-            if len(self.cold) == len(self.nodes):
-                if common_step(self.cold, self.nodes) is None:
-                    self.cold_decided = True
-                    self.last_event = "every node started empty and no version was flushed by all: start afresh"
-                    self._send(self.nodes, "disk_none", reason="no version on disk was flushed completely by "
-                                                              "every node: the job starts afresh")
-                else:
-                    self._start_disk(self.cold, "every node started with nothing in memory")
-            return
-        d = self.disk
-        if d.step is None or src not in d.offers:
-            d.offers[src] = [s for s in steps if s not in d.bad.get(src, ())]
-            self._disk_decide()
-
-    def _start_disk(self, offers: dict[int, list[int]], why: str) -> None:
-        if self.round is not None:
-            self._send(self.nodes, "abort", round=self.round.id, reason=f"restoring from disk: {why}"[:200])
-            self.rounds_abandoned += 1
-        self.round, self.phase = None, COLLECT
-        self.candidates.clear()
-        self.disk = DiskRecovery(offers={n: list(s) for n, s in offers.items()})
-        self.cold.clear()
-        self.last_event = f"{why}: restoring from disk"
-        self._send([n for n in self.nodes if n not in self.disk.offers], "disk_query")
-        self._disk_decide()
-
-    def _disk_decide(self) -> None:
-        d = self.disk
-        if d.step is not None or len(d.offers) < len(self.nodes):
-            return
-        step = common_step(d.offers, self.nodes)
-        if step is None:
-            self.disk = None
-            self.last_event = "restore from disk impossible: no version was flushed completely by every node"
-            self._send(self.nodes, "disk_none", reason="no version on disk was flushed completely (and passes its "
-                                                       "checks) on every node")
-            return
-        d.step, d.loaded = step, set()
-        self.last_event = f"every node loads step {step} from disk"
-        self._send(self.nodes, "disk_load", epoch=self.epoch + 1, step=step)
+        self.disk_decision.on_offer(src, epoch, recoverable, steps, need)
 
     def on_disk_loaded(self, src: int, epoch: int, step: int, ok: bool, error: str) -> None:
-        d = self.disk
-        if d is None or d.step != step or epoch != self.epoch + 1:
-            return
-        if not ok:
-            d.bad.setdefault(src, set()).add(step)
-            d.offers[src] = [s for s in d.offers.get(src, []) if s != step]
-            d.step = None
-            self.last_event = f"node {src} cannot use flushed step {step} ({error[:100]}); trying an older one"
-            self._disk_decide()
-            return
-        d.loaded.add(src)
-        if len(d.loaded) < len(self.nodes):
-            return
-        self.epoch += 1
-        self.recoverable, self.target = step, step + 1
-        self.disk = None
-        self.lead = 1
-        self.latest = {}
-        self.flush_step = step  # it is on disk already
-        if self.flush_policy is not None:
-            self.flush_policy.last_step, self.flush_policy.last_time = step, self.clock()
-        self.disk_restores.append({"epoch": self.epoch, "step": step, "at": time.time()})
-        self.last_event = f"step {step} restored from disk on every node (epoch {self.epoch})"
-        self._sync()
+        self.disk_decision.on_loaded(src, epoch, step, ok, error)
 
     def tick(self) -> None:
         """Call often: abandons a round past its timeout, re-sends to nodes that have not answered."""
         now = self.clock()
         if self.disk is not None:
             if now - self._last_send >= self.resend:
-                d = self.disk
-                if d.step is None:
-                    self._send([n for n in self.nodes if n not in d.offers], "disk_query")
-                else:
-                    self._send([n for n in self.nodes if n not in d.loaded], "disk_load", epoch=self.epoch + 1,
-                               step=d.step)
+                self.disk_decision.resend()
             return
         if self.phase == PROTECT and now - self.round.started > self.timeout:
             missing = sorted(set(self.nodes) - self.round.done)
@@ -358,6 +319,14 @@ class Coordinator:
             self._send([n for n in self.nodes if n not in r.done], "protect", round=r.id, step=r.step, sizes=r.sizes)
 
     # ---- helpers ------------------------------------------------------------------------------
+    def drop_round(self, reason: str) -> None:
+        """Abort the round in flight, if any, and collect candidates afresh."""
+        if self.round is not None:
+            self._send(self.nodes, "abort", round=self.round.id, reason=reason[:200])
+            self.rounds_abandoned += 1
+        self.round, self.phase = None, COLLECT
+        self.candidates.clear()
+
     def _abandon(self, reason: str, target: int | None = None) -> None:
         r = self.round
         self.rounds_abandoned += 1
@@ -381,7 +350,7 @@ class Coordinator:
                                                  "seconds": self.clock() - r.started},
                 "rounds_done": self.rounds_done, "rounds_abandoned": self.rounds_abandoned,
                 "retargets": self.retargets, "lead": self.lead, "last_event": self.last_event,
-                "epoch": self.epoch, "flush_step": self.flush_step, "disk_restores": self.disk_restores,
-                "disk": None if self.disk is None else {"offers": {str(n): s[:5] for n, s in self.disk.offers.items()},
-                                                        "step": self.disk.step, "loaded": sorted(self.disk.loaded)},
+                "epoch": self.epoch, "flush_step": self.flush_step, "disk_restores": self.disk_decision.restores,
+                "disk": self.disk_decision.status(), "finished": sorted(self.finished), "resets": self.resets[-5:],
+                "lost": sorted(self.lost_nodes),
                 "silent": self.silent()}

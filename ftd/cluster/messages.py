@@ -31,7 +31,10 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
                   "recoverable": (_STEP, True), "latest": (_STEP, True), "epoch": (_I, False)},
     # epoch: how many times the cluster restored from disk (a step of a newer epoch wins over a later
     # step of an older one); flush: write this recoverable step to disk
-    "sync": {"target": (_I, True), "recoverable": (_STEP, True), "epoch": (_I, False), "flush": (_BOOL, False)},
+    # finished: every node's trainers finished the run (a rerun starts afresh)
+    # lost: nodes that cannot be rebuilt from memory (until they are)
+    "sync": {"target": (_I, True), "recoverable": (_STEP, True), "epoch": (_I, False), "flush": (_BOOL, False),
+             "finished": (_BOOL, False), "lost": (_INTS, False)},
     "protect": {"round": (_I, True), "step": (_I, True), "sizes": (_INTS, True)},
     "done": {"round": (_I, True), "step": (_I, True), "latest": (_STEP, True), "flushing": (_BOOL, False)},
     "protected": {"round": (_I, True), "step": (_I, True), "group": (_I, True)},
@@ -41,7 +44,11 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "refuse": {"round": (_I, True), "reason": (_STR, True)},
     "hello": {"recoverable": (_STEP, True), "epoch": (_I, False)},
     "restored": {"step": (_STEP, True)},
-    "alive": {"latest": (_STEP, True)},   # a node's answer to every sync/protect: the coordinator's heartbeat
+    # a node's answer to every sync/protect: the coordinator's heartbeat; finished: all its ranks finished
+    "alive": {"latest": (_STEP, True), "finished": (_BOOL, False)},
+    # a node's trainers start a new run (resume="never", a rerun of a finished run, ftd clear): every node
+    # drops the run of ``epoch`` (the coordinator's timeline the node knew)
+    "reset": {"epoch": (_I, True), "reason": (_STR, True)},
     "lost": {"step": (_STEP, True), "nodes": (_INTS, True), "error": (_STR, True)},
     # the fallback restore from disk (coordinator <-> nodes)
     "disk_offer": {"epoch": (_I, True), "recoverable": (_STEP, True), "steps": (_INTS, True), "need": (_BOOL, True)},
@@ -120,5 +127,6 @@ class PeerMessages:
             raise ProtocolError(f"{msg['type']}.length={msg['length']} exceeds {MAX_FRAME}")
         if msg["type"] == "protect" and len(msg["sizes"]) != self.nodes:
             raise ProtocolError(f"protect.sizes has {len(msg['sizes'])} entries for {self.nodes} nodes")
-        if msg["type"] == "lost" and not all(0 <= n < self.nodes for n in msg["nodes"]):
+        if msg["type"] in ("lost", "sync") and not all(0 <= n < self.nodes for n in msg.get(
+                "nodes" if msg["type"] == "lost" else "lost", [])):
             raise ProtocolError("lost.nodes names a node outside the cluster")

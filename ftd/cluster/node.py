@@ -16,6 +16,7 @@ restore and ``on_restored()`` after it, ``on_corrupt()`` and ``start_recover()``
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import zmq
@@ -37,6 +38,8 @@ from ftd.errors import ProtocolError
 from ftd.shm.checksum import chunk_checksum
 
 log = logging.getLogger(__name__)
+
+NEW_RUN_ASK_AGAIN = 2.0  # seconds before an unanswered request for a new run is sent again
 
 Handler = Callable[[dict, object, list | None], None]  # (message, payload, envelope of a query)
 
@@ -61,6 +64,11 @@ class ClusterNode:
         self.store = ParityStore(config, catalog, self.layout, self.pos)
         catalog.extra_used = lambda: self.store.parity_bytes
         self.ready = False                                # the start-up sync with the peers is over
+        self.epoch = 0                                    # the cluster's timeline (restores from disk, new runs)
+        self.fresh_epoch: int | None = None               # the epoch in which this node last dropped a run
+        self.cluster_finished = False                     # every node's trainers finished the run
+        self.new_run_wait: str | None = None              # why this node asked for a new run, until it starts
+        self._new_run_asked = 0.0
         self.lost_error: str | None = None
         self.latest_step = -1                             # newest step a trainer asked to snapshot
         self.stats = {"rounds_done": 0, "rounds_aborted": 0, "bytes_sent": 0, "bytes_received": 0,
@@ -83,11 +91,12 @@ class ClusterNode:
     def sockets(self) -> list[zmq.Socket]:
         return self.links.sockets() if self.links else []
 
-    def close(self) -> None:
+    def close(self, keep: bool = False) -> None:
+        """Stop; with ``keep``, leave the protected parity in shared memory for the next daemon."""
         self.recovery.close()
         self.disk.close()
         self.rounds.drop_round()
-        self.store.close()
+        self.store.close(keep=keep)
         if self.links:
             self.links.close()
         self.security.stop()
@@ -147,7 +156,7 @@ class ClusterNode:
             "chunk_ack": lambda m, p, e: rounds.on_chunk_ack(m["src"], m["round"], m["length"]),
             "protected": lambda m, p, e: rounds.on_protected(m["step"]),
             "abort": lambda m, p, e: rounds.on_abort(m["round"], m["reason"]),
-            "lost": lambda m, p, e: self._on_lost(m["error"]),
+            "lost": lambda m, p, e: self._on_lost(m["src"], m["error"]),
             "disk_query": lambda m, p, e: disk.offer_disk(need=self.lost_error is not None, asked=True),
             "disk_load": lambda m, p, e: disk.on_disk_load(m["epoch"], m["step"]),
             "disk_none": lambda m, p, e: disk.on_disk_none(m["reason"]),
@@ -158,7 +167,7 @@ class ClusterNode:
         c = self.coordinator
         if c:  # messages for the coordinator, which runs on this node
             table.update({
-                "alive": lambda m, p, e: c.on_alive(m["src"], m["latest"]),
+                "alive": lambda m, p, e: c.on_alive(m["src"], m["latest"], m.get("finished", False)),
                 "candidate": lambda m, p, e: c.on_candidate(m["src"], m["target"], m["step"], m["nbytes"],
                                                             m["mismatch"], m["recoverable"], m["latest"],
                                                             m.get("epoch", 0)),
@@ -171,11 +180,13 @@ class ClusterNode:
                                                               m["need"]),
                 "disk_loaded": lambda m, p, e: c.on_disk_loaded(m["src"], m["epoch"], m["step"], m["ok"],
                                                                 m["error"]),
+                "reset": lambda m, p, e: c.on_reset(m["src"], m["epoch"], m["reason"]),
             })
         return table
 
     def _on_sync(self, m: dict, payload, envelope) -> None:
-        self.rounds.on_sync(m["target"], m["recoverable"], m.get("epoch", 0), m.get("flush", False))
+        self.rounds.on_sync(m["target"], m["recoverable"], m.get("epoch", 0), m.get("flush", False),
+                            m.get("finished", False), m.get("lost", []))
         self._alive()
 
     def _on_protect(self, m: dict, payload, envelope) -> None:
@@ -184,10 +195,12 @@ class ClusterNode:
 
     def _alive(self) -> None:
         """The answer to every sync and protect: the coordinator's heartbeat of this node."""
-        self.to_coordinator("alive", latest=self.latest_step)
+        self.to_coordinator("alive", latest=self.latest_step, finished=self.catalog.run_finished())
 
-    def _on_lost(self, error: str) -> None:
+    def _on_lost(self, src: int, error: str) -> None:
         self.lost_error = error
+        if self.coordinator:
+            self.coordinator.on_lost(src)
         self.disk.offer_disk(need=True)
 
     # ---- answers to a rebuilding peer's queries -------------------------------------------------
@@ -209,11 +222,52 @@ class ClusterNode:
 
     # ---- loop turn ----------------------------------------------------------------------------------
     def tick(self) -> None:
+        if self.new_run_wait and time.monotonic() - self._new_run_asked > NEW_RUN_ASK_AGAIN:
+            self._ask_new_run()  # the coordinator may have restarted or missed it
         self.recovery.tick()
         self.rounds.pump()
         self.disk.tick()
         if self.coordinator:
             self.coordinator.tick()
+        self.flush_coordinator()
+
+    # ---- timelines: a restore from disk, or a new run ------------------------------------------------
+    def new_timeline(self, epoch: int, recoverable: int) -> bool:
+        """The coordinator's sync of a newer ``epoch``: a new run (``recoverable`` -1: drop everything)
+        or a restore from disk (``disk.reset_to_disk``). False: ignore this sync."""
+        if recoverable >= 0:
+            return self.disk.reset_to_disk(epoch, recoverable)
+        newest = self.catalog.newest_step()
+        self.rounds.drop_round(keep_parity=False)
+        self.rounds.done_unsynced = None
+        self.rounds.group_protected = set()
+        self.store.drop_steps(keep=lambda s: False)
+        self.store.prune_mappings()
+        self.catalog.reset_to(-1)
+        self.epoch, self.fresh_epoch = epoch, epoch
+        self.latest_step, self.lost_error, self.cluster_finished, self.new_run_wait = -1, None, False, None
+        self.disk.new_run()
+        log.warning("a new run of job %r starts (epoch %d): node %d dropped the previous run%s", self.config.job,
+                    epoch, self.me, f" (its versions up to step {newest})" if newest >= 0 else "")
+        return True
+
+    def request_new_run(self, reason: str, always: bool = False) -> str | None:
+        """This node's trainers start a new run: ask the coordinator to have every node drop the
+        previous one. Returns why a restore must wait meanwhile, or None if there is nothing to drop
+        (a timeline this node started afresh, holding nothing of a trainer that is gone)."""
+        if self.new_run_wait:
+            return self.restore_wait()
+        cat = self.catalog
+        if (not always and cat.recoverable < 0 and not self.cluster_finished and not cat.has_previous_run()
+                and not self.disk.has_flushed() and not self.disk.disk_wait):
+            return None
+        self.new_run_wait = reason
+        self._ask_new_run()
+        return self.restore_wait()
+
+    def _ask_new_run(self) -> None:
+        self._new_run_asked = time.monotonic()
+        self.to_coordinator("reset", epoch=self.epoch, reason=self.new_run_wait[:200])
         self.flush_coordinator()
 
     # ---- control-side hooks -----------------------------------------------------------------------
@@ -235,6 +289,9 @@ class ClusterNode:
 
     def restore_wait(self) -> str | None:
         """Why a restore must wait now, or None."""
+        if self.new_run_wait:
+            return (f"the cluster starts a new run ({self.new_run_wait}): waiting for every node to drop the "
+                    f"previous one")
         if not self.ready or self.recovery.rebuilding:
             return f"node {self.me} is rebuilding from its peers ({self.recovery.rebuilding or 'start-up'})"
         if self.disk.disk_wait:
@@ -263,7 +320,8 @@ class ClusterNode:
             "target": cat.target, "versions": versions, "parity_bytes": store.parity_bytes,
             "data_bytes": cat.used, "round": self.rounds.status(),
             "rebuilding": self.recovery.rebuilding, "last_rebuild": self.recovery.last_rebuild,
-            "rebuilds": self.recovery.rebuilds, "lost_error": self.lost_error, "epoch": self.disk.epoch,
+            "rebuilds": self.recovery.rebuilds, "lost_error": self.lost_error, "epoch": self.epoch,
+            "run_finished": self.cluster_finished, "new_run_wait": self.new_run_wait,
             "disk_wait": self.disk.disk_wait,
             "stats": {**self.stats, "sends_dropped": self.links.dropped if self.links else 0},
             "coordinator": self.coordinator.status() if self.coordinator else None,

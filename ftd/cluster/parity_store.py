@@ -189,9 +189,14 @@ class ParityStore:
         for step in [s for s in self.parity if not keep(s)]:
             self.drop_segment(self.parity.pop(step)[0])
 
-    def close(self) -> None:
-        for name in [n for n, _ in self.parity.values()] + self.spare + ([self.round_segment] if self.round_segment else []):
-            self.drop_segment(name, reuse=False)
+    def close(self, keep: bool = False) -> None:
+        """Unmap everything; unless ``keep`` (a successor adopts the protected parity), unlink it too."""
+        if keep:  # the parity of protected steps has its sidecar: a successor adopts it; the rest goes
+            for name in self.spare + ([self.round_segment] if self.round_segment else []):
+                self.drop_segment(name, reuse=False)
+        else:
+            for name in [n for n, _ in self.parity.values()] + self.spare + ([self.round_segment] if self.round_segment else []):
+                self.drop_segment(name, reuse=False)
         self.parity.clear()
         self.spare.clear()
         for m in self._maps.values():

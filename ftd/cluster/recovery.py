@@ -106,7 +106,7 @@ class Recovery:
         self._thread = None
         node.store.forget_verification()
         was_ready, node.ready = node.ready, True
-        epoch = node.disk.epoch
+        epoch = node.epoch
         if kind == "error":
             err = str(value)
             self._record({"ok": False, "error": err, "why": why, "at": time.time()})
@@ -116,6 +116,8 @@ class Recovery:
                 for n in range(node.config.nodes):
                     if n != node.me:
                         node.links.send(n, "lost", step=node.catalog.recoverable, nodes=[node.me], error=err[:250])
+                if node.coordinator:
+                    node.coordinator.on_lost(node.me)
             if not was_ready:
                 node.to_coordinator("hello", recoverable=node.catalog.recoverable, epoch=epoch)
             if node.lost_error:

@@ -47,16 +47,18 @@ class ProtectionRounds:
         self._started = 0.0
 
     # ---- coordination -------------------------------------------------------------------------
-    def on_sync(self, target: int, recoverable: int, epoch: int = 0, flush: bool = False) -> None:
+    def on_sync(self, target: int, recoverable: int, epoch: int = 0, flush: bool = False,
+                finished: bool = False, lost: list[int] = ()) -> None:
         node = self.node
         if not node.ready:
             return  # the start-up rebuild decides first what this node holds
         cat, disk = node.catalog, node.disk
-        if epoch < disk.epoch:  # a coordinator restarted since the cluster restored from disk: tell it
-            node.to_coordinator("hello", recoverable=cat.recoverable, epoch=disk.epoch)
+        if epoch < node.epoch:  # a coordinator restarted since the cluster's timeline changed: tell it
+            node.to_coordinator("hello", recoverable=cat.recoverable, epoch=node.epoch)
             return
-        if epoch > disk.epoch and not disk.reset_to_disk(epoch, recoverable):
+        if epoch > node.epoch and not node.new_timeline(epoch, recoverable):
             return
+        node.cluster_finished = finished
         if recoverable > cat.recoverable:
             if node.store.holds(recoverable):
                 cat.recoverable = recoverable
@@ -65,6 +67,12 @@ class ProtectionRounds:
             elif node.recovery.rebuilding is None and time.monotonic() - self._behind_since > node.config.peer_timeout:
                 self._behind_since = time.monotonic()
                 node.recovery.start(f"the cluster's recoverable step is {recoverable}, which this node lacks")
+        elif node.lost_error and not lost and recoverable == cat.recoverable >= 0 and node.store.holds(recoverable):
+            # A peer said it could not be rebuilt and has been since (the coordinator lists no lost node
+            # any more): this node holds the recoverable step, so its trainers may restore it again.
+            log.info("the loss reported earlier is over (%s); step %d is recoverable again", node.lost_error,
+                     recoverable)
+            node.lost_error = None
         if self.round is not None:
             keep = self.round.step == cat.recoverable and self.round.complete
             self.drop_round(keep_parity=keep)
@@ -107,7 +115,7 @@ class ProtectionRounds:
         step, nbytes, mismatch = cand
         node.to_coordinator("candidate", target=node.catalog.target, step=step, nbytes=nbytes,
                             mismatch=mismatch, recoverable=node.catalog.recoverable, latest=node.latest_step,
-                            epoch=node.disk.epoch)
+                            epoch=node.epoch)
         node.flush_coordinator()
 
     def on_restored(self, rank: int, step: int) -> None:
@@ -145,7 +153,7 @@ class ProtectionRounds:
         held = node.catalog.buffers_of(step)
         if not held:
             log.warning("asked to protect step %d, which this node no longer holds; the round restarts", step)
-            node.to_coordinator("hello", recoverable=node.catalog.recoverable, epoch=node.disk.epoch)
+            node.to_coordinator("hello", recoverable=node.catalog.recoverable, epoch=node.epoch)
             return
         image = node.store.image(held)
         if sizes[node.me] != image.size:  # parity of another size than its metadata says: no rebuild could use it

@@ -34,7 +34,11 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
         "copy_seconds": (_NUM, False), "blocked_seconds": (_NUM, False),
     },
     "abort": {"session": (_STR, True), "buffer": (_STR, True), "reason": (_STR, False)},
-    "restore": {"rank": (_RANK, True), "local_world": (_POS, False)},
+    # resume: "auto" | "never" | "must" (the client's restore policy); pid: the restoring process
+    "restore": {"rank": (_RANK, True), "local_world": (_POS, False), "pid": (_INT, False), "resume": (_STR, False)},
+    "finish": {"session": (_STR, True)},            # this rank's run is over
+    "detach": {"rank": (_RANK, True), "pid": (_INT, True)},  # the client closes: it holds the rank no more
+    "clear": {"force": (_BOOL, False)},              # drop the job's versions (memory and flush_dir)
     "corrupt": {"rank": (_RANK, True), "buffer": (_STR, True), "step": (_INT, True)},
     "recover": {},
     "versions": {},   # read-only: every rank's complete versions (for `ftd export`)

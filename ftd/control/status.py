@@ -14,18 +14,8 @@ import dataclasses
 import os
 from typing import Any
 
-from ftd.config import load_config
 from ftd.control.connection import Connection
-
-
-def resolve_endpoint(endpoint: str | None = None, config: str | os.PathLike | None = None,
-                     node_rank: int | None = None) -> str:
-    """The daemon a tool talks to: ``endpoint``, else ``config``'s, else $FTD_ENDPOINT, else the default."""
-    if endpoint:
-        return endpoint
-    if config:
-        return load_config(config, node_rank=node_rank).endpoint
-    return os.environ.get("FTD_ENDPOINT") or load_config(None, node_rank=node_rank).endpoint
+from ftd.control.locate import find_daemon
 
 
 def _pick(cls, data: dict, **converted: Any):
@@ -163,10 +153,12 @@ class DaemonStatus:
 
 def status(endpoint: str | None = None, *, config: str | os.PathLike | None = None, node_rank: int | None = None,
            timeout: float = 5.0) -> DaemonStatus:
-    """What the node daemon holds, as ``DaemonStatus``. The daemon is found as ``ftd status`` finds it
-    (``endpoint``, else ``config``'s, else $FTD_ENDPOINT, else this node's default). Raises
-    ``ftd.DaemonUnavailable`` when none answers."""
-    conn = Connection(resolve_endpoint(endpoint, config, node_rank), timeout)
+    """What the node daemon holds, as ``DaemonStatus``. The daemon is found as ``ftd status`` and the
+    trainer client find it (``control.locate``: ``endpoint``, else ``config``'s, else $FTD_ENDPOINT,
+    $FTD_CONFIG, this node's default). Raises ``ftd.DaemonUnavailable`` when none answers."""
+    where, _config, _found = find_daemon(endpoint, config_path=None if config is None else str(config),
+                                         node_rank=node_rank)
+    conn = Connection(where, timeout)
     try:
         return DaemonStatus.from_dict(conn.call("status"))
     finally:

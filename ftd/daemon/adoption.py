@@ -49,8 +49,10 @@ def adopt_predecessor(config: Config, catalog: Catalog, store: ShmStore,
             continue
         found.append((meta["seq"], int(m.group(1)), path, meta))
     for _, rank, path, meta in sorted(found, key=lambda f: f[0]):
+        pid = meta.get("pid")
         catalog.adopt(rank, meta["world"], path.name, path.stat().st_size, meta["step"],
-                      meta["manifest"], meta.get("committed_at"))
+                      meta["manifest"], meta.get("committed_at"),
+                      trainer_pid=pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None)
         log.info("adopted rank %d step %d from %s", rank, meta["step"], path.name)
     return len(found), removed
 

@@ -19,62 +19,23 @@ Call order (the daemon's loop only, so no locks):
      the peers or loaded from disk;
   2. per trainer rank: ``register``, then per snapshot ``begin`` and ``commit`` (or ``abort``);
      ``restore`` and ``corrupt`` when a trainer restarts; ``versions`` for ``ftd export``;
-  3. in a cluster: ``sync`` on each coordinator sync, ``candidate`` after commits, ``forget_newer``
-     after a restore, ``reset_to`` after a restore from disk;
-  4. around a flush's copy-out: ``hold_for_flush``, then ``release_flush_hold``;
-  5. ``release_all`` at shutdown.
+  3. ``finish`` when a trainer's run is over (``run_finished`` once every rank's is);
+     ``reset_to(-1)`` when a new run starts (resume="never", a rerun of a finished run, ``ftd clear``);
+  4. in a cluster: ``sync`` on each coordinator sync, ``candidate`` after commits, ``forget_newer``
+     after a restore, ``reset_to`` after a restore from disk or the start of a new run;
+  5. around a flush's copy-out: ``hold_for_flush``, then ``release_flush_hold``;
+  6. ``release_all`` at shutdown (unless trainers are alive: the next daemon adopts their versions).
 """
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
+from ftd.daemon.buffers import CAPACITY_QUANTUM, Buffer, RankEntry, SegmentStore
 from ftd.errors import Refused
 from ftd.shm.layout import Manifest
 from ftd.units import format_size, round_up
-
-CAPACITY_QUANTUM = 1 << 20
-
-
-class SegmentStore(Protocol):
-    def allocate(self, name: str, size: int) -> None: ...
-    def release(self, name: str) -> None: ...
-    def mark_writing(self, name: str) -> None: ...
-    def mark_complete(self, name: str, meta: dict) -> None: ...
-
-
-@dataclasses.dataclass
-class Buffer:
-    name: str
-    capacity: int
-    state: str = "free"               # "free" | "writing" | "complete"
-    step: int | None = None
-    manifest: dict | None = None
-    seq: int = 0                      # commit order, to tell the newest version
-    committed_at: float | None = None
-    pid: int | None = None            # the trainer process that committed it (None: adopted, rebuilt)
-    origin: str = "memory"            # "disk:<dir>": loaded from a flushed version (a restore says so)
-
-
-@dataclasses.dataclass
-class RankEntry:
-    rank: int
-    world: int
-    session: str | None = None
-    pid: int | None = None
-    buffers: list[Buffer] = dataclasses.field(default_factory=list)
-    commits: int = 0
-    last_commit_at: float | None = None
-    last_copy_seconds: float | None = None
-    last_blocked_seconds: float | None = None
-    pinned: int | None = None         # cluster: step held for the next protection round
-    flush_hold: str | None = None     # buffer a flush is copying out: never handed out meanwhile
-
-    def complete(self) -> list[Buffer]:
-        """Complete versions, newest first."""
-        return sorted((b for b in self.buffers if b.state == "complete"), key=lambda b: -b.seq)
 
 
 class Catalog:
@@ -108,12 +69,13 @@ class Catalog:
         freed = replacing.capacity if replacing else 0
         after = self.used + self.extra_used() - freed + capacity
         if after > self.budget:
+            in_use = self.used + self.extra_used() - freed
             raise Refused(
                 f"rank {entry.rank} needs {format_size(capacity)} of shared memory for a snapshot of "
                 f"{format_size(nbytes)}, but the daemon's memory budget is {format_size(self.budget)} with "
-                f"{format_size(self.used + self.extra_used() - freed)} in use (two buffers per rank, and parity "
-                f"held for peers). Raise memory_budget in the "
-                f"daemon's config, or snapshot less state")
+                f"{format_size(in_use)} in use (two buffers per rank, and parity held for peers), so "
+                f"{format_size(max(0, self.budget - in_use))} is free. Raise memory_budget to at least "
+                f"{format_size(after)} in the daemon's config, or snapshot less state")
         available = self.available()
         if capacity - freed > available - self.reserve:
             raise Refused(
@@ -144,10 +106,14 @@ class Catalog:
 
     # ---- requests ---------------------------------------------------------------------------
     def adopt(self, rank: int, world: int, name: str, capacity: int, step: int, manifest: dict,
-              committed_at: float | None, origin: str = "memory") -> None:
+              committed_at: float | None, origin: str = "memory", trainer_pid: int | None = None) -> None:
         """Take over a complete, verified version left by a predecessor daemon, rebuilt from the
-        peers or loaded from disk (call in commit order)."""
+        peers or loaded from disk (call in commit order). ``trainer_pid``: the process that committed
+        it, if it still runs (it holds the rank until it says otherwise: a daemon stopped again keeps
+        its versions)."""
         entry = self.ranks.setdefault(rank, RankEntry(rank, world))
+        if trainer_pid is not None and entry.pid is None and self.alive(trainer_pid):
+            entry.pid = trainer_pid
         self._seq += 1
         entry.buffers.append(Buffer(name, capacity, "complete", step, manifest, self._seq, committed_at,
                                     origin=origin))
@@ -156,12 +122,23 @@ class Catalog:
             self.store.release(oldest.name)
             entry.buffers.remove(oldest)
 
+    def check_holder(self, rank: int, pid: int | None) -> None:
+        """Two live processes claiming one rank would overwrite each other's snapshots and restore each
+        other's steps: the second is refused while the first lives (a dead holder is replaced)."""
+        entry = self.ranks.get(rank)
+        if (pid is not None and entry is not None and entry.session is not None and entry.pid is not None
+                and entry.pid != pid and self.alive(entry.pid)):
+            raise Refused(f"rank {rank} is held by another live trainer process (pid {entry.pid}); two processes "
+                          f"cannot snapshot the same rank of one job on one node. Stop pid {entry.pid} first, give "
+                          f"this process another rank ($RANK), or use another job name ($FTD_JOB)")
+
     def register(self, rank: int, world: int, pid: int, local_world: int | None = None) -> dict:
         self._note_local_world(local_world)
         if rank >= world:
             raise Refused(f"rank {rank} is not below world size {world}")
+        self.check_holder(rank, pid)
         entry = self.ranks.setdefault(rank, RankEntry(rank, world))
-        entry.world, entry.pid, entry.session = world, pid, self.new_session()
+        entry.world, entry.pid, entry.session, entry.detached = world, pid, self.new_session(), False
         for b in entry.buffers:  # a write of the previous session will never be committed
             if b.state == "writing":
                 b.state = "free"
@@ -169,6 +146,12 @@ class Catalog:
 
     def begin(self, session: str, step: int, nbytes: int) -> dict:
         entry = self._by_session(session)
+        later = [b.step for b in entry.complete() if b.pid == entry.pid and b.step > step]
+        if later:
+            raise Refused(f"step {step} comes after step {max(later)} in this trainer (pid {entry.pid}) of rank "
+                          f"{entry.rank}: snapshot steps must not go back (a restore would otherwise return the "
+                          f"abandoned step {max(later)}). To roll back on purpose, start the trainer again with "
+                          f"restore(state, resume='never'), or run `ftd clear`")
         if self.clustered:
             # the buffer that serves each needed step (the newest holding it: a step loaded from disk
             # may also be held from memory); any other buffer is spare
@@ -210,7 +193,7 @@ class Catalog:
         now = self.clock()
         self._seq += 1
         meta = {"rank": entry.rank, "world": entry.world, "step": step, "seq": self._seq,
-                "committed_at": now, "manifest": manifest}
+                "committed_at": now, "manifest": manifest, "pid": entry.pid}
         self.store.mark_complete(buf.name, meta)
         buf.state, buf.manifest, buf.seq, buf.committed_at, buf.pid = "complete", manifest, self._seq, now, entry.pid
         entry.commits += 1
@@ -230,10 +213,46 @@ class Catalog:
         if local_world:
             self.local_world = max(self.local_world, local_world)
 
-    def restore(self, rank: int, local_world: int | None = None) -> dict:
+    def finish(self, session: str) -> dict:
+        """This rank's trainer says its run is over; returns the step of its newest version."""
+        entry = self._by_session(session)
+        entry.finished = True
+        complete = entry.complete()
+        return {"step": complete[0].step if complete else -1, "run_finished": self.run_finished()}
+
+    def detach(self, rank: int, pid: int) -> dict:
+        """Process ``pid`` closed its client of ``rank``: its versions stay (a restarted trainer restores
+        them), but it no longer holds the rank, and a daemon stop need not keep them for it. (By pid, not
+        session: a trainer whose daemon restarted meanwhile has no session with this one.)"""
+        entry = self.ranks.get(rank)
+        if entry is not None and entry.pid == pid:
+            entry.session, entry.detached = None, True
+        return {}
+
+    def run_finished(self) -> bool:
+        """Every rank of the node finished its run (a rerun starts afresh)."""
+        return bool(self.ranks) and len(self.ranks) >= self.local_world and all(r.finished for r in self.ranks.values())
+
+    def live_trainers(self) -> list[tuple[int, int]]:
+        """(rank, pid) of every registered trainer whose process still runs."""
+        return [(r.rank, r.pid) for r in sorted(self.ranks.values(), key=lambda r: r.rank)
+                if r.pid is not None and not r.detached and self.alive(r.pid)]
+
+    def has_previous_run(self) -> bool:
+        """Whether a version here was committed by a trainer that is gone, closed its client, or ran
+        before this daemon: what a new run must drop. Versions of the trainers that hold their rank now
+        belong to the run under way."""
+        return any(b.pid is None or b.pid != r.pid or r.session is None or not self.alive(b.pid)
+                   for r in self.ranks.values() for b in r.complete())
+
+    def newest_step(self) -> int:
+        return max((b.step for r in self.ranks.values() for b in r.complete()), default=-1)
+
+    def restore(self, rank: int, local_world: int | None = None, pid: int | None = None) -> dict:
         """Versions this rank should try, newest first: only steps every rank of the node holds.
         In a cluster: only the recoverable step."""
         self._note_local_world(local_world)
+        self.check_holder(rank, pid)
         if self.clustered and self.recoverable >= 0:
             entry = self.ranks.get(rank)
             mine = [b for b in entry.complete() if b.step == self.recoverable] if entry else []
@@ -336,19 +355,18 @@ class Catalog:
             r.flush_hold = None
 
     def reset_to(self, step: int) -> None:
-        """The cluster restored ``step`` from disk: it is the recoverable step now, even if an older
-        timeline had a later one; every version after it belongs to that timeline."""
+        """The cluster restored ``step`` from disk (or, with -1, a new run begins): it is the
+        recoverable step now, even if an older timeline had a later one; every version after it
+        belongs to that timeline."""
         self.recoverable = step
         for rank in list(self.ranks):
             self.forget_newer(rank, step)
+            self.ranks[rank].finished = False
 
     def held_steps(self) -> list[int]:
         """Steps that every rank of this node holds complete, newest first."""
-        holders = [r for r in self.ranks.values()]
-        if not holders:
-            return []
-        common = set.intersection(*({b.step for b in r.complete()} for r in holders))
-        return sorted(common, reverse=True)
+        steps = [{b.step for b in r.complete()} for r in self.ranks.values()]
+        return sorted(set.intersection(*steps), reverse=True) if steps else []
 
     def buffers_of(self, step: int) -> list[tuple[RankEntry, Buffer]]:
         """(rank, buffer) holding ``step`` for every rank, in rank order; [] unless all ranks hold it."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -21,15 +22,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+REFUSAL_LOG_EVERY = 60.0  # seconds between two log lines about refusals of one kind
+
 
 class RequestHandler:
     def __init__(self, daemon: "Daemon"):
         self.daemon = daemon
         self.invalid_requests = 0  # control messages dropped or refused as malformed
+        self._refusals: dict[str, list] = {}  # kind of refusal -> [when last logged, how many since]
         self.table: dict[str, Callable[..., dict]] = {
             "ping": self.ping, "status": self.status, "register": self.register, "begin": self.begin,
             "commit": self.commit, "abort": self.abort, "restore": self.restore, "corrupt": self.corrupt,
-            "recover": self.recover, "versions": self.versions,
+            "recover": self.recover, "versions": self.versions, "finish": self.finish, "clear": self.clear,
+            "detach": self.detach,
         }
 
     def handle(self, payload: bytes) -> bytes:
@@ -45,7 +50,7 @@ class RequestHandler:
                 self.invalid_requests += 1
             else:
                 self._observe(kind, fields, None, t0)
-            log.warning("request refused: %s", e)
+            self._log_refusal(str(e))
             return protocol.error(str(e))
         except Exception as e:  # the daemon must stay up for the other ranks
             log.exception("internal error while handling a request")
@@ -58,8 +63,23 @@ class RequestHandler:
     def refuse_malformed(self, why: str) -> bytes:
         """A frame that is not even one request (a routing problem, several frames)."""
         self.invalid_requests += 1
-        log.warning("request refused: %s", why)
+        self._log_refusal(why)
         return protocol.error(why)
+
+    def _log_refusal(self, why: str) -> None:
+        """The first refusal of a kind at once, then how many more there were, at most every minute: a
+        trainer refused at every step must not bury the log (its client warns the trainer itself)."""
+        kind = re.sub(r"\d+", "N", why)[:160]
+        now = time.monotonic()
+        seen = self._refusals.get(kind)
+        if seen is None:
+            self._refusals[kind] = [now, 0]
+            log.warning("request refused: %s", why)
+        elif now - seen[0] >= REFUSAL_LOG_EVERY:
+            log.warning("request refused %d more time(s) in %.0f s like: %s", seen[1] + 1, now - seen[0], why)
+            self._refusals[kind] = [now, 0]
+        else:
+            seen[1] += 1
 
     # ---- the handlers -------------------------------------------------------------------------
     def _where(self) -> dict:
@@ -104,22 +124,87 @@ class RequestHandler:
         if self.daemon.flusher is not None:
             self.daemon.flusher.copies_changed()
 
-    def restore(self, rank: int, local_world: int | None = None) -> dict:
-        d = self.daemon
+    def restore(self, rank: int, local_world: int | None = None, pid: int | None = None,
+                resume: str = "auto") -> dict:
+        d, cat = self.daemon, self.daemon.catalog
+        if resume not in ("auto", "never", "must"):
+            raise ProtocolError(f"restore.resume={resume!r} is not one of 'auto', 'never', 'must'")
+        cat.check_holder(rank, pid)  # before anything is dropped or waited for
+        fresh = None
         if d.node is not None:
+            why = self._new_run_reason(resume, d.node.cluster_finished)
+            if why:
+                wait = d.node.request_new_run(why)
+                if wait:
+                    return {"wait": wait}
+                fresh = why
             wait = d.node.restore_wait()
             if wait:
                 return {"wait": wait}
             if d.node.lost_error:
                 raise Refused(f"node {d.config.node_rank} cannot restore: {d.node.lost_error}")
-        elif d.standalone_disk is not None:
-            wait = d.standalone_disk.restore_wait()
-            if wait:
-                return {"wait": wait}
-        result = d.catalog.restore(rank, local_world)
+        else:
+            why = self._new_run_reason(resume, cat.run_finished())
+            if why and (cat.has_previous_run() or cat.run_finished() or self._has_flushed()):
+                self._start_new_run_here(why)
+                fresh = why
+            elif d.standalone_disk is not None:
+                wait = d.standalone_disk.restore_wait()
+                if wait:
+                    return {"wait": wait}
+        result = cat.restore(rank, local_world, pid)
         if d.node is not None:
             d.node.on_restored(rank, result["versions"][0]["step"] if result["versions"] else -1)
+        if fresh and not result["versions"]:
+            result["fresh"] = fresh
         return {**result, **self._where()}
+
+    @staticmethod
+    def _new_run_reason(resume: str, finished: bool) -> str | None:
+        if resume == "never":
+            return "resume='never': the job's previous versions are dropped"
+        if resume == "auto" and finished:
+            return "the previous run finished (every rank called finish()), so this one starts afresh"
+        return None
+
+    def _has_flushed(self) -> bool:
+        disk = self.daemon.standalone_disk
+        return disk is not None and bool(disk.flusher.on_disk())
+
+    def _start_new_run_here(self, why: str) -> list[int]:
+        """A standalone node drops the previous run: memory and its flushed versions."""
+        d = self.daemon
+        newest = d.catalog.newest_step()
+        d.catalog.reset_to(-1)
+        removed = d.standalone_disk.new_run() if d.standalone_disk is not None else []
+        log.warning("a new run of job %r starts (%s): dropped the previous run's versions%s%s", d.config.job, why,
+                    f" up to step {newest}" if newest >= 0 else "", f" and flushed steps {removed}" if removed else "")
+        return removed
+
+    def finish(self, session: str) -> dict:
+        result = self.daemon.catalog.finish(session)
+        if result["run_finished"]:
+            log.info("every rank of node %d finished its run (newest step %d); a rerun starts afresh",
+                     self.daemon.config.node_rank, self.daemon.catalog.newest_step())
+        return result
+
+    def detach(self, rank: int, pid: int) -> dict:
+        return self.daemon.catalog.detach(rank, pid)
+
+    def clear(self, force: bool = False) -> dict:
+        """``ftd clear``: drop the job's versions, in memory and in flush_dir (a cluster: on every node)."""
+        d, cat = self.daemon, self.daemon.catalog
+        live = cat.live_trainers()
+        if live and not force:
+            who = ", ".join(f"rank {r} (pid {pid})" for r, pid in live)
+            raise Refused(f"trainers of job {d.config.job!r} still run on node {d.config.node_rank}: {who}; stop "
+                          f"them first, or pass --force to drop their snapshots anyway")
+        newest = max(cat.newest_step(), cat.recoverable)
+        if d.node is not None:
+            d.node.request_new_run("ftd clear", always=True)
+            return {"epoch": d.node.epoch, "newest": newest, "cluster": True}
+        removed = self._start_new_run_here("ftd clear")
+        return {"newest": newest, "flushed": removed, "cluster": False}
 
     def corrupt(self, **fields) -> dict:
         if self.daemon.node is not None:

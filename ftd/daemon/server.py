@@ -4,7 +4,8 @@ Its loop only moves messages: receive a request on the ZeroMQ ROUTER control soc
 ``RequestHandler`` answer it, reply; between requests, give the peer side (``cluster.node``) and the
 disk tier (``durable``) their turn. On start it adopts the complete, checksum-verified versions a
 killed predecessor left in shared memory (``adoption``) and deletes everything else of its own; on
-SIGTERM/SIGINT it unlinks every segment it owns.
+SIGTERM/SIGINT it unlinks every segment it owns, unless trainers still run: a stop is not a loss, and
+the next daemon adopts their versions (``--clear`` drops them anyway).
 
 Call order: ``Daemon(config)``, ``start()`` (lock, adoption, flush worker, socket, peers), ``serve()``
 until ``request_stop()``, then ``close()``; ``run(config)`` does all of it for ``ftd daemon``.
@@ -40,8 +41,10 @@ PEER_SLICE = 0.005  # seconds of peer work between two looks at the control sock
 
 
 class Daemon:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, *, clear_on_stop: bool = False):
         self.config = config
+        self.clear_on_stop = clear_on_stop  # drop every snapshot at stop, even of trainers that still run
+        self.kept_at_stop: list[tuple[int, int]] = []  # (rank, pid) of the live trainers whose versions were kept
         self.started_at = time.time()
         self.store = ShmStore(config.shm_dir)
         self.catalog = Catalog(
@@ -194,9 +197,19 @@ class Daemon:
             self.flusher.close()  # before the segments go: it may be reading them
         if self.standalone_disk is not None:
             self.standalone_disk.close()
+        # A stop (an upgrade, a systemd restart) is not a loss: the versions of trainers that still run
+        # stay in shared memory, and the next daemon adopts them as after a crash.
+        self.kept_at_stop = [] if self.clear_on_stop else self.catalog.live_trainers()
+        keep = bool(self.kept_at_stop)
         if self.node is not None:
-            self.node.close()
-        self.catalog.release_all()
+            self.node.close(keep=keep)
+        if keep:
+            held = sum(len(r.complete()) for r in self.catalog.ranks.values())
+            log.warning("stopping while trainers run (%s): kept %d version(s) in shared memory, which the next "
+                        "daemon of node %d adopts; `ftd daemon --clear` drops them at stop instead",
+                        ", ".join(f"rank {r}, pid {pid}" for r, pid in self.kept_at_stop), held, self.config.node_rank)
+        else:
+            self.catalog.release_all()
         if self._sock is not None:
             self._sock.close(0)
         if self._ctx is not None:
@@ -220,9 +233,9 @@ def _split_envelope(frames: list[bytes]) -> tuple[list[bytes] | None, list[bytes
     return frames[:1], frames[1:]
 
 
-def run(config: Config) -> int:
+def run(config: Config, clear_on_stop: bool = False) -> int:
     """Run a daemon in this process until SIGTERM/SIGINT; returns the exit status."""
-    daemon = Daemon(config)
+    daemon = Daemon(config, clear_on_stop=clear_on_stop)
     signal.signal(signal.SIGTERM, daemon.request_stop)  # before adoption: a stop during start-up is clean too
     signal.signal(signal.SIGINT, daemon.request_stop)
     try:
@@ -250,5 +263,9 @@ def run(config: Config) -> int:
         daemon.serve()
     finally:
         daemon.close()
-        print("ftd daemon: stopped; all shared memory released", flush=True)
+        if daemon.kept_at_stop:
+            print(f"ftd daemon: stopped; the snapshots of {len(daemon.kept_at_stop)} live trainer(s) stay in shared "
+                  f"memory for the next daemon", flush=True)
+        else:
+            print("ftd daemon: stopped; all shared memory released", flush=True)
     return 0

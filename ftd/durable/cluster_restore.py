@@ -4,7 +4,8 @@ from disk when the memory copies cannot give a recoverable step (the coordinator
 Composed into ``cluster.node.ClusterNode`` and driven by the same single loop: the node offers the
 steps it flushed completely (``disk_offer``), loads the one the coordinator chooses on a thread
 (``disk_load.DiskLoad``) and reports (``disk_loaded``); restores wait meanwhile (``disk_wait``). A
-``sync`` of a newer epoch ends the older timeline on this node (``reset_to_disk``).
+``sync`` of a newer epoch ends the older timeline on this node (``reset_to_disk``; a new run's,
+whose recoverable step is -1, drops everything and the node's flushed versions: ``new_run``).
 
 Call order: ``offer_flush(step)`` when a sync marks a step; ``offer_disk(need)`` when a rebuild
 cannot give the step (or finds nothing anywhere at start-up) and on ``disk_query``;
@@ -32,7 +33,6 @@ class ClusterDisk:
     def __init__(self, node: "ClusterNode", flusher: Flusher | None):
         self.node = node
         self.flusher = flusher
-        self.epoch = 0                                    # restores from disk the cluster made (coordinator's)
         self.disk_wait: str | None = None                 # why restores wait for a decision about the disk
         self.disk_load: DiskLoad | None = None
         self._load_epoch = 0
@@ -60,7 +60,7 @@ class ClusterDisk:
         node = self.node
         if self.flusher is None:  # no flush_dir: nothing on disk, and any error stands
             if asked:
-                node.to_coordinator("disk_offer", epoch=self.epoch, recoverable=node.catalog.recoverable, steps=[],
+                node.to_coordinator("disk_offer", epoch=node.epoch, recoverable=node.catalog.recoverable, steps=[],
                                     need=False)
             return
         self._need = self._need or need
@@ -69,13 +69,13 @@ class ClusterDisk:
             self.disk_wait = ("the cluster restores from disk: its memory copies cannot give a recoverable step"
                               if self._need else "deciding whether the cluster restores from disk")
         self._offer_at = time.monotonic()
-        node.to_coordinator("disk_offer", epoch=self.epoch, recoverable=node.catalog.recoverable, steps=steps,
+        node.to_coordinator("disk_offer", epoch=node.epoch, recoverable=node.catalog.recoverable, steps=steps,
                             need=self._need)
         node.flush_coordinator()
 
     def on_disk_load(self, epoch: int, step: int) -> None:
         node = self.node
-        if epoch <= self.epoch or self.flusher is None:
+        if epoch <= node.epoch or self.flusher is None:
             return  # a late resend of a restore that is over, or nothing on disk here
         if self.disk_wait is None:
             raise ProtocolError(f"disk_load of step {step}, but this node offered nothing to load")
@@ -140,7 +140,7 @@ class ClusterDisk:
             raise ProtocolError(f"sync of epoch {epoch} (a restore from disk), but this node has no flush_dir")
         cat = node.catalog
         loaded = any(b.origin.startswith("disk") for _, b in cat.buffers_of(step))
-        self.epoch = epoch
+        node.epoch = epoch
         self.disk_wait, self._need, self._loaded = None, False, None
         if not loaded and step >= cat.recoverable:
             log.info("the cluster is in epoch %d (a restore from disk happened while this daemon was away)", epoch)
@@ -163,6 +163,22 @@ class ClusterDisk:
             if not cat.buffers_of(step):
                 node.recovery.start(f"the cluster restored step {step} from disk, which this node lacks")
         return True
+
+    def has_flushed(self) -> bool:
+        """Whether this node has flushed versions of the job on disk."""
+        return self.flusher is not None and bool(self.flusher.on_disk())
+
+    def new_run(self) -> None:
+        """A new run starts: no decision about the previous run's disk stands, and its flushed versions
+        go (a later restore from disk must never bring the previous run back)."""
+        if self.disk_load is not None:
+            self.disk_load.abandon()
+            self.disk_load = None
+        self.disk_wait, self._need, self._loaded = None, False, None
+        self._bad.clear()
+        self._flush_offered = -1
+        if self.flusher is not None:
+            self.flusher.forget_all()
 
     def close(self) -> None:
         if self.disk_load is not None:

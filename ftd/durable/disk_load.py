@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ftd.config import Config
-from ftd.daemon.catalog import CAPACITY_QUANTUM
+from ftd.daemon.buffers import CAPACITY_QUANTUM
 from ftd.durable import ondisk
 from ftd.shm import segments
 from ftd.units import round_up

@@ -54,6 +54,7 @@ class Flusher:
         self.last: dict | None = None          # the last flush's outcome
         self.history: list[dict] = []          # the last few successful flushes (benchmarks read them)
         self.gate: CopyGate | None = None      # tells the worker when trainers copy (it pauses its writing)
+        self._discard_running = False          # the running flush belongs to a run that was dropped
 
     def check_dir(self) -> str | None:
         """Why flush_dir cannot take flushes (None: it can). Snapshots in memory go on either way."""
@@ -95,6 +96,18 @@ class Flusher:
         # the trainer died in the middle of it
         expect = max((r.last_copy_seconds or 0.5) for r in writing)
         self.gate.copying_until(time.time() + 2 * expect + 0.05)
+
+    def forget_all(self) -> list[int]:
+        """A new run starts: remove this node's flushed versions of the job (a flush still running is
+        removed when it ends), so that no restore from disk can bring the previous run back."""
+        self.queue.pending = None
+        self._discard_running = self._busy
+        ranks = list(self.catalog.ranks)
+        removed = ondisk.remove_node_parts(self.config.flush_dir, self.config.job, self.config.node_rank, ranks)
+        if removed:
+            log.warning("a new run of job %r starts: removed this node's flushed versions of steps %s from %s",
+                        self.config.job, removed, ondisk.job_dir(self.config.flush_dir, self.config.job))
+        return removed
 
     def offer(self, step: int) -> None:
         """Recoverable ``step`` is due for a flush: start it now, or keep it as the next one."""
@@ -150,6 +163,13 @@ class Flusher:
             segments.unlink(self._job_file)
             self._job_file = None
         seconds = time.monotonic() - self._started
+        if self._discard_running:  # it wrote a version of the run that has just been dropped
+            self._discard_running = False
+            ondisk.remove_node_parts(self.config.flush_dir, self.config.job, self.config.node_rank,
+                                     list(self.catalog.ranks))
+            log.info("flush of step %s ended after a new run started: its files are removed", step)
+            self._start(self.queue.finished())
+            return
         if reply["event"] == "done":
             self.flushed += 1
             self.last = {"ok": True, "seconds": seconds, "at": time.time(),

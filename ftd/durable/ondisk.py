@@ -276,6 +276,21 @@ def remove_part(out: Path, node_rank: int, ranks: Iterable[int]) -> None:
         pass  # other nodes' parts are still there
 
 
+def remove_node_parts(root: Path, job: str, node_rank: int, ranks: Iterable[int]) -> list[int]:
+    """Remove every part ``node_rank`` wrote of the job's versions (the ranks its manifests name, and
+    ``ranks``, for parts without a manifest); returns the steps whose part was complete."""
+    removed = []
+    for step, path in sorted(_step_dirs(root, job)):
+        mine = set(ranks)
+        try:
+            mine |= set(read_node_manifest(path, node_rank).get("ranks", []))
+            removed.append(step)
+        except CorruptVersion:
+            pass
+        remove_part(path, node_rank, sorted(r for r in mine if isinstance(r, int)))
+    return removed
+
+
 def prune(root: Path, job: str, node_rank: int, keep: int, ranks: Iterable[int], newest: int, nodes: int = 1) -> list[int]:
     """Remove this node's parts of older versions: it keeps its newest ``keep`` complete parts, and
     (on a shared directory, where it sees the other nodes' manifests) also its part of the newest

@@ -74,6 +74,17 @@ class StandaloneDisk:
         if self.disk_load is None:
             log.error("no flushed version on disk passes its checks: the trainers start afresh")
 
+    def new_run(self) -> list[int]:
+        """A new run starts (resume="never", a rerun of a finished run, `ftd clear`): forget the flush
+        decisions and any load of the previous run, and remove its flushed versions."""
+        if self.disk_load is not None:
+            self.disk_load.abandon()
+            self.disk_load = None
+        self._disk_steps = []
+        self._offered = -1
+        self.policy = FlushPolicy(self.config.flush_every, self.config.flush_interval)
+        return self.flusher.forget_all()
+
     def close(self) -> None:
         if self.disk_load is not None:  # its segments are not the catalog's yet
             self.disk_load.abandon()

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         optimizer.step()
         scheduler.step()
-        state["progress"]["tokens_seen"] += x.numel()  # state["progress"]: restore() replaces plain data
+        state["progress"]["tokens_seen"] += x.numel()  # a plain dict: restore() refills it in place
         value = loss.item()
         os.write(fd, f"{step} {value.hex()}\n".encode())
         print(f"step {step:4d}  loss {value:.4f}", flush=True)
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     os.close(fd)
 
     if client:
-        client.close()
+        client.finish()  # the run is over: a rerun of this command starts afresh
     stats = dict(client.stats if client else {}, state_bytes=state_bytes(state),
                  params=sum(p.numel() for p in model.parameters()), steps_run=max(0, args.steps - first),
                  loop_seconds=loop_seconds, rank=rank, world=world)

@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step (stands in for a bigger model)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--stats", help="write the ftd client's counters (client.stats) to this JSON file at the end")
+    p.add_argument("--finish", action="store_true",
+                   help="end with client.finish(): the run is over, a rerun starts afresh (default: close(), as a "
+                        "run to be extended later)")
+    p.add_argument("--resume", default="auto", choices=("auto", "never", "must"), help="restore(state, resume=...)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     state = {"model": model, "optim": optimizer, "sched": scheduler, "meta": {"samples_seen": 0}}
 
     client = None if args.no_ftd else ftd.Client()
-    start = client.restore(state) if client else None
+    start = client.restore(state, resume=args.resume) if client else None
     first = 0 if start is None else start + 1
     print(f"trainer pid {os.getpid()}: {'resuming after step ' + str(start) if start is not None else 'starting fresh'}",
           flush=True)
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.step_sleep)
     os.close(fd)
     if client:
-        client.close()
+        client.close(finished=args.finish)
         if args.stats:
             with open(args.stats, "w") as f:
                 json.dump(client.stats, f)

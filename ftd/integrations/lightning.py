@@ -53,16 +53,22 @@ class FtdCallback(Callback):
     client: an ``ftd.Client`` to use; by default one is made at ``setup`` (after the strategy set up
       torch.distributed, so rank and world size are known), with ``client_options``.
     restore: resume from the newest snapshot at the start of ``fit`` (default True).
+    resume: the client's policy for it: "auto" (the newest snapshot of a run that did not finish),
+      "never" (drop what the job holds and start afresh), "must" (restore or raise).
+    finish: at the end of a completed ``fit``, mark the run finished (``client.finish()``), so that a
+      rerun of the job starts afresh instead of resuming its last step (default True).
     on_data_mismatch: "raise" (default) or "warn" when a replayed epoch does not start with the batch
       the interrupted run started it with.
     """
 
-    def __init__(self, client: "ftd.Client | None" = None, *, restore: bool = True,
-                 on_data_mismatch: str = "raise", **client_options: Any):
+    def __init__(self, client: "ftd.Client | None" = None, *, restore: bool = True, resume: str = "auto",
+                 finish: bool = True, on_data_mismatch: str = "raise", **client_options: Any):
         if on_data_mismatch not in ("raise", "warn"):
             raise ValueError(f"on_data_mismatch must be 'raise' or 'warn', got {on_data_mismatch!r}")
         self.client = client
         self.restore = restore
+        self.resume = resume
+        self.finish = finish
         self.on_data_mismatch = on_data_mismatch
         self.client_options = client_options
         self.restored_step: int | None = None   # the step the last fit resumed after, None if it started fresh
@@ -123,8 +129,8 @@ class FtdCallback(Callback):
 
     def _restore(self, trainer: Trainer, pl_module: LightningModule) -> None:
         live = self._live(trainer, pl_module)
-        state = {**live, META: None}
-        step = self.client.restore(state)
+        state = {**live, META: None}  # the same keys as a snapshot's: a snapshot of other optimizers is refused
+        step = self.client.restore(state, resume=self.resume)
         if step is None:
             return
         if trainer.ckpt_path is not None:
@@ -132,11 +138,9 @@ class FtdCallback(Callback):
                            f"(step {step}); pass ckpt_path=None to resume from ftd, or FtdCallback(restore=False) "
                            "to resume from the checkpoint file")
         meta = state.pop(META)
-        held = meta.get("entries") if isinstance(meta, dict) else sorted(state)
-        if held != sorted(live) or any(state[k] is not live[k] for k in live):
-            raise FtdError(f"the snapshot of step {step} holds {held}, this run has {sorted(live)}: the "
-                           "optimizers and schedulers changed since the snapshot (or it was not taken by "
-                           "FtdCallback); start a new job (another FTD_JOB) to train afresh")
+        if not isinstance(meta, dict) or meta.get("entries") != sorted(live):
+            raise FtdError(f"the snapshot of step {step} was not taken by FtdCallback for this module, its "
+                           f"optimizers and schedulers ({sorted(live)}); FtdCallback(resume='never') starts afresh")
         trainer.fit_loop.load_state_dict(meta["fit_loop"])
         for cb in trainer.callbacks:
             if cb.state_key in meta["callbacks"]:
@@ -226,6 +230,11 @@ class FtdCallback(Callback):
                         "(training continues)", step, e)
             return
         self.client.snapshot(step, state)  # never raises; warns itself
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.finish and self.client is not None and self._owns_client:
+            self.client.finish()  # the run is over: a rerun of the job starts afresh
+            self.client = None
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and self.client is not None and self._owns_client:

@@ -56,15 +56,21 @@ class FtdTrainerCallback(TrainerCallback):
     client: an ``ftd.Client`` (made with ``capture_rng=False``); by default one is made, for the
       Trainer's process index and world size, by ``resume_from`` or at ``on_train_begin``.
     root: where ``resume_from`` writes the checkpoint folder (default /dev/shm: memory-backed).
+    resume: the client's policy in ``resume_from``: "auto" (the newest snapshot of a run that did not
+      finish), "never" (drop what the job holds, start afresh), "must" (restore or raise).
+    finish: when training ends, mark the run finished (``client.finish()``), so that a rerun of the
+      job starts afresh instead of resuming its last step (default True).
     """
 
     def __init__(self, client: "ftd.Client | None" = None, *, root: str | os.PathLike = DEFAULT_ROOT,
-                 **client_options: Any):
+                 resume: str = "auto", finish: bool = True, **client_options: Any):
         self.client = client
         self.root = Path(root)
+        self.resume, self.finish = resume, finish
         self.client_options = client_options
         self.trainer: Trainer | None = None     # set by resume_from: the exportable callbacks' states
         self.folder: Path | None = None         # the checkpoint folder resume_from wrote
+        self.resolved = False                   # the daemon was asked what to resume (resume_from or train begin)
         self._owns_client = client is None
 
     def connect(self, args: Any) -> "ftd.Client":
@@ -74,22 +80,21 @@ class FtdTrainerCallback(TrainerCallback):
             self._owns_client = True
         return self.client
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         client = self.connect(args)
-        if self.folder is None and state.global_step == 0:
-            self._warn_if_snapshots_are_passed_over(client, args.process_index)
-
-    @staticmethod
-    def _warn_if_snapshots_are_passed_over(client: "ftd.Client", rank: int) -> None:
-        """Training starts afresh: say so if the daemon holds this rank's snapshots (resume_from forgotten)."""
-        try:
-            held = [v.step for r in ftd.status(client.endpoint).ranks if r.rank == rank for v in r.versions]
-        except FtdError:
-            return  # the first snapshot will say what is wrong with the daemon
-        if held:
-            log.warning("ftd: the daemon holds snapshots of rank %d up to step %d, but this run starts at step 0 "
-                        "(train(resume_from_checkpoint=resume_from(trainer)) resumes from them); its snapshots "
-                        "will replace them", rank, max(held))
+        if self.resolved:
+            return
+        # train() was not given resume_from(trainer): never train over an interrupted run unawares
+        held = {"model": model, "optimizer": None, "scheduler": None, META: None}
+        step = client.restore(held, resume=self.resume)  # "auto": an interrupted run's snapshot, if any
+        self.resolved = True
+        if step is not None:
+            if self._owns_client:
+                client.close()
+                self.client = None
+            raise FtdError(f"ftd holds step {step} of an interrupted run of this job; "
+                           "trainer.train(resume_from_checkpoint=resume_from(trainer)) resumes it, and "
+                           "FtdTrainerCallback(resume='never') starts afresh instead")
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.folder is not None:
@@ -110,7 +115,10 @@ class FtdTrainerCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.client is not None and self._owns_client:
-            self.client.close()  # commits the last snapshot
+            if self.finish:
+                self.client.finish()  # commits the last snapshot; a rerun of the job starts afresh
+            else:
+                self.client.close()  # commits the last snapshot
             self.client = None
         if self.folder is not None:
             shutil.rmtree(self.folder.parent, ignore_errors=True)
@@ -145,14 +153,16 @@ def resume_from(trainer: Trainer, callback: FtdTrainerCallback | None = None) ->
     callback.trainer = trainer
     args = trainer.args
     client = callback.connect(args)
-    state: dict[str, Any] = {"model": trainer.model}
-    step = client.restore(state)
+    # the keys of a snapshot: the model loads in place, the rest comes back as plain data
+    state: dict[str, Any] = {"model": trainer.model, "optimizer": None, "scheduler": None, META: None}
+    step = client.restore(state, resume=callback.resume)
+    callback.resolved = True
     if step is None:
         return None
-    meta = state.get(META)
-    if not isinstance(meta, dict) or "optimizer" not in state or "scheduler" not in state:
-        raise FtdError(f"the snapshot of step {step} was not taken by FtdTrainerCallback (it holds {sorted(state)}); "
-                       "start a new job (another FTD_JOB) to train afresh")
+    meta = state[META]
+    if not isinstance(meta, dict) or not isinstance(state["optimizer"], dict) or not isinstance(state["scheduler"], dict):
+        raise FtdError(f"the snapshot of step {step} was not taken by FtdTrainerCallback; "
+                       "FtdTrainerCallback(resume='never') starts afresh")
     trainer_state = meta["trainer_state"]
     remove_stale_folders(callback.root)
     folder = callback.root / f"ftd-hf-{os.getpid()}-rank{args.process_index}" / f"checkpoint-{trainer_state['global_step']}"

@@ -60,8 +60,10 @@ class StateCapture:
                 self.on_optimizer(value)
                 owned.update(optimizer_tensors(value))
             captured[key] = value.state_dict() if is_stateful(value) else value
-        tree = {"state": captured, "rng": rng.capture() if self.capture_rng else None}
-        skeleton, tensors = statecodec.encode(tree)
+        enc = statecodec.Encoder()  # key paths in errors read as the user wrote them: state['meta']['loader']
+        skeleton = {"state": {key: enc.encode(value, f"state[{key!r}]") for key, value in captured.items()},
+                    "rng": enc.encode(rng.capture(), "the RNG states") if self.capture_rng else None}
+        tensors = enc.tensors
         sources, versions = [], []
         for t in tensors:
             ident = identity(t)

@@ -12,20 +12,24 @@ hook; one copier thread runs ``_process`` for one job at a time (``copier.Worker
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 import time
+import weakref
 from typing import Any
 
 import torch
 
 from ftd.control.connection import Connection
-from ftd.errors import DaemonUnavailable, FtdError
+from ftd.control.locate import find_daemon
+from ftd.errors import DaemonUnavailable, FtdError, SerializationError
 from ftd.shm.checksum import ChunkHasher
 from ftd.shm.layout import Manifest
 from ftd.trainer.capture import StateCapture, identity
 from ftd.trainer.copier import SnapshotJob, Worker, copy_and_hash
-from ftd.trainer.discovery import detect_rank_world, find_daemon, local_world
+from ftd.trainer.discovery import detect_rank_world, local_world
 from ftd.trainer.restore import REPAIRING, restore_versions
 from ftd.trainer.session import Busy, DaemonSession
 
@@ -33,6 +37,24 @@ log = logging.getLogger(__name__)
 
 BEGIN_GRACE_SECONDS = 0.05  # longest an optimizer step waits for the daemon to hand out a buffer
 RESTORE_WAIT_SECONDS = 600.0  # longest restore() waits for a rebuilding cluster daemon
+WAIT_REPORT_SECONDS = 10.0  # while restore() waits, a line this often with the reason
+SLOW_BEGIN_SECONDS = 1.0  # a begin taking longer than this means the daemon is gone or stuck, not busy
+EXIT_TIMEOUT = 10.0  # at interpreter exit, longest wait for the snapshot in flight
+RESUME_POLICIES = ("auto", "never", "must")
+
+_live_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """A trainer that exits without close(): finish the snapshot in flight and stop the copier thread
+    before the interpreter tears down (a thread still inside torch then aborts the process with
+    "terminate called without an active exception", exit status 134, which launchers count as a failure)."""
+    for client in list(_live_clients):
+        try:
+            client.close(EXIT_TIMEOUT)
+        except Exception as e:  # never turn a clean exit into a failing one
+            log.warning("ftd: closing the client at exit failed: %s", e)
 
 
 class Client:
@@ -43,15 +65,21 @@ class Client:
       torchrun, srun or `ftd agent` needs no arguments.
     rank, world_size: default torch.distributed's, else $RANK/$WORLD_SIZE, else 0/1.
     capture_rng: also snapshot and restore python, numpy, torch and CUDA RNG states.
+    strict: the first snapshot() raises SerializationError, naming the key path, for a value ftd cannot
+      store (later ones warn and go on: by then raising would end a run that may be days old, while at
+      the first step it costs nothing and an unprotected run would cost everything).
+    verbose: print one line to stderr per restore (job, step, from memory or disk, bytes, seconds),
+      and every few seconds while a restore waits.
     """
 
     def __init__(self, endpoint: str | None = None, *, rank: int | None = None, world_size: int | None = None,
-                 capture_rng: bool = True, timeout: float | None = None):
+                 capture_rng: bool = True, timeout: float | None = None, strict: bool = True, verbose: bool = True):
         self.endpoint, config, self.found_by = find_daemon(endpoint)
         detected = detect_rank_world()
         self.rank = detected[0] if rank is None else rank
         self.world_size = detected[1] if world_size is None else world_size
         self.capture_rng = capture_rng
+        self.strict, self.verbose = strict, verbose
         self._conn = Connection(self.endpoint, config.request_timeout if timeout is None else timeout)
         self._session = DaemonSession(self._conn, self.rank, self.world_size, config.chunk_size)
         self._capture = StateCapture(capture_rng, self._install_hook)
@@ -59,10 +87,15 @@ class Client:
         self._side_stream = None
         self._chunk_delay = float(os.environ.get("FTD_DEBUG_COPY_DELAY", "0"))
         self._failures = 0
+        self._failed_since: int | None = None  # step of the first failure since the last commit
+        self._last_failed = False  # the last snapshot() produced no job (its value could not be stored...)
+        self._calls = 0
+        self._begin_at: float | None = None  # when the copier asked the daemon for a buffer (None: not asking)
         self._daemon_lost = False
         self._hook_wait_unreported = 0.0  # pre-step waits not yet reported to the daemon (ftd status)
         self._warned_at = 0.0
         self._told_wait = False
+        self._restored = False  # a restore got an answer from the daemon
         self._closed = False
         self.stats = {"snapshots": 0, "committed": 0, "failed": 0, "skipped_busy": 0, "skipped_setup": 0,
                       "skipped_protecting": 0,
@@ -70,71 +103,142 @@ class Client:
                       "hook_wait_seconds": 0.0, "last_copy_seconds": None, "last_step": None}
         self._hasher = ChunkHasher()
         self._worker = Worker(self._process)
+        _live_clients.add(self)
 
     # ---- public API ------------------------------------------------------------------------------
     def snapshot(self, step: int, state: dict) -> None:
-        """Start an asynchronous snapshot of ``state`` at ``step``; returns at once. Never raises."""
+        """Start an asynchronous snapshot of ``state`` at ``step``; returns at once. Never raises, except
+        for a value ftd cannot store at the first snapshot of a ``strict`` client (see the class doc)."""
         t0 = time.perf_counter()
+        self._calls += 1
         try:
             if self._closed:
                 raise FtdError("client is closed")
             job = self._capture.capture(step, state)
             job.snapshot_seconds = time.perf_counter() - t0
             self.stats["snapshots"] += 1
+            self._last_failed = False
             self._worker.submit(job)
+        except SerializationError as e:
+            self._last_failed = True
+            if self.strict and self._calls == 1:
+                raise SerializationError(f"{e}. (ftd refuses this at the first snapshot, so that the run does not "
+                                         f"go on unprotected; Client(strict=False) warns instead)") from None
+            self._note_failure(f"snapshot of step {step} skipped: {e}", step)
         except Exception as e:
-            self._note_failure(f"snapshot of step {step} skipped: {e}")
+            self._last_failed = True
+            self._note_failure(f"snapshot of step {step} skipped: {e}", step)
         finally:
             self.stats["snapshot_seconds"] += time.perf_counter() - t0
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the last snapshot is copied and committed (and the buffer of the next one is
-        mapped, so the next snapshot finds the worker free); True if it was committed."""
+        mapped, so the next snapshot finds the worker free); True only if the last snapshot() call's
+        snapshot was committed."""
+        if self._last_failed:
+            return False
         job = self._worker.latest
         if job is None:
             return True
         job.done.wait(timeout)
         return job.done.is_set() and job.ok
 
-    def restore(self, state: dict) -> int | None:
-        """Load the newest complete snapshot into ``state`` in place; return its step, or None if there is none.
+    def restore(self, state: dict, *, resume: str = "auto", strict: bool = True) -> int | None:
+        """Load the newest snapshot into ``state`` (in place: see ``ftd.trainer.restore``); return its
+        step, or None when the trainer starts afresh.
 
-        Raises DaemonUnavailable (saying how to start a daemon) if no daemon answers.
+        resume: "auto" restores the newest snapshot of a run that did not finish (a run whose every rank
+          called ``finish()`` is over: a rerun starts afresh, and the old versions are dropped); "never"
+          drops what the job holds and starts afresh; "must" restores or raises FtdError.
+        strict: the snapshot's top-level keys must be the keys of ``state`` (FtdError naming those that
+          differ); False restores the keys both have and adds the others as plain data. An empty dict
+          receives every saved value as plain data.
+        Raises DaemonUnavailable (saying how to start a daemon) if no daemon answers, and FtdError if
+        the snapshot does not fit the live state (shapes that differ), or another live process holds
+        this rank.
         """
+        if resume not in RESUME_POLICIES:
+            raise ValueError(f"resume={resume!r}: use one of {RESUME_POLICIES}")
         self.wait()
-        deadline = time.monotonic() + RESTORE_WAIT_SECONDS
+        started = time.monotonic()
+        deadline = started + RESTORE_WAIT_SECONDS
+        reported = started
         while True:
             try:
-                reply = self._conn.call("restore", rank=self.rank, **local_world())
+                reply = self._conn.call("restore", rank=self.rank, pid=os.getpid(), resume=resume, **local_world())
             except DaemonUnavailable as e:
                 raise DaemonUnavailable(f"{e} (this trainer looked there because of {self.found_by})") from None
+            self._restored = True
             if "wait" not in reply:
-                step = restore_versions(self._conn, reply, state, self.rank, self.capture_rng)
+                if reply.get("fresh"):
+                    self._say(f"ftd: rank {self.rank} of job {reply.get('job')!r} starts afresh: {reply['fresh']}")
+                step = restore_versions(self._conn, reply, state, self.rank, self.capture_rng, strict=strict,
+                                        verbose=self.verbose)
                 if step is not REPAIRING:
+                    if step is None and resume == "must":
+                        raise FtdError(f"resume='must', but job {reply.get('job')!r} holds no snapshot of rank "
+                                       f"{self.rank} on node {reply.get('node_rank', 0)} ({self.endpoint}); was the "
+                                       f"job name or the node the same as in the run to resume?")
                     return step
                 reason = "the daemon repairs a corrupt chunk from its peers"
             else:
                 reason = reply["wait"]
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise FtdError(f"restore gave up after {RESTORE_WAIT_SECONDS:.0f} s: {reason}")
-            if not self._told_wait:
+            if not self._told_wait or now - reported >= WAIT_REPORT_SECONDS:
                 log.info("ftd: rank %d waits to restore: %s", self.rank, reason)
-                self._told_wait = True
+                self._say(f"ftd: rank {self.rank} waits to restore ({now - started:.0f} s): {reason}")
+                self._told_wait, reported = True, now
             time.sleep(0.2)
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Finish the last snapshot (up to ``timeout`` seconds), then release everything."""
+    def finish(self, timeout: float = 30.0) -> None:
+        """The run is over: finish the last snapshot, tell the daemon (a rerun of this job then starts
+        afresh instead of restoring the final step), and release everything."""
+        self.close(timeout, finished=True)
+
+    def close(self, timeout: float = 30.0, *, finished: bool = False) -> None:
+        """Finish the last snapshot (up to ``timeout`` seconds), then release everything; with
+        ``finished``, also mark this rank's run as finished (see ``finish``)."""
         if self._closed:
             return
         self.wait(timeout)
         self._closed = True
+        _live_clients.discard(self)
         self._worker.close(timeout)
+        if finished:
+            self._mark_finished()
+        self._detach()
         for handle in self._hooks.values():
             handle.remove()
         self._hooks.clear()
         self._session.drop_arenas()
         self._hasher.close()
         self._conn.close()
+
+    def _mark_finished(self) -> None:
+        try:
+            reply = self._session.call("finish")
+        except FtdError as e:
+            log.warning("ftd: could not mark rank %d's run finished (%s); a rerun will resume its last snapshot "
+                        "unless it passes resume='never'", self.rank, e)
+            return
+        if self._last_failed or (self._worker.latest is not None and not self._worker.latest.ok):
+            log.warning("ftd: rank %d finished, but its last snapshot was not committed: the finished run's last "
+                        "version is step %s", self.rank, reply.get("step"))
+
+    def _detach(self) -> None:
+        """Tell the daemon this process holds the rank no more (its versions stay for a restart)."""
+        if self._session.id is None and not self._restored:
+            return  # never talked to a daemon: nothing to undo (and none to wait for)
+        try:
+            self._conn.call("detach", rank=self.rank, pid=os.getpid())
+        except FtdError:
+            pass  # the daemon is gone: nothing holds the rank there anyway
+
+    def _say(self, line: str) -> None:
+        if self.verbose:
+            print(line, file=sys.stderr, flush=True)
 
     def __enter__(self) -> "Client":
         return self
@@ -161,7 +265,15 @@ class Client:
                 job.started.wait(BEGIN_GRACE_SECONDS)
             if job.cancel_if_not_started():
                 self.stats["hook_wait_seconds"] += time.perf_counter() - t0
-                if busy:
+                asking = self._begin_at  # the previous snapshot still waits for the daemon to answer
+                if busy and asking is not None:
+                    if time.monotonic() - asking > SLOW_BEGIN_SECONDS:
+                        self._note_failure(f"snapshot of step {job.step} skipped: the daemon at {self.endpoint} has "
+                                           f"not answered for {time.monotonic() - asking:.0f} s (stopped, restarting "
+                                           "or stuck); snapshots resume once it answers", job.step)
+                    else:
+                        self.stats["skipped_busy"] += 1  # the daemon is slow to answer: not the step's fault
+                elif busy:
                     self.stats["skipped_busy"] += 1
                     if self.stats["skipped_busy"] == 1:
                         log.warning("ftd: a snapshot takes longer than a training step, so some steps are not "
@@ -171,9 +283,12 @@ class Client:
                     self.stats["skipped_setup"] += 1  # the daemon is still reserving this layout's buffers
                     log.info("ftd: snapshot of step %d skipped while the buffers for %d bytes are set up",
                              job.step, job.layout.nbytes)
+                elif self._daemon_lost:
+                    self._note_failure(f"snapshot of step {job.step} skipped: the daemon at {self.endpoint} does not "
+                                       "answer (stopped or restarting); snapshots resume once it is back", job.step)
                 else:
                     self._note_failure(f"snapshot of step {job.step} skipped: the daemon did not hand out a "
-                                       "buffer before the next optimizer step")
+                                       "buffer before the next optimizer step", job.step)
                 return
         if not job.released.is_set():
             job.released.wait()
@@ -186,6 +301,7 @@ class Client:
 
     # ---- one snapshot: copier thread -------------------------------------------------------------
     def _process(self, job: SnapshotJob) -> None:
+        self._begin_at = time.monotonic()
         try:
             name, arena = self._session.begin(job.step, job.layout.nbytes)
         except Busy as busy:
@@ -198,6 +314,8 @@ class Client:
         except Exception as e:
             self._daemon_lost = isinstance(e, DaemonUnavailable)
             return self._fail(job, f"snapshot of step {job.step} skipped: {e}")
+        finally:
+            self._begin_at = None
         if not job.start_copy():
             return self._fail(job, "", abort=name)  # cancelled by the pre-step hook, which said so
         t0 = time.perf_counter()
@@ -233,6 +351,7 @@ class Client:
         if self._failures:
             log.warning("ftd: snapshots work again (step %d committed after %d failure(s))", job.step, self._failures)
             self._failures = 0
+            self._failed_since = None
         self._session.prepare_next_arena(pin=any(t.is_cuda for t in job.sources))
         self._session.ready_nbytes = job.layout.nbytes
         job.finish(True)  # after preparing the next buffer: the worker is then free for the next job
@@ -243,17 +362,22 @@ class Client:
         if abort is not None:
             self._session.abort(abort, message or "cancelled")
         if message:
-            self._note_failure(message)
+            self._note_failure(message, job.step)
         job.finish(False, message or "cancelled")
 
-    def _note_failure(self, message: str) -> None:
+    def _note_failure(self, message: str, step: int | None = None) -> None:
         self._failures += 1
         self.stats["failed"] += 1
+        if self._failed_since is None:
+            self._failed_since = step
         self._warn(message)
 
     def _warn(self, message: str) -> None:
-        """Warn at once, then at most every 30 s while failures go on; training continues either way."""
+        """Warn at once, then at most every 30 s while failures go on, with their count; training
+        continues either way (and ``wait()`` says whether the last snapshot was committed)."""
         now = time.monotonic()
         if self._failures <= 1 or now - self._warned_at > 30:
-            log.warning("ftd: %s (training continues)", message)
+            since = "" if self._failed_since is None else f" since step {self._failed_since}"
+            count = f"; {self._failures} snapshot(s) failed{since}, none committed since" if self._failures > 1 else ""
+            log.warning("ftd: %s (training continues%s)", message, count)
             self._warned_at = now

@@ -1,36 +1,53 @@
 """Reading a version back into the live state: every chunk's checksum checked on the way.
 
-``restore_versions`` tries the versions the daemon offers, newest first: maps the buffer, reads
-every tensor out while checking each chunk (``read_verified``), then loads them into the state in
-place (``load``). A version failing a checksum is reported to the daemon as corrupt; a cluster
-member then repairs it from its peers (``REPAIRING``: ask again), a standalone one offers the next.
+``restore_versions`` tries the versions the daemon offers, newest first: maps the buffer, checks that
+the snapshot fits the live state (``check_fits``: the same top-level keys, the same tensor shapes,
+before anything is loaded), reads every tensor out while checking each chunk (``read_verified``),
+then loads them into the state (``load``). A version failing a checksum is reported to the daemon as
+corrupt; a cluster member then repairs it from its peers (``REPAIRING``: ask again), a standalone one
+offers the next.
+
+What ``load`` does with each value of ``state``: values with ``load_state_dict()`` (modules,
+optimizers, schedulers, any Stateful) load in place; dicts, lists and sets are updated in place (the
+same objects, their contents replaced), and so are tensors and numpy arrays of the same shape and
+dtype, torch Generators (``set_state``) and dataclass instances (their fields); numbers, strings,
+tuples, None, paths and enums are immutable and are replaced in ``state``.
 """
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from pathlib import Path
 
 import torch
 
-from ftd.errors import SerializationError
+from ftd.errors import FtdError, SerializationError
 from ftd.shm.checksum import chunk_checksum
 from ftd.shm.layout import Manifest, chunk_plan
 from ftd.trainer import rng, statecodec
 from ftd.trainer.arena import Arena, close_in_background
 from ftd.trainer.capture import is_stateful
+from ftd.units import format_size
 
 log = logging.getLogger(__name__)
 
 REPAIRING = object()  # restore_versions' answer when the daemon repairs the version: ask again
+MAX_LISTED = 8        # differences named in a "does not fit" error
 
 
-def restore_versions(conn, reply: dict, state: dict, rank: int, capture_rng: bool):
+def restore_versions(conn, reply: dict, state: dict, rank: int, capture_rng: bool, *, strict: bool = True,
+                     verbose: bool = True):
     """The step restored into ``state`` from the versions in a restore ``reply``; None if none is
-    usable; REPAIRING if the daemon repairs a corrupt one from its peers."""
+    usable; REPAIRING if the daemon repairs a corrupt one from its peers. FtdError if the snapshot
+    does not fit the live state (other keys, other shapes): nothing is loaded then."""
     shm_dir = Path(reply["shm_dir"])
+    job = reply.get("job", "?")
     for version in reply["versions"]:
+        t0 = time.perf_counter()
         step, name = version["step"], version["buffer"]
         manifest = Manifest.from_json(version["manifest"])
+        check_fits(manifest, state, job=job, step=step, strict=strict)
         try:
             arena = Arena(shm_dir / Path(name).name, populate=False)  # read once: no need to pre-fault
         except FileNotFoundError:
@@ -43,18 +60,103 @@ def restore_versions(conn, reply: dict, state: dict, rank: int, capture_rng: boo
                 if answer.get("repairing"):
                     return REPAIRING  # a cluster member rebuilds it from its peers: ask again
                 continue
-            load(manifest, state, tensors, capture_rng)
+            load(manifest, state, tensors, capture_rng, job=job, step=step, strict=strict)
             del tensors
         finally:
             close_in_background(arena)
         origin = version.get("origin", "memory")
-        if origin.startswith("disk"):  # the memory copies could not give a step: say so loudly
-            log.warning("ftd: rank %d restored step %d from the version flushed to disk (%s)", rank, step,
-                        origin.partition(":")[2] or "flush_dir")
-        else:
-            log.info("ftd: rank %d restored step %d", rank, step)
+        from_disk = origin.startswith("disk")
+        where = f"the version flushed to disk ({origin.partition(':')[2] or 'flush_dir'})" if from_disk else "memory"
+        line = (f"ftd: rank {rank} restored step {step} from {where} (job {job!r}, node {reply.get('node_rank', 0)}): "
+                f"{format_size(manifest.layout.nbytes)} in {time.perf_counter() - t0:.2f} s")
+        if verbose:
+            print(line, file=sys.stderr, flush=True)
+            log.info("%s", line)
+        else:  # the memory copies could not give a step: say so loudly even when asked to be quiet
+            log.log(logging.WARNING if from_disk else logging.INFO, "%s", line)
         return step
     return None
+
+
+# ---- does the snapshot fit the live state? ------------------------------------------------------
+def _saved_shapes(skeleton, slots, path: str, out: dict) -> None:
+    """{path: (dtype, shape)} of every tensor in a skeleton, paths written as in ``statecodec``."""
+    if isinstance(skeleton, list):
+        for i, v in enumerate(skeleton):
+            _saved_shapes(v, slots, f"{path}[{i}]", out)
+    elif isinstance(skeleton, dict):
+        tag = skeleton.get(statecodec.TAG)
+        if tag in ("tensor", "ndarray") and isinstance(skeleton.get("index"), int) and skeleton["index"] < len(slots):
+            s = slots[skeleton["index"]]
+            out[path] = (s.dtype, tuple(s.shape))
+        elif tag in ("dict", "odict") and isinstance(skeleton.get("items"), list):
+            for pair in skeleton["items"]:
+                if isinstance(pair, list) and len(pair) == 2:
+                    _saved_shapes(pair[1], slots, f"{path}[{pair[0]!r}]", out)
+        elif tag == "tuple" and isinstance(skeleton.get("items"), list):
+            _saved_shapes(skeleton["items"], slots, path, out)
+        elif tag is None:
+            for k, v in skeleton.items():
+                _saved_shapes(v, slots, f"{path}[{k!r}]", out)
+
+
+def _live_shapes(value, path: str, out: dict, depth: int = 0) -> None:
+    if depth > statecodec.MAX_DEPTH:
+        return
+    if isinstance(value, torch.Tensor):
+        out[path] = (str(value.dtype).removeprefix("torch."), tuple(value.shape))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _live_shapes(v, f"{path}[{k!r}]", out, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _live_shapes(v, f"{path}[{i}]", out, depth + 1)
+
+
+def _shape_text(dtype_shape) -> str:
+    dtype, shape = dtype_shape
+    return f"{dtype}{list(shape)}"
+
+
+def _fresh_hint(job: str) -> str:
+    return (f"to start afresh instead, call restore(state, resume='never'), run `ftd clear` for job {job!r}, "
+            f"or use another job name ($FTD_JOB)")
+
+
+def check_fits(manifest: Manifest, state: dict, *, job: str, step: int, strict: bool) -> None:
+    """FtdError naming what differs if the snapshot of ``step`` cannot be loaded into ``state``:
+    top-level keys (unless not ``strict``) and the shapes of the tensors of its Stateful values."""
+    tree = manifest.tree
+    if not isinstance(tree, dict) or not isinstance(tree.get("state"), dict):
+        raise SerializationError("snapshot skeleton has no state")
+    saved_keys, live_keys = set(tree["state"]), set(state)
+    if strict and live_keys and saved_keys != live_keys:  # (an empty dict asks for everything, as plain data)
+        only_saved, only_live = sorted(saved_keys - live_keys), sorted(live_keys - saved_keys)
+        parts = ([f"the snapshot holds key(s) {only_saved} that the state lacks"] if only_saved else []) + \
+                ([f"the state has key(s) {only_live} that the snapshot lacks"] if only_live else [])
+        raise FtdError(f"job {job!r}, step {step}: {' and '.join(parts)}. Pass the same keys as when "
+                       f"snapshotting; restore(state, strict=False) restores only the keys both have (and adds "
+                       f"the others as plain data); {_fresh_hint(job)}")
+    differ = []
+    for key in sorted(saved_keys & live_keys):
+        target = state[key]
+        if not is_stateful(target):
+            continue
+        saved: dict = {}
+        _saved_shapes(tree["state"][key], manifest.layout.slots, f"state[{key!r}]", saved)
+        live: dict = {}
+        _live_shapes(target.state_dict(), f"state[{key!r}]", live)
+        for path in sorted(saved.keys() & live.keys()):
+            if saved[path] != live[path]:
+                differ.append(f"{path} is {_shape_text(saved[path])} in the snapshot, {_shape_text(live[path])} now")
+        if isinstance(target, torch.nn.Module):
+            differ += [f"{path} is in the snapshot, not in the model" for path in sorted(saved.keys() - live.keys())]
+            differ += [f"{path} is in the model, not in the snapshot" for path in sorted(live.keys() - saved.keys())]
+    if differ:
+        more = f" (and {len(differ) - MAX_LISTED} more)" if len(differ) > MAX_LISTED else ""
+        raise FtdError(f"job {job!r}, step {step}: the snapshot does not fit the live state: "
+                       f"{'; '.join(differ[:MAX_LISTED])}{more}. The model or optimizer changed since that "
+                       f"snapshot was taken; {_fresh_hint(job)}")
 
 
 def read_verified(arena: Arena, manifest: Manifest, state: dict, step: int,
@@ -99,19 +201,25 @@ def read_verified(arena: Arena, manifest: Manifest, state: dict, step: int,
     return out
 
 
-def load(manifest: Manifest, state: dict, tensors: dict[int, torch.Tensor], capture_rng: bool) -> None:
-    """Stateful values get load_state_dict(); everything else is replaced in ``state``; RNG restored."""
+def load(manifest: Manifest, state: dict, tensors: dict[int, torch.Tensor], capture_rng: bool, *,
+         job: str = "?", step: int = -1, strict: bool = True) -> None:
+    """Load a checked snapshot into ``state`` (what goes in place and what is replaced: module doc)."""
     def tensor_at(i: int) -> torch.Tensor:
         if i not in tensors:
             raise SerializationError(f"snapshot skeleton refers to tensor {i}, the layout has {len(tensors)}")
         return tensors[i]
 
     tree = manifest.tree
+    live_keys = set(state)
     for key, sub in tree["state"].items():
         target = state.get(key)
         if is_stateful(target):
-            target.load_state_dict(statecodec.decode(sub, tensor_at))
-        else:
-            state[key] = statecodec.decode(sub, tensor_at)
+            try:
+                target.load_state_dict(statecodec.decode(sub, tensor_at))
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise FtdError(f"job {job!r}, step {step}: state[{key!r}].load_state_dict() refused the snapshot: "
+                               f"{str(e)[:500]}; {_fresh_hint(job)}") from e
+        elif key in state or not strict or not live_keys:
+            state[key] = statecodec.decode(sub, tensor_at, template=target)
     if capture_rng and tree.get("rng") is not None:
         rng.restore(statecodec.decode(tree["rng"], tensor_at))

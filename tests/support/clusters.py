@@ -120,21 +120,22 @@ class LocalCluster:
     def losses(self, node: int) -> Path:
         return self.dir / f"loss{node}"
 
-    def start_trainer(self, node: int, steps: int, step_sleep: float = 0.0) -> subprocess.Popen:
+    def start_trainer(self, node: int, steps: int, step_sleep: float = 0.0, extra: tuple[str, ...] = ()) -> subprocess.Popen:
         env = dict(ENV, FTD_ENDPOINT=self.endpoints[node])
         if self.distinct_ranks:
             env.update(RANK=str(node), WORLD_SIZE=str(self.nodes))
         out = open(self.dir / f"trainer{node}.out", "ab")
         p = self._popen([sys.executable, "-m", "ftd.examples.tiny_trainer", "--steps", str(steps), "--losses",
                          str(self.losses(node)), "--seed", str(1000 + node), "--width", "64", "--depth", "2",
-                         "--step-sleep", str(step_sleep)], env=env, stdout=out, stderr=subprocess.STDOUT)
+                         "--step-sleep", str(step_sleep), *extra], env=env, stdout=out, stderr=subprocess.STDOUT)
         self.trainers[node] = p
         return p
 
-    def run_trainers(self, steps: int, step_sleep: float = 0.0, timeout: float = 120) -> list[int | None]:
+    def run_trainers(self, steps: int, step_sleep: float = 0.0, timeout: float = 120,
+                     extra: tuple[str, ...] = ()) -> list[int | None]:
         """Run one trainer per node to ``steps``; returns the step each resumed after (None: fresh)."""
         marks = {n: self._trainer_out(n) for n in range(self.nodes)}
-        procs = [self.start_trainer(n, steps, step_sleep) for n in range(self.nodes)]
+        procs = [self.start_trainer(n, steps, step_sleep, extra) for n in range(self.nodes)]
         for n, p in enumerate(procs):
             assert p.wait(timeout) == 0, f"trainer of node {n} failed:\n{self._trainer_out(n)[len(marks[n]):]}"
         return [self.resumed(n, since=len(marks[n])) for n in range(self.nodes)]

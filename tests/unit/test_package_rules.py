@@ -10,6 +10,7 @@ import ast
 from pathlib import Path
 
 import pytest
+
 from support.jobs import ROOT
 
 PACKAGE = ROOT / "ftd"

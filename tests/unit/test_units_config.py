@@ -74,3 +74,15 @@ def test_cluster_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="ftd keygen"):
         Config(peers=("tcp://10.0.0.1:7000", "tcp://10.0.0.2:7000"))
     assert Config(peers=four, parity=2).parity_code == "rs"
+
+
+def test_a_bad_value_in_a_config_file_names_the_file_and_the_key(tmp_path):
+    from ftd.errors import ConfigError, FtdError
+    path = tmp_path / "node.toml"
+    for text, key in (('memory_budget = "lots"', "memory_budget"), ("parity = true", "parity"),
+                      ('peer_timeout = "soon"', "peer_timeout"), ("chunk_size = 1000", "chunk_size")):
+        path.write_text(text + "\n")
+        with pytest.raises(ConfigError) as e:
+            load_config(path)
+        assert str(path) in str(e.value) and key in str(e.value), e.value
+        assert isinstance(e.value, FtdError) and isinstance(e.value, ValueError)

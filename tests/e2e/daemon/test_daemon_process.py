@@ -111,8 +111,11 @@ def test_hostile_input_gets_error_replies_and_the_daemon_keeps_serving(job):
         assert reply["ok"] is False and why in reply["error"], (frame, reply)
     reply = call(d.endpoint, [b"one", b"two"])
     assert reply["ok"] is False and "one frame" in reply["error"]
-    # a registration larger than the budget (2 GiB in the test config)
-    s = call(d.endpoint, [b'{"v":1,"type":"register","rank":5,"world":8,"pid":1}'])["session"]
+    # a registration larger than the budget (2 GiB in the test config), by a process that is gone by now
+    # (a live one would hold rank 5, and a stop would keep the node's snapshots for it)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    s = call(d.endpoint, [json.dumps({"v": 1, "type": "register", "rank": 5, "world": 8, "pid": gone.pid}).encode()])["session"]
     big = json.dumps({"v": 1, "type": "begin", "session": s, "step": 0, "nbytes": 3 << 30}).encode()
     reply = call(d.endpoint, [big])
     assert not reply["ok"] and "memory budget is 2.0 GiB" in reply["error"]
@@ -210,3 +213,100 @@ def test_the_daemon_process_never_loads_torch(job, tmp_path):
     assert workers
     wait_for(lambda: any("torch" in lib for lib in _mapped_libraries(workers[0].pid)), 60,
              "the flush worker to import torch (it does so at start, before any flush)")
+
+
+TRAINER_THAT_STAYS = (
+    "import sys, time, torch, ftd\n"
+    "c = ftd.Client(sys.argv[1], rank=0, world_size=1)\n"
+    "for step in range(3):\n"
+    "    c.snapshot(step, {'x': torch.full((1000,), float(step))}); c.wait(10)\n"
+    "print('snapshotted', flush=True)\n"
+    "time.sleep(120)\n")
+
+
+def test_stopping_a_daemon_keeps_the_snapshots_of_live_trainers_for_the_next_one(job):
+    d = job.daemon()
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER_THAT_STAYS, d.endpoint], stdout=subprocess.PIPE,
+                               text=True, env=job.env(d))
+    job.procs.append(trainer)
+    assert trainer.stdout.readline().strip() == "snapshotted"
+    assert d.stop() == 0                                             # an upgrade, a systemd restart
+    assert "kept 2 version(s)" in d.log() and "stay in shared memory for the next daemon" in d.log()
+    assert [n for n in leftovers(job.name) if n.endswith(".meta")]
+    d2 = job.daemon()
+    assert "adopted 2 version(s)" in d2.log()
+    out = {}
+    with ftd.Client(d2.endpoint, rank=0, world_size=1, verbose=False) as c:
+        assert c.restore(out) == 2 and out["x"][0].item() == 2.0
+    assert d2.stop() == 0 and "kept" in d2.log()[-2000:]            # the trainer still runs
+    d3 = job.daemon(extra="")
+    d3.proc.send_signal(signal.SIGTERM)
+    d3.proc.wait(15)
+    trainer.kill()
+    trainer.wait()
+    d4 = job.daemon()
+    assert d4.stop() == 0 and leftovers(job.name) == []             # no trainer alive: everything goes
+
+
+def test_ftd_daemon_clear_drops_them_even_with_trainers_alive(job):
+    d = job.daemon(start=False)
+    d.proc = subprocess.Popen([sys.executable, "-m", "ftd.cli", "daemon", "--config", str(d.config_path), "--clear"],
+                              stdout=open(d.log_path, "ab"), stderr=subprocess.STDOUT, cwd=job.dir)
+    wait_for(lambda: "serving at" in d.log(), 15, "the daemon")
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER_THAT_STAYS, d.endpoint], stdout=subprocess.PIPE,
+                               text=True, env=job.env(d))
+    job.procs.append(trainer)
+    assert trainer.stdout.readline().strip() == "snapshotted"
+    assert d.stop() == 0 and "all shared memory released" in d.log() and leftovers(job.name) == []
+
+
+def _ftd(*args, env=None, timeout=60):
+    return subprocess.run([sys.executable, "-m", "ftd.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_commands_wait_for_a_starting_daemon_and_find_it_as_the_client_does(job, tmp_path):
+    d = job.daemon(start=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTD_")}
+    env["FTD_CONFIG"] = str(d.config_path)                           # as `ftd agent` and torchrun jobs set it
+    early = subprocess.Popen([sys.executable, "-m", "ftd.cli", "status", "--wait", "30"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    d.start()                                                        # `ftd daemon &` right after
+    out, err = early.communicate(timeout=60)
+    assert early.returncode == 0 and f"node 0 of job {job.name!r}" in out, err
+    assert "waiting up to 30 s for the daemon" in err
+    env_job = {k: v for k, v in env.items() if k != "FTD_CONFIG"}
+    env_job.update(FTD_JOB="no-such-job", FTD_NODE_RANK="3")
+    r = _ftd("status", "--wait", "0.2", env=env_job)
+    assert r.returncode == 1 and "no-such-job/node3.sock" in r.stderr and "$FTD_JOB" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_missing_or_wrong_config_is_one_clean_line(tmp_path):
+    r = _ftd("status", "--config", str(tmp_path / "missing.toml"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('memory_budget = "lots"\n')
+    for command in ("status", "recover", "export", "clear"):
+        args = ["--latest", "--to", str(tmp_path / "x")] if command == "export" else []
+        r = _ftd(command, "--config", str(bad), *args)
+        assert r.returncode == 2 and "memory_budget" in r.stderr and "Traceback" not in r.stderr, (command, r.stderr)
+
+
+def test_ftd_clear_drops_memory_and_flushed_versions_and_refuses_while_trainers_run(job, tmp_path):
+    flush = tmp_path / "flush"
+    d = job.daemon(extra=f'flush_dir = "{flush}"\nflush_every = 1\n')
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER_THAT_STAYS, d.endpoint], stdout=subprocess.PIPE,
+                               text=True, env=job.env(d))
+    job.procs.append(trainer)
+    assert trainer.stdout.readline().strip() == "snapshotted"
+    wait_for(lambda: list((flush / job.name).glob("step-*/ftd-export-node0.json")), 60, "a flushed version")
+    r = _ftd("clear", "--endpoint", d.endpoint)
+    assert r.returncode == 1 and f"pid {trainer.pid}" in r.stderr and "--force" in r.stderr
+    trainer.kill()
+    trainer.wait()
+    r = _ftd("clear", "--endpoint", d.endpoint)
+    assert r.returncode == 0 and f"job {job.name!r}" in r.stdout and "removed flushed steps" in r.stdout, r.stderr
+    assert not list((flush / job.name).glob("step-*/ftd-export-node0.json"))
+    with ftd.Client(d.endpoint, rank=0, world_size=1, verbose=False) as c:
+        assert c.restore({}) is None

@@ -23,4 +23,4 @@ def test_watch_redraws_until_ctrl_c_and_shows_the_daemon_going_away(job):
     frames = out.split("\x1b[H\x1b[2J")[1:]
     assert len(frames) >= 4, out
     assert "every 0.2 s (Ctrl-C to stop)" in frames[0] and f"node 0 of job '{job.name}'" in frames[1]
-    assert "no ftd daemon at" in frames[-1]  # the view goes on and says so
+    assert "no ftd daemon answers at" in frames[-1]  # the view goes on and says so

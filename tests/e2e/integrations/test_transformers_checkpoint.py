@@ -1,18 +1,19 @@
 """The checkpoint folder ``resume_from`` writes is the Trainer's own layout, and plain PyTorch and
 transformers load it: ``from_pretrained`` gives the snapshot's weights, ``torch.load(weights_only=True)``
 its optimizer and scheduler state, bit for bit; the Trainer resumes from it and removes it at the
-first step. A run that forgets ``resume_from`` is told that it passes snapshots over. In process, against a daemon served from a thread.
+first step. A run that forgets ``resume_from`` over an interrupted run is refused; one after a
+finished run starts afresh. In process, against a daemon served from a thread.
 """
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 from transformers.trainer_pt_utils import safe_globals
 
+from ftd.errors import FtdError
 from ftd.integrations.transformers import FtdTrainerCallback, resume_from
 
 
@@ -27,14 +28,14 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def trainer_for(tmp_path, endpoint, max_steps, seed):
+def trainer_for(tmp_path, endpoint, max_steps, seed, finish=True):
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=8))
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=max_steps,
                              learning_rate=1e-2, warmup_steps=1, use_cpu=True, report_to=[], save_strategy="no",
                              logging_strategy="no", disable_tqdm=True, seed=seed)
     return Trainer(model=model, args=args, train_dataset=Tokens(),
-                   callbacks=[FtdTrainerCallback(endpoint=endpoint, root=tmp_path / "shm")])
+                   callbacks=[FtdTrainerCallback(endpoint=endpoint, root=tmp_path / "shm", finish=finish)])
 
 
 def assert_same(a, b, where=""):
@@ -53,10 +54,14 @@ def assert_same(a, b, where=""):
 
 
 @pytest.mark.timeout(60)
-def test_the_folder_is_a_trainer_checkpoint_that_plain_torch_and_transformers_load(thread_daemon, tmp_path, caplog):
+def test_the_folder_is_a_trainer_checkpoint_that_plain_torch_and_transformers_load(thread_daemon, tmp_path):
     d = thread_daemon()
-    first = trainer_for(tmp_path, d.endpoint, max_steps=3, seed=1)
-    first.train()  # snapshots steps 0-2; train end commits the last one
+    first = trainer_for(tmp_path, d.endpoint, max_steps=3, seed=1, finish=False)
+    first.train()  # snapshots steps 0-2; train end commits the last one, and (finish=False) the run is not over
+
+    forgot = trainer_for(tmp_path, d.endpoint, max_steps=5, seed=2)
+    with pytest.raises(FtdError, match=r"holds step 2 of an interrupted run.*resume_from\(trainer\)"):
+        forgot.train()  # resume_from forgotten: refused, not trained over the interrupted run
 
     second = trainer_for(tmp_path, d.endpoint, max_steps=5, seed=2)  # other initial weights
     folder = resume_from(second)
@@ -80,9 +85,9 @@ def test_the_folder_is_a_trainer_checkpoint_that_plain_torch_and_transformers_lo
     assert second.state.global_step == 5
     assert not any((tmp_path / "shm").iterdir()), "the folder outlived the resume"
 
-    with caplog.at_level(logging.WARNING, logger="ftd.integrations.transformers"):
-        trainer_for(tmp_path, d.endpoint, max_steps=1, seed=3).train()  # resume_from forgotten
-    assert "holds snapshots of rank 0 up to step 4, but this run starts at step 0" in caplog.text
+    third = trainer_for(tmp_path, d.endpoint, max_steps=1, seed=3)  # second finished: a rerun starts afresh
+    third.train()
+    assert third.state.global_step == 1
 
 
 def test_nothing_to_resume_gives_none(thread_daemon, tmp_path):

@@ -226,3 +226,24 @@ def test_kill_node_refuses_a_rank_not_in_the_cluster(cluster):
     r = ftd_launch("kill-node", "--dir", str(d), "--node-rank", "7")
     assert r.returncode == 2
     assert "node rank 7" in r.stderr and "0-1" in r.stderr
+
+
+@pytest.mark.timeout(90)
+def test_kill_node_finishes_the_loss_when_its_output_pipe_is_closed(cluster):
+    """`ftd kill-node ... | head -1`: the pipe closes after the first line, and the loss must still be
+    whole (a daemon killed but its shared memory left is a half loss that restarts wrongly)."""
+    d, job = cluster.dir, cluster.job
+    launcher = cluster.popen([sys.executable, "-m", "ftd.cli", "launch", "--nodes", "2", "--parity", "1", "--dir",
+                              str(d), "--job", job, "--memory-budget", "256MiB"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    info = wait_for(lambda: (d / "cluster.json").exists() and json.loads((d / "cluster.json").read_text())
+                    or launcher.poll() is not None and {"exited": launcher.returncode}, 30, "cluster.json")
+    assert "exited" not in info
+    segment = dummy_segment(f"ftd.{job}.n1.test")
+    kill = cluster.popen([sys.executable, "-m", "ftd.cli", "kill-node", "--dir", str(d), "--node-rank", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    kill.stdout.close()                                  # nobody reads what it says
+    assert kill.wait(30) == 0, kill.stderr.read()
+    assert not segment.exists() and not _alive(info["members"][1]["pid"])
+    launcher.send_signal(signal.SIGINT)
+    assert launcher.wait(30) == 0

@@ -323,3 +323,53 @@ def test_no_flush_is_marked_while_a_node_still_flushes():
         if sent(c, "sync")[0].fields["flush"]:
             flushed.append(step)
     assert flushed == [0, 2]
+
+
+# ---- new runs, finished runs, nodes that could not be rebuilt -----------------------------------------
+def fresh():
+    return make()[0]
+
+
+def recoverable_after_round(c, step):
+    c.take()
+    all_candidates(c, step)
+    rid = sent(c, "protect")[0].fields["round"]
+    for n in range(4):
+        c.on_done(n, rid, step, latest=step)
+    assert c.recoverable == step
+    c.take()
+
+
+def test_a_new_run_drops_the_timeline_in_a_new_epoch_and_stale_requests_are_ignored():
+    c = fresh()
+    recoverable_after_round(c, step=7)
+    c.on_reset(2, epoch=0, reason="resume='never'")
+    syncs = sent(c, "sync")
+    assert syncs and syncs[-1].fields["epoch"] == 1 and syncs[-1].fields["recoverable"] == -1
+    assert (c.epoch, c.recoverable, c.target) == (1, -1, 0) and c.resets[-1]["node"] == 2
+    c.on_reset(3, epoch=0, reason="late")              # asked about the run that is gone: answered, not redone
+    late = sent(c, "sync")
+    assert c.epoch == 1 and late[-1].dests == (3,)
+
+
+def test_syncs_say_when_every_node_finished_the_run():
+    c = fresh()
+    recoverable_after_round(c, step=3)
+    for n in (0, 1, 2):
+        c.on_alive(n, 3, finished=True)
+    assert not c.run_finished and not any(o.fields.get("finished") for o in sent(c, "sync"))
+    c.on_alive(3, 3, finished=True)
+    assert c.run_finished and sent(c, "sync")[-1].fields["finished"] is True
+    c.on_reset(1, c.epoch, "rerun of a finished run")
+    assert not c.run_finished and "finished" not in sent(c, "sync")[-1].fields
+
+
+def test_a_lost_node_is_listed_in_the_syncs_until_it_says_hello_rebuilt():
+    c = fresh()
+    recoverable_after_round(c, step=5)
+    c.on_lost(2)
+    assert sent(c, "sync")[-1].fields["lost"] == [2]
+    c.on_hello(2, recoverable=-1)                      # restarted, not rebuilt yet
+    assert c.lost_nodes == {2}
+    c.on_hello(2, recoverable=5)                       # rebuilt
+    assert c.lost_nodes == set() and "lost" not in sent(c, "sync")[-1].fields

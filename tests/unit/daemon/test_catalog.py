@@ -3,7 +3,8 @@ import itertools
 
 import pytest
 
-from ftd.daemon.catalog import CAPACITY_QUANTUM, Catalog
+from ftd.daemon.buffers import CAPACITY_QUANTUM
+from ftd.daemon.catalog import Catalog
 from ftd.errors import ProtocolError, Refused
 from ftd.shm.layout import Manifest, chunk_count, plan_layout
 
@@ -65,7 +66,8 @@ def test_restarted_trainer_reuses_an_abandoned_buffer(cat):
     snap(cat, s, 0)
     snap(cat, s, 1)
     stale = cat.begin(s, 2, 1000)["buffer"]
-    s2 = cat.register(0, 1, 2)["session"]           # the trainer restarted
+    cat.alive = lambda pid: pid != 1                # the trainer died (a live one would keep its rank)
+    s2 = cat.register(0, 1, 2)["session"]           # and restarted
     with pytest.raises(Refused, match="session"):
         cat.commit(s, stale, 2, manifest())            # the dead trainer's commit is refused
     assert cat.begin(s2, 2, 1000)["buffer"] == stale   # and its buffer is reused, the newest kept
@@ -285,3 +287,49 @@ def test_a_step_held_twice_leaves_a_spare_buffer_in_a_cluster(cat):
     assert version["buffer"] == "disk" and version["origin"] == "disk:/flush/step-12"  # the newest holder serves
     reply = cat.begin(session, 13, 100)
     assert "busy" not in reply and reply["buffer"] == "mem"
+
+
+# ---- one rank, one live process; steps that go back; runs that end ------------------------------------
+def test_a_second_live_process_cannot_claim_a_rank_a_dead_one_is_replaced(cat):
+    s = cat.register(0, 1, 100)["session"]
+    snap(cat, s, 0)
+    with pytest.raises(Refused, match=r"held by another live trainer process \(pid 100\)"):
+        cat.register(0, 1, 200)
+    with pytest.raises(Refused, match="pid 100"):
+        cat.restore(0, pid=200)                        # it would restore the other's step unawares
+    assert cat.restore(0, pid=100)["versions"]         # the holder itself may
+    cat.alive = lambda pid: pid != 100                 # the holder died
+    assert cat.register(0, 1, 200)["session"]
+
+
+def test_a_closed_client_no_longer_holds_its_rank(cat):
+    s = cat.register(0, 1, 100)["session"]
+    snap(cat, s, 0)
+    assert cat.live_trainers() == [(0, 100)]
+    cat.detach(0, 100)
+    assert cat.live_trainers() == [] and cat.register(0, 1, 200)["session"]
+    assert [v["step"] for v in cat.restore(0)["versions"]] == [0]   # its versions stay
+
+
+def test_a_step_that_goes_back_in_one_process_is_refused(cat):
+    s = cat.register(0, 1, 100)["session"]
+    snap(cat, s, 6)
+    with pytest.raises(Refused, match="step 3 comes after step 6"):
+        cat.begin(s, 3, 1000)
+    snap(cat, s, 6)                                    # the same step again is fine
+    cat.alive = lambda pid: pid != 100
+    s2 = cat.register(0, 1, 200)["session"]            # a restarted trainer may go back (it restored first)
+    assert cat.begin(s2, 3, 1000)["buffer"]
+
+
+def test_a_run_is_finished_once_every_rank_finished_and_reset_to_starts_a_new_one(cat):
+    s0, s1 = cat.register(0, 2, 100)["session"], cat.register(1, 2, 101)["session"]
+    snap(cat, s0, 4)
+    snap(cat, s1, 4)
+    assert cat.finish(s0) == {"step": 4, "run_finished": False}
+    assert cat.finish(s1) == {"step": 4, "run_finished": True} and cat.run_finished()
+    assert not cat.has_previous_run()                  # its trainers still hold their ranks
+    cat.detach(0, 100)
+    assert cat.has_previous_run()
+    cat.reset_to(-1)
+    assert cat.newest_step() == -1 and not cat.run_finished() and cat.restore(0)["versions"] == []

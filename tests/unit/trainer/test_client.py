@@ -244,7 +244,7 @@ def test_rank_and_world_come_from_the_environment(monkeypatch, tmp_path):
 
 
 def test_daemon_is_found_from_torchrun_or_slurm_variables(monkeypatch, tmp_path):
-    from ftd.trainer.discovery import find_daemon
+    from ftd.control.locate import find_daemon
     for name in ("FTD_ENDPOINT", "FTD_CONFIG", "FTD_NODE_RANK", "GROUP_RANK", "SLURM_NODEID"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("FTD_JOB", "train7")
