@@ -52,6 +52,9 @@ class Config:
     flush_every: int = 0            # flush a recoverable version once it is this many steps past the last
     flush_interval: float = 300.0   # ... or once this many seconds passed since the last flush began
     flush_keep: int = 2             # newest flushed versions kept on disk (per node)
+    # ---- Prometheus metrics (the optional extra ftd[metrics]) ----
+    metrics_port: int = 0           # serve /metrics on this TCP port; 0: no metrics
+    metrics_host: str = "127.0.0.1" # the address it binds ("0.0.0.0": every interface, for a remote Prometheus)
 
     def __post_init__(self) -> None:
         if not _JOB_NAME.match(self.job):
@@ -68,6 +71,8 @@ class Config:
                              f"and one of them > 0")
         if self.flush_keep < 1:
             raise ConfigError(f"flush_keep must keep at least 1 flushed version, got {self.flush_keep}")
+        if not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be a TCP port (1-65535), or 0 for no metrics; got {self.metrics_port!r}")
         if self.memory_budget == 0:
             object.__setattr__(self, "memory_budget", psutil.virtual_memory().total // 2)
         self._check_peers()
@@ -221,7 +226,7 @@ def _value(key: str, value, total: int, where: str):
         if isinstance(value, bool):
             raise ConfigError(f"{where}: {key} must be a number of seconds, got {value!r}")
         return float(value)
-    if key in ("node_rank", "parity", "group_size", "group_stride", "flush_every", "flush_keep"):
+    if key in ("node_rank", "parity", "group_size", "group_stride", "flush_every", "flush_keep", "metrics_port"):
         if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"{where}: {key} must be a whole number, got {value!r}")
         return int(value)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ def _daemon(args: argparse.Namespace) -> int:
     from ftd.daemon import server  # here, not at the top: the other commands need no daemon code
     try:
         config = load_config(args.config, node_rank=args.node_rank)
+        if args.metrics_port is not None:
+            config = dataclasses.replace(config, metrics_port=args.metrics_port)
     except ValueError as e:
         print(f"ftd daemon: {e}", file=sys.stderr)
         return 2
@@ -100,6 +103,8 @@ def _recover(args: argparse.Namespace) -> int:
 def _daemon_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config (see configs/local.toml); default: single-node defaults")
     p.add_argument("--node-rank", type=int, help="this node's rank (overrides the config)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (overrides the config's "
+                   "metrics_port; needs ftd[metrics])")
     p.add_argument("--clear", action="store_true",
                    help="at stop, drop every snapshot, even those of trainers that still run (by default a stop "
                         "keeps them for the next daemon, as after a crash)")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import time
@@ -25,6 +27,8 @@ def _ms(s: float | None) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.watch is not None:
+        return _watch(args)
     if args.dir:
         return _cluster_status(args)
     conn = connect(args, 5.0, "ftd status")
@@ -136,10 +140,31 @@ def _cluster_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _watch(args: argparse.Namespace) -> int:
+    """Redraw the status every ``--watch`` seconds until Ctrl-C; a daemon that is down shows as such."""
+    once = argparse.Namespace(**{**vars(args), "watch": None, "wait": 0.0})  # a daemon down shows at once
+    try:
+        while True:
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    _status(once)
+                except FtdError as e:  # the daemon is down or restarting: say so, and look again
+                    print(f"ftd status: {e}", file=sys.stderr)
+            sys.stdout.write("\x1b[H\x1b[2J" + f"ftd status, every {args.watch:g} s (Ctrl-C to stop)  "
+                             f"{time.strftime('%H:%M:%S')}\n\n" + out.getvalue() + err.getvalue())
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     daemon_link.add_arguments(p)
     p.add_argument("--dir", help="a cluster started by `ftd launch`: one table of every node's versions")
+    p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                   help="redraw the view every SECONDS (default 2) until Ctrl-C")
 
 
 COMMANDS = [Command("status", "show what the node daemon holds", _arguments, _status)]

@@ -45,18 +45,27 @@ class RequestHandler:
         return WorldChange(self.daemon.catalog, self.daemon.config.job, disk.newest_complete if disk else None)
 
     def handle(self, payload: bytes) -> bytes:
+        kind, fields, t0 = None, {}, time.perf_counter()
         try:
             msg = protocol.decode_request(payload)
-            fields = {k: v for k, v in msg.items() if k not in ("v", "type")}
-            return protocol.ok(**self.table[msg["type"]](**fields))
+            kind, fields = msg["type"], {k: v for k, v in msg.items() if k not in ("v", "type")}
+            result = self.table[kind](**fields)
+            self._observe(kind, fields, result, t0)
+            return protocol.ok(**result)
         except (ProtocolError, Refused) as e:
             if isinstance(e, ProtocolError):
                 self.invalid_requests += 1
+            else:
+                self._observe(kind, fields, None, t0)
             self._log_refusal(str(e))
             return protocol.error(str(e))
         except Exception as e:  # the daemon must stay up for the other ranks
             log.exception("internal error while handling a request")
             return protocol.error(f"internal error in the daemon: {type(e).__name__}: {e}")
+
+    def _observe(self, kind: str | None, fields: dict, result: dict | None, t0: float) -> None:
+        if self.daemon.metrics is not None and kind is not None:
+            self.daemon.metrics.on_request(kind, fields, result, time.perf_counter() - t0)
 
     def refuse_malformed(self, why: str) -> bytes:
         """A frame that is not even one request (a routing problem, several frames)."""

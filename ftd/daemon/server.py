@@ -61,6 +61,7 @@ class Daemon:
         elif self.flusher is not None:
             self.standalone_disk = StandaloneDisk(config, self.catalog, self.flusher)
         self.requests = RequestHandler(self)
+        self.metrics = None          # Prometheus metrics (daemon.metrics), when metrics_port is set
         self._stop = False
         self._lock_fd: int | None = None
         self._ctx: zmq.Context | None = None
@@ -109,6 +110,10 @@ class Daemon:
         if self.node is not None:
             self.node.store.adopt_parity()
             self.node.start(self._ctx)
+        if self.config.metrics_port:
+            from ftd.daemon.metrics import DaemonMetrics
+            self.metrics = DaemonMetrics(self)
+            self.metrics.start()
 
     # ---- status -------------------------------------------------------------------------------
     @property
@@ -151,6 +156,8 @@ class Daemon:
                 self.flusher.tick()
             if self.standalone_disk is not None:
                 self.standalone_disk.tick()
+            if self.metrics is not None:
+                self.metrics.tick()
             if self.node is not None:
                 try:
                     self._serve_peers(peer_sockets, events)
@@ -184,6 +191,8 @@ class Daemon:
     def close(self) -> None:
         if self._lock_fd is None:
             return  # never started: another daemon owns the socket and the segments
+        if self.metrics is not None:
+            self.metrics.close()
         if self.flusher is not None:
             self.flusher.close()  # before the segments go: it may be reading them
         if self.standalone_disk is not None:
@@ -238,6 +247,8 @@ def run(config: Config, clear_on_stop: bool = False) -> int:
     print(f"ftd daemon: node {config.node_rank} of job {config.job!r} serving at {config.endpoint} "
           f"(memory budget {config.memory_budget >> 20} MiB, shared memory in {config.shm_dir})", flush=True)
     print(f"ftd daemon: trainers on this node find it with FTD_ENDPOINT={config.endpoint}", flush=True)
+    if daemon.metrics is not None:
+        print(f"ftd daemon: Prometheus metrics at {daemon.metrics.url}", flush=True)
     if config.clustered:
         grouping = config.grouping()
         group = grouping.group_for(config.node_rank)

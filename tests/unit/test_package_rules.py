@@ -65,3 +65,13 @@ def test_no_module_is_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 400}
     assert not long, f"split these by concern: {long}"
+
+
+FRAMEWORKS = ("lightning", "pytorch_lightning", "transformers", "accelerate")
+
+
+@pytest.mark.parametrize("path", [p for p in modules(["."]) if p.parent.name not in ("integrations", "examples")],
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_only_the_integrations_import_a_training_framework(path):
+    bad = sorted(n for n in imported(path) if n.split(".")[0] in FRAMEWORKS or n.startswith("ftd.integrations"))
+    assert not bad, f"{path.relative_to(ROOT)} imports {bad}: frameworks load only where a trainer asks for them"
