@@ -296,8 +296,9 @@ class Cluster:
     """``ftd launch`` in a subprocess, the trainers helper, a daemon restarted by hand; ``close()``
     removes every process and shared-memory file of the job, whatever happened."""
 
-    def __init__(self, nodes: int, parity: int, nbytes: int, tag: str):
+    def __init__(self, nodes: int, parity: int, nbytes: int, tag: str, group_size: int = 0):
         self.nodes, self.parity, self.nbytes = nodes, parity, nbytes
+        self.group_size = group_size  # 0: one group of all nodes
         self.job = f"bp{os.getpid()}-{tag}"
         self.dir = Path(tempfile.mkdtemp(prefix="bprot-", dir="/tmp"))
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -352,7 +353,8 @@ class Cluster:
         t0 = time.monotonic()
         self.launcher = self._popen([sys.executable, "-m", "ftd.cli", "launch", "--nodes", str(self.nodes),
                                      "--parity", str(self.parity), "--dir", str(self.dir), "--job", self.job,
-                                     "--memory-budget", MEMORY_BUDGET], self.dir / "launch.out", cwd=REPO)
+                                     "--group-size", str(self.group_size), "--memory-budget", MEMORY_BUDGET],
+                                    self.dir / "launch.out", cwd=REPO)
         ok = wait_until(lambda: (self.dir / "cluster.json").exists() or self.launcher.poll() is not None,
                         LAUNCH_TIMEOUT)
         if not ok or self.launcher.poll() is not None:

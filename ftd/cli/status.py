@@ -103,6 +103,12 @@ def _cluster_lines(cl: dict) -> list[str]:
         lines.append(f"   restores wait: {cl['disk_wait']}")
     if cl["lost_error"]:
         lines.append(f"   cannot restore: {cl['lost_error']}")
+    tr = cl.get("traffic")
+    if tr:
+        kinds = lambda d: ", ".join(f"{k} {v['messages']}" for k, v in d["by_kind"].items()) or "none"  # noqa: E731
+        lines.append(f"   peer messages: sent {tr['sent']['messages']} ({format_size(tr['sent']['bytes'])}: "
+                     f"{kinds(tr['sent'])}), received {tr['received']['messages']} "
+                     f"({format_size(tr['received']['bytes'])}: {kinds(tr['received'])})")
     co = cl.get("coordinator")
     if co:
         lines.append(f"   coordinator: {co['phase']}, target step {co['target']}, rounds done {co['rounds_done']}, "

@@ -18,6 +18,7 @@ import zmq
 
 from ftd.cluster.auth import PeerSecurity
 from ftd.cluster.messages import MAX_FRAME, MAX_HEADER, PeerMessages
+from ftd.cluster.traffic import PeerTraffic, frame_bytes
 from ftd.config import Config
 from ftd.errors import FtdError, ProtocolError
 
@@ -42,9 +43,11 @@ def dealer(ctx: zmq.Context, security: PeerSecurity, endpoint: str, hwm: int = 2
 
 
 class PeerLinks:
-    def __init__(self, config: Config, ctx: zmq.Context, security: PeerSecurity, messages: PeerMessages):
+    def __init__(self, config: Config, ctx: zmq.Context, security: PeerSecurity, messages: PeerMessages,
+                 traffic: PeerTraffic | None = None):
         self.me = config.node_rank
         self.messages = messages
+        self.traffic = traffic or PeerTraffic()
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, MAX_PEER_MESSAGE)
@@ -68,15 +71,18 @@ class PeerLinks:
         frames = self.messages.encode(mtype, payload, **fields)
         try:
             self.dealers[dest].send_multipart(frames, flags=zmq.NOBLOCK, copy=payload is None or len(frames[-1]) < 65536)
-            return True
         except zmq.Again:
             self.dropped += 1
             return False
+        self.traffic.sent(dest, mtype, frame_bytes(frames))
+        return True
 
-    def reply(self, envelope: list, mtype: str, payload=None, **fields) -> bool:
+    def reply(self, envelope: list, dest: int, mtype: str, payload=None, **fields) -> bool:
+        """Answer node ``dest``'s query, which came with ``envelope``."""
         frames = self.messages.encode(mtype, payload, **fields)
         try:
             self.router.send_multipart(envelope + frames, flags=zmq.NOBLOCK, copy=payload is None)
+            self.traffic.sent(dest, mtype, frame_bytes(frames))
             return True
         except (zmq.Again, zmq.ZMQError):  # the asker is gone (EHOSTUNREACH) or its queue is full
             self.dropped += 1
@@ -94,6 +100,7 @@ class PeerLinks:
         except ProtocolError as e:
             log.warning("dropped an invalid peer message: %s", e)
             return None
+        self.traffic.received(msg["src"], msg["type"], frame_bytes(frames))
         return envelope, msg, None if payload is None else payload.buffer
 
     def close(self) -> None:
@@ -106,8 +113,9 @@ class PeerQueries:
     query id so that late or duplicated answers are told apart. For one thread."""
 
     def __init__(self, config: Config, security: PeerSecurity, messages: PeerMessages,
-                 stop: threading.Event):
+                 stop: threading.Event, traffic: PeerTraffic | None = None):
         self.config, self.messages, self.stop = config, messages, stop
+        self.traffic = traffic or PeerTraffic()
         self._ctx = zmq.Context()
         self._security = security
         self._socks: dict[int, zmq.Socket] = {}
@@ -125,6 +133,7 @@ class PeerQueries:
         frames = self.messages.encode(mtype, None, qid=qid, **fields)
         try:
             self._sock(peer).send_multipart(frames, flags=zmq.NOBLOCK)
+            self.traffic.sent(peer, mtype, frame_bytes(frames))
         except zmq.Again:
             pass  # not connected (yet): the caller's deadline decides
         return qid
@@ -160,6 +169,7 @@ class PeerQueries:
         except FtdError as e:
             log.warning("rebuild: dropped an invalid answer: %s", e)
             return
+        self.traffic.received(msg["src"], msg["type"], frame_bytes(frames))
         q = msg.get("qid")
         if q in wanted and wanted[q] == msg["src"]:
             got[q] = (msg, None if payload is None else payload.buffer)

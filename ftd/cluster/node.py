@@ -29,6 +29,7 @@ from ftd.cluster.messages import PeerMessages
 from ftd.cluster.parity_store import ParityStore
 from ftd.cluster.recovery import Recovery
 from ftd.cluster.rounds import ProtectionRounds
+from ftd.cluster.traffic import PeerTraffic
 from ftd.config import Config
 from ftd.daemon.catalog import Catalog
 from ftd.durable.cluster_restore import ClusterDisk
@@ -60,6 +61,7 @@ class ClusterNode:
                                         flush_policy=policy)
                             if self.me == 0 else None)
         self.links: PeerLinks | None = None
+        self.traffic = PeerTraffic()                      # peer messages by type, peer and bytes (status)
         catalog.clustered = True
         self.store = ParityStore(config, catalog, self.layout, self.pos)
         catalog.extra_used = lambda: self.store.parity_bytes
@@ -83,7 +85,7 @@ class ClusterNode:
     # ---- start and stop ---------------------------------------------------------------------
     def start(self, ctx: zmq.Context) -> None:
         self.security.start(ctx)
-        self.links = PeerLinks(self.config, ctx, self.security, self.messages)
+        self.links = PeerLinks(self.config, ctx, self.security, self.messages, self.traffic)
         self.recovery.start("start-up: checking what the peers hold")
         if self.coordinator:
             self.coordinator.start()
@@ -106,6 +108,7 @@ class ClusterNode:
         """To node ``dest``; to this node itself (the coordinator's messages to node 0) in-process."""
         if dest == self.me:
             msg = {"type": mtype, "src": self.me, **fields}
+            self.traffic.in_process(mtype)
             self._dispatch(None, msg, payload)
             return True
         return self.links.send(dest, mtype, payload, **fields)
@@ -205,19 +208,19 @@ class ClusterNode:
 
     # ---- answers to a rebuilding peer's queries -------------------------------------------------
     def _answer_state(self, msg: dict, payload, envelope) -> None:
-        self.links.reply(envelope, "state", qid=msg["qid"], recoverable=self.catalog.recoverable,
+        self.links.reply(envelope, msg["src"], "state", qid=msg["qid"], recoverable=self.catalog.recoverable,
                          data=[s for s in self.catalog.held_steps() if s in self.store.parity],
                          parity=sorted(self.store.parity), rebuilding=self.recovery.rebuilding is not None)
 
     def _answer_meta(self, msg: dict, payload, envelope) -> None:
-        self.links.reply(envelope, "meta", qid=msg["qid"], step=msg["step"], node=msg["node"],
+        self.links.reply(envelope, msg["src"], "meta", qid=msg["qid"], step=msg["step"], node=msg["node"],
                          meta=self.store.meta_for(msg["step"], msg["node"]))
 
     def _answer_fetch(self, msg: dict, payload, envelope) -> None:
         data, error, corrupt = self.store.fetch(msg["step"], msg["stripe"], msg["number"], msg["frame"])
         if corrupt:
             self.recovery.schedule_repair(f"{corrupt} of step {msg['step']} fails its checksums")
-        self.links.reply(envelope, "block", data, qid=msg["qid"], length=len(data),
+        self.links.reply(envelope, msg["src"], "block", data, qid=msg["qid"], length=len(data),
                          hash=chunk_checksum(data) if not error else 0, error=error[:200])
 
     # ---- loop turn ----------------------------------------------------------------------------------
@@ -324,5 +327,6 @@ class ClusterNode:
             "run_finished": self.cluster_finished, "new_run_wait": self.new_run_wait,
             "disk_wait": self.disk.disk_wait,
             "stats": {**self.stats, "sends_dropped": self.links.dropped if self.links else 0},
+            "traffic": self.traffic.status(),
             "coordinator": self.coordinator.status() if self.coordinator else None,
         }

@@ -36,6 +36,7 @@ from ftd.cluster.messages import PeerMessages
 from ftd.cluster.parity_store import parity_intact
 from ftd.cluster.protection import ALIGN, NodeImage, Shape
 from ftd.cluster.stripes import UnrecoverableLoss, chunk_bytes
+from ftd.cluster.traffic import PeerTraffic
 from ftd.config import Config
 from ftd.errors import FtdError, ProtocolError
 from ftd.shm import segments
@@ -71,7 +72,7 @@ class Result:
 
 class Rebuilder:
     def __init__(self, config: Config, security: PeerSecurity, holdings: Holdings, *, peer_wait: float | None = None,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, traffic: PeerTraffic | None = None):
         self.config = config
         self.me = config.node_rank
         self.holdings = holdings
@@ -82,7 +83,7 @@ class Rebuilder:
         self.messages = PeerMessages(config.job, self.me, config.nodes, self.layout.g)
         self.peer_wait = min(SURVEY_WAIT, config.peer_timeout) if peer_wait is None else peer_wait
         self.stop = stop or threading.Event()
-        self.queries = PeerQueries(config, security, self.messages, self.stop)
+        self.queries = PeerQueries(config, security, self.messages, self.stop, traffic)
         self.result = Result()
 
     # ---- the rebuild --------------------------------------------------------------------------

@@ -59,7 +59,7 @@ class Recovery:
 
         def work() -> None:
             try:
-                rebuilder = Rebuilder(config, security, holdings, stop=self._stop)
+                rebuilder = Rebuilder(config, security, holdings, stop=self._stop, traffic=self.node.traffic)
                 self._results.put(("ok", rebuilder.run()))
             except Exception as e:  # reported to the loop, which keeps serving
                 self._results.put(("error", e))
