@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from ftd.scale import failures  # noqa: E402
-from ftd.scale.costs import DISK, FTD, GiB, REPLICAS, Coordination, Strategy, Workload, evaluate  # noqa: E402
+from ftd.scale.costs import DISK, FTD, REPLICAS, Coordination, GiB, Strategy, Workload, evaluate  # noqa: E402
 from ftd.scale.measured import against_bench, coordination_from_bench  # noqa: E402
 from ftd.scale.survival import Placement, closed_form, loss_recoverable, monte_carlo  # noqa: E402
 

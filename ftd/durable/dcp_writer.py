@@ -110,6 +110,11 @@ def split_state(tensors: list[torch.Tensor], manifest: Manifest) -> tuple[dict, 
     tree = manifest.tree
 
     def on_dtensor(node: dict, shard: torch.Tensor, live, where: str):
+        partial = [p for p in node.get("placements", []) if p.startswith("Partial")]
+        if partial:
+            raise FtdError(f"{where} is a DTensor with placement {partial[0]}: its value is the sum of the ranks' "
+                           f"shards, not a shard, so it cannot be written as a global checkpoint; redistribute it "
+                           f"(Replicate or Shard) before snapshotting, or keep it out of the state")
         return Shard(shard, node) if writes_shard(node) else _Ref(node)
 
     full = {key: statecodec.decode(sub, lambda i: tensors[i], on_dtensor=on_dtensor, path=key, generator_states=True)

@@ -18,11 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-import lightning.pytorch as pl
 
 from ftd.integrations.lightning import FtdCallback, fingerprint
 

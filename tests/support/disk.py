@@ -10,8 +10,8 @@ def flip_tensor_byte(version: Path, node: int = 0, rank: int = 0) -> None:
     (written by ``node``): inside its data, which the checksums must catch."""
     manifest = json.loads((version / f"ftd-export-node{node}.json").read_text())
     entry = manifest["restore"][str(rank)]
-    where = max((w for w in entry["index"] if w), key=lambda w: w[2])
-    path = version / entry["dir"] / where[0]
+    where = max((w for w in entry["index"] if isinstance(w, list)), key=lambda w: w[2])
+    path = version / where[0]  # (relative to the version directory)
     data = bytearray(path.read_bytes())
     data[where[1] + where[2] // 2] ^= 0x40
     path.write_bytes(bytes(data))

@@ -5,7 +5,6 @@ recoverable step the nodes agree on, the protection rounds and their lag, the pa
 """
 from __future__ import annotations
 
-
 import pytest
 
 import ftd

@@ -4,12 +4,11 @@ pass), batch fingerprints, and a snapshot that does not fit this run is refused 
 """
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-import lightning.pytorch as pl
 
 import ftd
 from ftd.integrations.lightning import FtdCallback, fingerprint, run_closure_first

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from ftd.scale import failures
-from ftd.scale.costs import DISK, FTD, GiB, REPLICAS, Coordination, Strategy, Workload, _steps_behind, evaluate
+from ftd.scale.costs import DISK, FTD, REPLICAS, Coordination, GiB, Strategy, Workload, _steps_behind, evaluate
 from ftd.scale.measured import against_bench, coordination_from_bench
 
 pytestmark = pytest.mark.timeout(30)
