@@ -73,6 +73,9 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "block": {"qid": (_I, True), "length": (_SIZE, True), "hash": (_U64, True), "error": (_STR, True)},
 }
 _PAYLOAD = {"chunk", "block"}
+#: what only the coordinator (node 0) sends: the same from another node is refused, so a confused or
+#: stale peer cannot start a new run, a round or a disk load on its own
+FROM_COORDINATOR = frozenset({"sync", "protect", "protected", "abort", "disk_query", "disk_load", "disk_none"})
 _COMMON = ("v", "type", "job", "src")
 
 

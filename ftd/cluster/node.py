@@ -25,7 +25,7 @@ from ftd.cluster.auth import PeerSecurity
 from ftd.cluster.coordinator import Coordinator
 from ftd.cluster.erasure import Codec
 from ftd.cluster.links import PeerLinks
-from ftd.cluster.messages import PeerMessages
+from ftd.cluster.messages import FROM_COORDINATOR, PeerMessages
 from ftd.cluster.parity_store import ParityStore
 from ftd.cluster.recovery import Recovery
 from ftd.cluster.rounds import ProtectionRounds
@@ -142,6 +142,9 @@ class ClusterNode:
         self.flush_coordinator()
 
     def _dispatch(self, envelope, msg: dict, payload) -> None:
+        if msg["type"] in FROM_COORDINATOR and msg["src"] != 0:
+            raise ProtocolError(f"a {msg['type']!r} message comes from the coordinator (node 0), "
+                                f"not from node {msg['src']}")
         if self.coordinator:
             self.coordinator.heard_from(msg["src"])
         handler = self._handlers.get(msg["type"])

@@ -464,6 +464,7 @@ def phantoms(draw, cluster: Cluster) -> list[tuple[list[bytes], dict | None]]:
     """Well-formed messages about steps, stripes, blocks, frames, rounds and answers that do not
     exist, and replays of the last real round's messages; each with the answer it must get (or None)."""
     job, step = cluster.job, cluster.step
+    epoch = cluster.status(0)["cluster"]["epoch"]
     _, record = cluster.segment(1, "par", step)
     old_round = record["round"]
     steps = st.sampled_from([step, max(0, step - 1), step + 1, step + 1000, 1 << 40]) | st.integers(0, 5)
@@ -492,8 +493,9 @@ def phantoms(draw, cluster: Cluster) -> list[tuple[list[bytes], dict | None]]:
                 msg.update(round=old_round, step=step, sizes=[SIZES[n] for n in range(NODES)])
             else:                    # or a round of a step nobody holds
                 msg["step"] = step + 1000 + draw(st.integers(0, 9))
-        elif mtype == "sync":        # a replay of an old coordinator message
-            msg.update(target=draw(st.integers(0, step + 1)), recoverable=draw(st.integers(-1, step)))
+        elif mtype == "sync":        # a replay of an old coordinator message (of this run's timeline or older)
+            msg.update(target=draw(st.integers(0, step + 1)), recoverable=draw(st.integers(-1, step)),
+                       epoch=draw(st.integers(0, epoch)))
         elif mtype == "chunk" and draw(st.booleans()):
             msg["hash"] ^= 1         # fails its checksum
         out.append(([json.dumps(msg).encode()] + ([] if payload is None else [payload]), msg, expect))
@@ -539,6 +541,26 @@ def test_messages_about_what_does_not_exist_get_errors_or_are_ignored(cluster, n
         else:
             assert msg["recoverable"] == cluster.step
     assert got.keys() == queries.keys(), "a query went unanswered"
+
+
+@pytest.mark.parametrize("mtype,fields", [
+    ("sync", {"target": 0, "recoverable": -1, "epoch": 1 << 20}),  # "a new run: drop everything"
+    ("disk_load", {"epoch": 1 << 20, "step": 0}),
+    ("abort", {"round": 0, "reason": "forged"}),
+])
+def test_a_coordinator_message_from_another_node_is_refused(cluster, mtype, fields):
+    """Only node 0 coordinates: a sync, round or disk message in another node's name is refused and
+    counted, and the node keeps what it holds (a sync of a newer epoch would otherwise drop the run)."""
+    link = cluster.link(1)
+    before = cluster.invalid(1)
+    try:
+        link.send([header(cluster.job, mtype, src=2, **fields)])
+        state, answers = link.barrier()
+    finally:
+        link.close()
+    assert answers == [] and state["recoverable"] == cluster.step and not state["rebuilding"]
+    assert cluster.invalid(1) - before == 1
+    cluster.segment(1, "par", cluster.step)  # the parity is still there
 
 
 def test_after_the_hostile_batches_protection_goes_on_and_nothing_is_lost(cluster):
