@@ -1,23 +1,32 @@
-"""Helpers shared by the benchmark scripts (``bench_snapshot.py``, ``bench_protect.py``).
+"""Helpers shared by the benchmark scripts (``bench_snapshot.py``, ``bench_protect.py``, ``bench_fsdp.py``...).
 
-Both time phases, check the disk their files land on, prefault memory before allocating phases, evict
-files from the page cache, watch what else keeps the machine's cores busy, and print the same kind of
-tables; one copy of that code here keeps the two measuring and reporting alike. Not a package module:
+They time phases, check the disk their files land on, prefault memory before allocating phases, evict
+files from the page cache, watch what else keeps the machine's cores busy, run a private ftd daemon,
+and print the same kind of tables; one copy of that code here keeps them measuring and reporting alike. Not a package module:
 the scripts run as ``python scripts/bench_X.py``, which puts ``scripts/`` on ``sys.path``, and import it
 as ``benchutil``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import psutil
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # this checkout's ftd, not the one the virtual environment installed
+    sys.path.insert(0, str(REPO))
+
+from ftd.util.procs import ftd_env, log_tail, stop_process_group, wait_for  # noqa: E402
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -108,6 +117,33 @@ def ftd_revision() -> str:
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+@contextlib.contextmanager
+def private_daemon(prefix: str, budget: str = "8GiB", shm_dir: Path | None = None) -> Iterator[str]:
+    """An `ftd daemon` of a job of its own (its own runtime directory; its segments in ``shm_dir`` if
+    given), yielding its endpoint. However the block ends (an error, Ctrl-C), the daemon is stopped
+    and its segments and files are removed."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    job = f"bench{uuid.uuid4().hex[:8]}"
+    config = work / "daemon.toml"
+    shm = f'shm_dir = "{shm_dir}"\n' if shm_dir else ""
+    config.write_text(f'job = "{job}"\nruntime_dir = "{work}/rt"\n{shm}memory_budget = "{budget}"\n'
+                      'memory_reserve = "256MiB"\n')
+    log_path = work / "daemon.log"
+    with open(log_path, "wb") as log:
+        daemon = subprocess.Popen([sys.executable, "-m", "ftd.cli", "daemon", "--config", str(config)], stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=REPO, env=ftd_env(), start_new_session=True)
+    try:
+        wait_for(lambda: daemon.poll() is not None or "serving at" in log_path.read_text(), 30, "the daemon to serve")
+        if daemon.poll() is not None:
+            raise RuntimeError(f"the benchmark's ftd daemon exited ({daemon.returncode}):\n{log_tail(log_path)}")
+        yield f"ipc://{work}/rt/{job}/node0.sock"
+    finally:
+        stop_process_group(daemon, 30)
+        for segment in Path(shm_dir or "/dev/shm").glob(f"ftd.{job}.*"):
+            segment.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def sigterm_to_exit(signum: int, frame: Any) -> None:

@@ -28,11 +28,12 @@ from ftd.errors import DaemonUnavailable, FtdError, SerializationError
 from ftd.shm.checksum import ChunkHasher
 from ftd.shm.layout import Manifest
 from ftd.trainer.capture import StateCapture, identity
-from ftd.trainer.copier import SnapshotJob, Worker, copy_and_hash
+from ftd.trainer.copier import SnapshotJob, Worker, add_copier_totals, copy_and_hash
 from ftd.trainer.discovery import detect_rank_world, local_world
 from ftd.trainer.reshard import restore_resharded
 from ftd.trainer.restore import REPAIRING, restore_versions
 from ftd.trainer.session import Busy, DaemonSession
+from ftd.trainer.thread_usage import ThreadUsage
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,7 @@ class Client:
         self._restored = False  # a restore got an answer from the daemon
         self._closed = False
         self.stats = {"snapshots": 0, "committed": 0, "failed": 0, "skipped_busy": 0, "skipped_setup": 0,
-                      "skipped_protecting": 0,
-                      "snapshot_seconds": 0.0,
+                      "skipped_protecting": 0, "snapshot_seconds": 0.0, "helped_chunks": 0, "help_cpu": 0.0,
                       "hook_wait_seconds": 0.0, "last_copy_seconds": None, "last_step": None}
         self._hasher = ChunkHasher()
         self._worker = Worker(self._process)
@@ -296,6 +296,11 @@ class Client:
                                        "buffer before the next optimizer step", job.step)
                 return
         if not job.released.is_set():
+            claims = job.claims
+            if claims is not None:  # help: copy and hash the chunks left, beside the copier, rather than idle
+                before = ThreadUsage.now()
+                self.stats["helped_chunks"] += claims.run(helping=True)
+                self.stats["help_cpu"] += ThreadUsage.now().since(before).cpu
             job.released.wait()
         waited = time.perf_counter() - t0
         self.stats["hook_wait_seconds"] += waited
@@ -351,6 +356,7 @@ class Client:
         self._hook_wait_unreported = 0.0
         self._daemon_lost = False
         self.stats["committed"] += 1
+        add_copier_totals(self.stats, job)
         self.stats["last_copy_seconds"] = job.copy_seconds
         self.stats["last_step"] = job.step
         if self._failures:

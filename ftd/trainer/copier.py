@@ -3,6 +3,11 @@
 ``copy_and_hash`` walks the arena chunk by chunk: CPU tensors are copied piece by piece into the
 chunk and the chunk is hashed right after, while it is still in cache; CUDA tensors are copied
 whole on a side stream into the (pinned) arena and their chunks hashed once the copy event fires.
+The chunks are handed out one at a time (``ChunkClaims``), so a second thread can take some: the
+trainer thread, when ``optimizer.step()`` reaches the pre-step hook before the copy of the live
+tensors is done, copies and hashes the chunks that are left alongside the copier instead of
+waiting idle (on a busy host the copier is starved by the trainer's own compute threads; the
+memcpy and xxh3 release the GIL, so two threads copy twice as fast).
 ``Worker`` runs snapshot jobs on one background thread with a single pending slot: a newer
 snapshot supersedes one that has not started, so nothing queues without bound.
 """
@@ -19,6 +24,7 @@ import torch
 from ftd.shm.checksum import ChunkHasher, chunk_checksum
 from ftd.shm.layout import Layout, chunk_plan
 from ftd.trainer.statecodec import dtype_from_name
+from ftd.trainer.thread_usage import ThreadUsage
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,7 @@ class SnapshotJob:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     versions_at_step: list[int] | None = None  # captured by the optimizer pre-step hook
+    claims: "ChunkClaims | None" = None        # the chunks of the copy under way, for a helping thread
     cancelled: bool = False
     ok: bool = False
     error: str | None = None
@@ -83,15 +90,52 @@ def slot_view(arena: torch.Tensor, layout: Layout, i: int) -> torch.Tensor:
     return arena[s.offset:s.end].view(dtype_from_name(s.dtype)).view(s.shape)
 
 
+class ChunkClaims:
+    """The chunks of one copy, handed out one at a time to whichever thread asks: the copier, and the
+    trainer thread while it would otherwise wait for it. ``all_done`` is set once every chunk is
+    copied (and, where it holds no CUDA data, hashed or queued for hashing)."""
+
+    def __init__(self, chunks: int, work: Callable[[int], None]):
+        self._work, self._count = work, chunks
+        self._next, self._left = 0, chunks
+        self._lock = threading.Lock()
+        self.all_done = threading.Event()
+        self.helped = 0                   # chunks a helping thread did
+        self.error: BaseException | None = None
+        if not chunks:
+            self.all_done.set()
+
+    def run(self, helping: bool = False) -> int:
+        """Take and do chunks until none is left; return how many this call did."""
+        done = 0
+        while True:
+            with self._lock:
+                if self._next >= self._count or self.error is not None:
+                    return done
+                c, self._next = self._next, self._next + 1
+            try:
+                self._work(c)
+            except BaseException as e:  # the copier reports it; the trainer thread must not raise here
+                self.error = self.error or e
+            done += 1
+            with self._lock:
+                self._left -= 1
+                if helping:
+                    self.helped += 1
+                if self._left == 0 or self.error is not None:
+                    self.all_done.set()
+
+
 def copy_and_hash(job: SnapshotJob, arena: torch.Tensor, mv: memoryview, chunk_size: int,
                   side_stream: Any = None, chunk_delay: float = 0.0, hasher: ChunkHasher | None = None) -> list[int]:
     """Copy ``job.sources`` into ``arena`` (uint8 tensor over ``mv``); return per-chunk checksums.
 
     Order: issue the CUDA copies on the side stream, an event after each tensor; copy the CPU
-    tensors chunk by chunk, hashing each chunk right away unless it also holds CUDA data; set
-    ``job.released`` (the optimizer may go on: the pre-step hook orders it after the CUDA copies on
-    the GPU); then hash the chunks that held CUDA data, each as soon as its tensors have arrived
-    (on ``hasher``'s threads: a GPU host's copy engine outruns one core's xxh3).
+    tensors that are not contiguous whole; then copy the contiguous CPU tensors chunk by chunk
+    (``job.claims``: a helping thread may take chunks too), hashing each chunk right away unless it
+    also holds CUDA data; set ``job.released`` (the optimizer may go on: the pre-step hook orders it
+    after the CUDA copies on the GPU); then hash the chunks that held CUDA data, each as soon as its
+    tensors have arrived (on ``hasher``'s threads: a GPU host's copy engine outruns one core's xxh3).
     """
     layout, sources = job.layout, job.sources
     t0 = time.perf_counter()
@@ -109,24 +153,34 @@ def copy_and_hash(job: SnapshotJob, arena: torch.Tensor, mv: memoryview, chunk_s
     t1 = time.perf_counter()
     flat = [t.reshape(-1).view(torch.uint8) if not t.is_cuda and t.is_contiguous() and t.numel() else None
             for t in sources]
+    for i, src in enumerate(sources):  # first, so that no chunk is hashed before a strided tensor in it lands
+        if flat[i] is None and not src.is_cuda and layout.slots[i].nbytes:
+            slot_view(arena, layout, i).copy_(src)
     plan = chunk_plan(layout, chunk_size)
     sums: list = [None] * len(plan)  # per chunk: checksum, pending hash, or None until its CUDA data lands
-    for c, ((lo, hi), pieces) in enumerate(plan):
+
+    def copy_chunk(c: int) -> None:
+        (lo, hi), pieces = plan[c]
         holds_cuda = False
         for p in pieces:
-            src = sources[p.slot]
-            if src.is_cuda:
+            if sources[p.slot].is_cuda:
                 holds_cuda = True
-            elif flat[p.slot] is None:
-                if p.start == 0:  # non-contiguous: copied whole where it starts
-                    slot_view(arena, layout, p.slot).copy_(src)
-            else:
+            elif flat[p.slot] is not None:
                 base = layout.slots[p.slot].offset
                 arena[base + p.start:base + p.end].copy_(flat[p.slot][p.start:p.end])
         if not holds_cuda:  # hash now, while the chunk is in cache (or on the pool, while the next copies)
             sums[c] = hasher.submit(mv[lo:hi]) if hasher else chunk_checksum(mv[lo:hi])
         if chunk_delay:
             time.sleep(chunk_delay)  # fault-injection knob for tests: widens the copy window
+
+    claims = ChunkClaims(len(plan), copy_chunk)
+    job.claims = claims
+    before = ThreadUsage.now()
+    claims.run()
+    copier = ThreadUsage.now().since(before)  # this thread's part: on a core, waiting for one, faults
+    claims.all_done.wait()  # a helping thread may still be finishing its last chunk
+    if claims.error is not None:
+        raise claims.error
     job.released.set()
     t2 = time.perf_counter()
     waited = 0.0
@@ -138,8 +192,20 @@ def copy_and_hash(job: SnapshotJob, arena: torch.Tensor, mv: memoryview, chunk_s
             sums[c] = hasher.submit(mv[lo:hi]) if hasher else chunk_checksum(mv[lo:hi])
     sums = [ChunkHasher.result(v) for v in sums]
     job.phases = {"issue_cuda": t1 - t0, "cpu_copy_and_hash": t2 - t1, "cuda_wait": waited,
-                  "cuda_hash": time.perf_counter() - t2 - waited}
+                  "cuda_hash": time.perf_counter() - t2 - waited, "helped_chunks": claims.helped,
+                  **copier.as_phases("copier")}
     return sums
+
+
+#: the copier's per-snapshot figures that ``Client.stats`` sums over committed snapshots (why a copy
+#: fell behind the step: ``scripts/bench_busy_host.py`` prints them)
+COPIER_TOTALS = ("copier_wall", "copier_cpu", "copier_runqueue", "copier_off_cpu", "copier_minor_faults",
+                 "copier_major_faults")
+
+
+def add_copier_totals(stats: dict, job: SnapshotJob) -> None:
+    for key in COPIER_TOTALS:
+        stats[key] = stats.get(key, 0) + job.phases.get(key, 0)
 
 
 class Worker:

@@ -42,10 +42,12 @@ def assert_bit_exact(run: Path, ref: Path, nproc: int, steps: int = 8) -> None:
             assert value == want[step], f"rank {rank} step {step}: {value} != {want[step]} (uninterrupted)"
 
 
-CASES = [  # (ranks, mesh, style), the ones CI runs first
-    (2, "fsdp", "objects"), (4, "fsdp", "stateful"), (4, "hsdp", "objects"), (4, "fsdp_tp", "stateful"),
+CASES = [  # CI: each mesh once, both styles (a 4-rank FSDP2 job also runs in test_fsdp_cluster and
+           # test_sharded_checkpoint); FTD_SOAK=1: every mesh with both styles
+    (2, "fsdp", "objects"), (4, "hsdp", "stateful"), (4, "fsdp_tp", "objects"),
 ]
-SOAK_CASES = [(2, "fsdp", "stateful"), (4, "fsdp", "objects"), (4, "hsdp", "stateful"), (4, "fsdp_tp", "objects")]
+SOAK_CASES = [(2, "fsdp", "stateful"), (4, "fsdp", "objects"), (4, "fsdp", "stateful"), (4, "hsdp", "objects"),
+              (4, "fsdp_tp", "stateful")]
 
 
 @pytest.mark.parametrize("nproc,mesh,style", CASES + (SOAK_CASES if SOAK else []),

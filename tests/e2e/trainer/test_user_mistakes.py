@@ -97,10 +97,11 @@ print(" ".join(map(str, codes)))
 def test_trainers_that_exit_without_close_end_with_their_own_status(job):
     """Without close(), about 1 exit in 3 of a process whose copy is running used to abort ("terminate
     called without an active exception", status 134), which launchers count as a failed worker. Forked
-    children (the parent imported torch, so each exit is quick): 50 exits, half after an exception."""
+    children (the parent imported torch, so each exit is quick): 24 exits, half after an exception (a
+    bug that aborted 1 exit in 3 goes unseen in all 24 with probability (2/3)^24, under 1e-4)."""
     d = job.daemon()
-    r = subprocess.run([sys.executable, "-c", EXITS, d.endpoint, "50"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", EXITS, d.endpoint, "24"], capture_output=True, text=True,
                        cwd=ROOT, env=job.env(d), timeout=380)
     assert r.returncode == 0, r.stderr[-3000:]
     codes = [int(c) for c in r.stdout.split()]
-    assert len(codes) == 50 and codes == [0, 1] * 25, (codes, r.stderr[-2000:])
+    assert len(codes) == 24 and codes == [0, 1] * 12, (codes, r.stderr[-2000:])
