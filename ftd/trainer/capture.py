@@ -33,16 +33,28 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if statecodec.is_dtensor(t) else t
 
 
+def inner_optimizers(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
+    """The optimizers a container of optimizers steps (torchtitan's ``OptimizersContainer``: an
+    Optimizer whose ``step()`` steps those in its ``optimizers`` list, its own ``state`` empty); []
+    for a plain optimizer."""
+    inner = getattr(optimizer, "optimizers", None)
+    if not isinstance(inner, (list, tuple)):
+        return []
+    return [o for o in inner if isinstance(o, torch.optim.Optimizer) and o is not optimizer]
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> set[tuple]:
     """Identities of the tensors only optimizer.step() changes: its parameters and their state (for
-    DTensors, FSDP2's and tensor parallel's, their local shards)."""
+    DTensors, FSDP2's and tensor parallel's, their local shards); a container's, those of the
+    optimizers in it."""
     owned = set()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            owned.add(identity(_local(p)))
-            for v in optimizer.state.get(p, {}).values():
-                if isinstance(v, torch.Tensor):
-                    owned.add(identity(_local(v)))
+    for opt in [optimizer, *inner_optimizers(optimizer)]:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                owned.add(identity(_local(p)))
+                for v in opt.state.get(p, {}).values():
+                    if isinstance(v, torch.Tensor):
+                        owned.add(identity(_local(v)))
     return owned
 
 

@@ -29,7 +29,7 @@ from ftd.shm.checksum import chunk_checksum
 from ftd.shm.layout import Manifest, chunk_plan
 from ftd.trainer import rng, statecodec
 from ftd.trainer.arena import Arena, close_in_background
-from ftd.trainer.capture import is_stateful
+from ftd.trainer.capture import inner_optimizers, is_stateful
 from ftd.units import format_size
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ def load(manifest: Manifest, state: dict, tensors: dict[int, torch.Tensor] | Cal
     for key, sub in tree["state"].items():
         target = state.get(key)
         if is_stateful(target):
-            if isinstance(target, torch.optim.Optimizer) and not target.state and _holds_dtensors(sub):
+            if isinstance(target, torch.optim.Optimizer) and _holds_dtensors(sub):
                 _init_optimizer_state(target)  # its moments are DTensors: they need live ones to land in
             try:
                 # DTensor shards go into the live DTensors (the template); the rest is copied by load_state_dict
@@ -267,6 +267,10 @@ def _holds_dtensors(skeleton) -> bool:
 
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """An optimizer that has not stepped yet has no moments to restore DTensor shards into: create them
-    the way torch.distributed.checkpoint does (a step with zero gradients and a learning rate of 0)."""
+    the way torch.distributed.checkpoint does (a step with zero gradients and a learning rate of 0).
+    A container of optimizers (torchtitan's) has no learning rate of its own to zero, so a step of the
+    container would move the parameters: each optimizer in it is initialised instead."""
     from torch.distributed.checkpoint.state_dict import _init_optim_state
-    _init_optim_state(optimizer)
+    for opt in inner_optimizers(optimizer) or [optimizer]:
+        if not opt.state:
+            _init_optim_state(opt)

@@ -67,7 +67,7 @@ def test_no_module_is_over_400_lines():
     assert not long, f"split these by concern: {long}"
 
 
-FRAMEWORKS = ("lightning", "pytorch_lightning", "transformers", "accelerate")
+FRAMEWORKS = ("lightning", "pytorch_lightning", "transformers", "accelerate", "torchtitan")
 
 
 @pytest.mark.parametrize("path", [p for p in modules(["."]) if p.parent.name not in ("integrations", "examples")],
