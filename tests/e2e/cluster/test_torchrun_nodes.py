@@ -83,6 +83,8 @@ def test_ranks_that_c10d_moves_to_other_nodes_restore_from_the_nodes_that_hold_t
         st = cluster.status(2)["cluster"]
         assert st["hosted_ranks"] == [1] and st["moves"]["fetched"][0]["from"] == 1, st["moves"]
         assert cluster.status(1)["cluster"]["hosted_ranks"] == [2]
+        shown = cluster.ftd("status", "--config", cluster.config(2)).stdout
+        assert "ranks trained here: [1]" in shown and "fetched rank 1's step" in shown, shown
         fetched = st["moves"]["fetched"] + cluster.status(1)["cluster"]["moves"]["fetched"]
         assert sorted((f["rank"], f["from"]) for f in fetched) == [(1, 1), (2, 2)], fetched
         print("moved ranks (rank, from node, bytes, seconds):",  # the figures README quotes (pytest -s)
