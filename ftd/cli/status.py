@@ -52,8 +52,10 @@ def _status(args: argparse.Namespace) -> int:
                              for v in r["versions"]) or "none"
         writing = f"  writing step {r['writing'][0]}" if r["writing"] else ""
         alive = "alive" if r["alive"] else "not running"
+        moved = (f"  left this node after step {r['departed_after']} (kept for the parity)" if "departed_after" in r
+                 else f"  arrived at step {r['arrived_at']}" if "arrived_at" in r else "")
         print(f"rank {r['rank']}/{r['world']}  pid {r['pid']} ({alive})  commits {r['commits']}  "
-              f"buffers {format_size(r['buffer_bytes'])}")
+              f"buffers {format_size(r['buffer_bytes'])}{moved}")
         print(f"   versions: {versions}{writing}")
         print(f"   last snapshot: copy {_ms(r['last_copy_seconds'])}, trainer blocked {_ms(r['last_blocked_seconds'])}, "
               f"committed {_age(r['last_commit_at'])}")
@@ -99,6 +101,7 @@ def _cluster_lines(cl: dict) -> list[str]:
                         f"{cl['round']['frames_left']} parity frame(s) to go"))
     if cl["rebuilding"]:
         lines.append(f"   rebuilding: {cl['rebuilding']}")
+    lines.extend(_moves_lines(cl))
     if cl.get("disk_wait"):
         lines.append(f"   restores wait: {cl['disk_wait']}")
     if cl["lost_error"]:
@@ -113,6 +116,16 @@ def _cluster_lines(cl: dict) -> list[str]:
     if co:
         lines.append(f"   coordinator: {co['phase']}, target step {co['target']}, rounds done {co['rounds_done']}, "
                      f"abandoned {co['rounds_abandoned']}; {co['last_event']}")
+    return lines
+
+
+def _moves_lines(cl: dict) -> list[str]:
+    """Which ranks train on this node now, and the ranks whose versions it fetched from other nodes."""
+    mv = cl.get("moves") or {}
+    lines = [f"   ranks trained here: {cl['hosted_ranks']}"] if cl.get("hosted_ranks") is not None else []
+    lines += [f"   fetching rank {r}: {why}" for r, why in {**mv.get("waiting", {}), **mv.get("fetching", {})}.items()]
+    lines += [f"   fetched rank {f['rank']}'s step {f['step']} from node {f['from']}: {format_size(f['bytes'])} in "
+              f"{f['seconds']:.2f} s, {_age(f['at'])}" for f in mv.get("fetched", [])]
     return lines
 
 

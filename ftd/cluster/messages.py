@@ -71,6 +71,16 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "fetch": {"qid": (_I, True), "step": (_I, True), "stripe": (_I, True), "number": (_I, True),
               "frame": (_I, True)},
     "block": {"qid": (_I, True), "length": (_SIZE, True), "hash": (_U64, True), "error": (_STR, True)},
+    # a rank that restores on another node than the one holding its version (c10d moved it): where is it,
+    # and its bytes frame by frame (answered with "block"); holder: the node whose image holds it (-1: none
+    # known); rebuilding: the answering node is rebuilding and may hold it soon
+    "rank_query": {"qid": (_I, True), "step": (_I, True), "rank": (_NODE, True)},
+    "rank_info": {"qid": (_I, True), "step": (_I, True), "rank": (_NODE, True), "held": (_BOOL, True),
+                  "world": (_I, True), "capacity": (_SIZE, True), "manifest": (_META, True),
+                  "holder": (_STEP, True), "frame_size": (_SIZE, True), "rebuilding": (_BOOL, True)},
+    "rank_fetch": {"qid": (_I, True), "step": (_I, True), "rank": (_NODE, True), "frame": (_I, True)},
+    # the sender restored ``rank`` from the receiver's copy: it trains there now
+    "moved": {"step": (_I, True), "rank": (_NODE, True)},
 }
 _PAYLOAD = {"chunk", "block"}
 #: what only the coordinator (node 0) sends: the same from another node is refused, so a confused or
@@ -126,6 +136,8 @@ class PeerMessages:
                 raise ProtocolError(f"{msg['type']}.{key}={msg[key]} is outside 0..{self.g - 1}")
         if "node" in msg and msg["node"] >= self.nodes:
             raise ProtocolError(f"{msg['type']}.node={msg['node']} is not a node of this cluster")
+        if "holder" in msg and msg["holder"] >= self.nodes:
+            raise ProtocolError(f"{msg['type']}.holder={msg['holder']} is not a node of this cluster")
         if "length" in msg and msg["length"] > MAX_FRAME:
             raise ProtocolError(f"{msg['type']}.length={msg['length']} exceeds {MAX_FRAME}")
         if msg["type"] == "protect" and len(msg["sizes"]) != self.nodes:

@@ -5,6 +5,7 @@ identity in its group) and hands each peer message to its handler through one ta
 (``_handlers``). The parts, each one concern:
   - ``rounds.ProtectionRounds``: pin, send, encode and report one step per round;
   - ``recovery.Recovery``: rebuilds from the peers, on their own thread;
+  - ``moves.RankMoves``: ranks that restore here though another node holds their version (fetches);
   - ``durable.cluster_restore.ClusterDisk``: the flushes the coordinator marks, the restore from disk;
   - ``coordinator.Coordinator``, on node 0 only: its messages to itself are delivered in-process.
 
@@ -21,6 +22,7 @@ from typing import Callable
 
 import zmq
 
+from ftd.cluster import moves
 from ftd.cluster.auth import PeerSecurity
 from ftd.cluster.coordinator import Coordinator
 from ftd.cluster.erasure import Codec
@@ -79,6 +81,7 @@ class ClusterNode:
                       "protection_lag": {"count": 0, "total_seconds": 0.0, "max_seconds": 0.0, "last_seconds": None}}
         self.rounds = ProtectionRounds(self)
         self.recovery = Recovery(self)
+        self.moves = moves.RankMoves(self)
         self.disk = ClusterDisk(self, flusher)
         self._handlers = self._handler_table()
 
@@ -96,6 +99,7 @@ class ClusterNode:
     def close(self, keep: bool = False) -> None:
         """Stop; with ``keep``, leave the protected parity in shared memory for the next daemon."""
         self.recovery.close()
+        self.moves.close()
         self.disk.close()
         self.rounds.drop_round()
         self.store.close(keep=keep)
@@ -169,6 +173,9 @@ class ClusterNode:
             "state_query": self._answer_state,
             "meta_query": self._answer_meta,
             "fetch": self._answer_fetch,
+            "rank_query": lambda m, p, e: self.moves.answer_query(m, e),
+            "rank_fetch": lambda m, p, e: self.moves.answer_fetch(m, e),
+            "moved": lambda m, p, e: self.moves.on_moved(m["src"], m["step"], m["rank"]),
         }
         c = self.coordinator
         if c:  # messages for the coordinator, which runs on this node
@@ -231,6 +238,7 @@ class ClusterNode:
         if self.new_run_wait and time.monotonic() - self._new_run_asked > NEW_RUN_ASK_AGAIN:
             self._ask_new_run()  # the coordinator may have restarted or missed it
         self.recovery.tick()
+        self.moves.tick()
         self.rounds.pump()
         self.disk.tick()
         if self.coordinator:
@@ -331,5 +339,6 @@ class ClusterNode:
             "disk_wait": self.disk.disk_wait,
             "stats": {**self.stats, "sends_dropped": self.links.dropped if self.links else 0},
             "traffic": self.traffic.status(),
+            "hosted_ranks": sorted(r.rank for r in cat.hosted()), "moves": self.moves.status(),
             "coordinator": self.coordinator.status() if self.coordinator else None,
         }

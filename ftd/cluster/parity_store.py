@@ -120,6 +120,15 @@ class ParityStore:
         return {"node": meta, "sizes": record["sizes"], "c": record["c"], "frame_size": record["frame_size"],
                 "round": record["round"]}
 
+    def image_holder(self, step: int, rank: int) -> int:
+        """The group peer whose image of ``step`` holds ``rank``, from the metadata kept with its parity;
+        -1 if none does (or this node holds no parity of that step)."""
+        held = self.parity.get(step)
+        for node, meta in (held[1]["metas"].items() if held else ()):
+            if any(r.get("rank") == rank for r in (meta or {}).get("ranks", [])):
+                return int(node)
+        return -1
+
     def fetch(self, step: int, stripe: int, number: int, f: int) -> tuple[object, str, str | None]:
         """(payload, error, corrupt) for a peer's fetch of frame ``f`` of block ``number`` of ``stripe``.
         error is "" when the payload is good; corrupt names what failed its checksum here ("data" or

@@ -24,9 +24,10 @@ COORDINATION, DATA, QUERY = "coordination", "data", "query"
 KIND_OF: dict[str, str] = {
     **{t: COORDINATION for t in ("candidate", "sync", "protect", "done", "protected", "commit", "committed",
                                  "abort", "refuse", "hello", "restored", "alive", "lost", "disk_offer",
-                                 "disk_query", "disk_load", "disk_loaded", "disk_none", "reset")},
+                                 "disk_query", "disk_load", "disk_loaded", "disk_none", "reset", "moved")},
     **{t: DATA for t in ("node_meta", "chunk", "chunk_ack")},
-    **{t: QUERY for t in ("state_query", "state", "meta_query", "meta", "fetch", "block")},
+    **{t: QUERY for t in ("state_query", "state", "meta_query", "meta", "fetch", "block", "rank_query",
+                          "rank_info", "rank_fetch")},
 }
 assert set(KIND_OF) == set(SCHEMAS), "every peer message type needs a kind in traffic.KIND_OF"
 

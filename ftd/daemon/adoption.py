@@ -52,7 +52,9 @@ def adopt_predecessor(config: Config, catalog: Catalog, store: ShmStore,
         pid = meta.get("pid")
         catalog.adopt(rank, meta["world"], path.name, path.stat().st_size, meta["step"],
                       meta["manifest"], meta.get("committed_at"),
-                      trainer_pid=pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None)
+                      trainer_pid=pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None,
+                      foreign=meta.get("foreign") is True,
+                      origin=meta["origin"] if isinstance(meta.get("origin"), str) else "memory")
         log.info("adopted rank %d step %d from %s", rank, meta["step"], path.name)
     return len(found), removed
 

@@ -29,7 +29,8 @@ class Buffer:
     seq: int = 0                      # commit order, to tell the newest version
     committed_at: float | None = None
     pid: int | None = None            # the trainer process that committed it (None: adopted, rebuilt)
-    origin: str = "memory"            # "disk:<dir>": loaded from a flushed version (a restore says so)
+    origin: str = "memory"            # "disk:<dir>": loaded from a flushed version; "fetched from node N"
+    foreign: bool = False             # fetched from another node for a restore: not part of this node's image
 
 
 @dataclasses.dataclass
@@ -47,6 +48,8 @@ class RankEntry:
     flush_hold: str | None = None     # buffer a flush is copying out: never handed out meanwhile
     finished: bool = False            # its trainer called finish(): its part of the run is over
     detached: bool = False            # its trainer closed its client: it holds the rank no more
+    since: int = -1                   # cluster: part of this node's image only for steps after this one
+    until: int | None = None          # cluster: departed; part of this node's image only up to this step
 
     def complete(self) -> list[Buffer]:
         """Complete versions, newest first."""

@@ -21,8 +21,10 @@ Call order (the daemon's loop only, so no locks):
      ``restore`` and ``corrupt`` when a trainer restarts; ``versions`` for ``ftd export``;
   3. ``finish`` when a trainer's run is over (``run_finished`` once every rank's is);
      ``reset_to(-1)`` when a new run starts (resume="never", a rerun of a finished run, ``ftd clear``);
-  4. in a cluster: ``sync`` on each coordinator sync, ``candidate`` after commits, ``forget_newer``
-     after a restore, ``reset_to`` after a restore from disk or the start of a new run;
+  4. in a cluster (``catalog_cluster``): ``sync`` on each coordinator sync, ``candidate`` after commits,
+     ``forget_newer`` after a restore, ``reset_to`` after a restore from disk or the start of a new
+     run; ``adopt(foreign=True)`` + ``arrived`` for a rank's version fetched from another node,
+     ``depart`` for a rank that left;
   5. around a flush's copy-out: ``hold_for_flush``, then ``release_flush_hold``;
   6. ``release_all`` at shutdown (unless trainers are alive: the next daemon adopts their versions).
 """
@@ -33,12 +35,13 @@ import time
 from typing import Any, Callable
 
 from ftd.daemon.buffers import CAPACITY_QUANTUM, Buffer, RankEntry, SegmentStore
+from ftd.daemon.catalog_cluster import ClusterCatalog
 from ftd.errors import Refused
 from ftd.shm.layout import Manifest
 from ftd.units import format_size, round_up
 
 
-class Catalog:
+class Catalog(ClusterCatalog):
     def __init__(self, store: SegmentStore, *, budget: int, available: Callable[[], int], reserve: int,
                  segment_name: Callable[[int], str], clock: Callable[[], float] = time.time,
                  new_session: Callable[[], str] = lambda: secrets.token_hex(8),
@@ -106,17 +109,20 @@ class Catalog:
 
     # ---- requests ---------------------------------------------------------------------------
     def adopt(self, rank: int, world: int, name: str, capacity: int, step: int, manifest: dict,
-              committed_at: float | None, origin: str = "memory", trainer_pid: int | None = None) -> None:
+              committed_at: float | None, origin: str = "memory", trainer_pid: int | None = None,
+              foreign: bool = False) -> None:
         """Take over a complete, verified version left by a predecessor daemon, rebuilt from the
-        peers or loaded from disk (call in commit order). ``trainer_pid``: the process that committed
-        it, if it still runs (it holds the rank until it says otherwise: a daemon stopped again keeps
-        its versions)."""
+        peers, loaded from disk or (``foreign``) fetched from another node for a restore here (call in
+        commit order). ``trainer_pid``: the process that committed it, if it still runs (it holds the
+        rank until it says otherwise: a daemon stopped again keeps its versions)."""
         entry = self.ranks.setdefault(rank, RankEntry(rank, world))
+        if foreign:
+            self.arrived(rank, step)
         if trainer_pid is not None and entry.pid is None and self.alive(trainer_pid):
             entry.pid = trainer_pid
         self._seq += 1
         entry.buffers.append(Buffer(name, capacity, "complete", step, manifest, self._seq, committed_at,
-                                    origin=origin))
+                                    origin=origin, foreign=foreign))
         if len(entry.buffers) > 2:
             oldest = min((b for b in entry.buffers if b.name != entry.flush_hold), key=lambda b: b.seq)
             self.store.release(oldest.name)
@@ -180,6 +186,7 @@ class Catalog:
             self._allocate(entry, nbytes, None).state = "free"
         self.store.mark_writing(target.name)
         target.state, target.step, target.manifest, target.committed_at = "writing", step, None, None
+        target.origin, target.foreign = "memory", False
         following = next(b for b in entry.buffers if b is not target)
         return {"buffer": target.name, "capacity": target.capacity, "next": following.name}
 
@@ -228,7 +235,8 @@ class Catalog:
 
     def run_finished(self) -> bool:
         """Every rank of the node finished its run (a rerun starts afresh)."""
-        return bool(self.ranks) and len(self.ranks) >= self.local_world and all(r.finished for r in self.ranks.values())
+        hosted = self.hosted()
+        return bool(hosted) and len(hosted) >= self.local_world and all(r.finished for r in hosted)
 
     def live_trainers(self) -> list[tuple[int, int]]:
         """(rank, pid) of every registered trainer whose process still runs."""
@@ -253,11 +261,13 @@ class Catalog:
         if self.clustered and self.recoverable >= 0:
             entry = self.ranks.get(rank)
             mine = [b for b in entry.complete() if b.step == self.recoverable] if entry else []
-            if not mine:
+            if not mine:  # (in a job of several ranks, the cluster side fetches it from the node that holds it first)
                 raise Refused(
                     f"rank {rank} has no snapshot of the cluster's recoverable step {self.recoverable} on this node "
-                    f"(it holds ranks {sorted(self.ranks)}); every rank must restart on the node it ran on, "
-                    f"or the job must start afresh with a new job name")
+                    f"(it holds ranks {sorted(self.ranks)}); a trainer of world size 1 must restart on the node it "
+                    f"ran on (ranks of a larger job are fetched from the node that holds them), or the job must "
+                    f"start afresh with a new job name")
+            self.returned(rank)
             return {"versions": [{"step": b.step, "buffer": b.name, "manifest": b.manifest, "origin": b.origin}
                                  for b in mine[:1]]}
         if rank not in self.ranks or self.clustered:
@@ -291,51 +301,6 @@ class Catalog:
             buf.state, buf.step, buf.manifest = "free", None, None
         return {}
 
-    # ---- cluster ------------------------------------------------------------------------------
-    def _pinnable(self, entry: RankEntry, b: Buffer) -> bool:
-        """Only versions the rank's live trainer committed may be protected: a dead trainer's last
-        versions belong to a run that is over (its restart restores the recoverable step, so
-        protecting them now could hand a later-restoring rank a step the others did not restore)."""
-        return b.state == "complete" and b.pid is not None and b.pid == entry.pid and self.alive(entry.pid)
-
-    def candidate(self) -> tuple[int, int, bool] | None:
-        """(step, node bytes, mismatch) once every rank's live trainer pinned a step for the current
-        target. mismatch: the ranks pinned different steps (step is then the largest)."""
-        if self.target is None or not self.ranks or any(r.pinned is None for r in self.ranks.values()):
-            return None
-        if not all(r.pid is not None and self.alive(r.pid) for r in self.ranks.values()):
-            return None
-        if len(self.ranks) < self.local_world:
-            return None  # a rank of this node has not registered yet
-        steps = {r.pinned for r in self.ranks.values()}
-        step = max(steps)
-        nbytes = sum(b.manifest["nbytes"] for r in self.ranks.values() for b in r.complete() if b.step == r.pinned)
-        return step, nbytes, len(steps) > 1
-
-    def sync(self, target: int, recoverable: int) -> None:
-        """The coordinator's word: ``recoverable`` is safe to serve (the caller checked this node holds
-        it), and the next round pins the first commit at or after ``target``."""
-        if recoverable > self.recoverable:
-            self.recoverable = recoverable
-        self.target = target
-        for r in self.ranks.values():
-            later = [b.step for b in r.complete() if b.step >= target and self._pinnable(r, b)]
-            r.pinned = min(later) if later else None
-
-    def forget_newer(self, rank: int, step: int) -> None:
-        """Rank ``rank`` went back to ``step`` (a restore): its versions after that belong to the run
-        before the restart; never pin, protect or serve them. The recoverable version always stays.
-        Other ranks' versions are left alone: they may already be the new run's."""
-        entry = self.ranks.get(rank)
-        if entry is None:
-            return
-        step = max(step, self.recoverable)
-        entry.pinned = None
-        for b in entry.buffers:
-            if b.state == "complete" and b.step > step:
-                self.store.mark_writing(b.name)
-                b.state, b.step, b.manifest = "free", None, None
-
     def newest_common(self) -> int:
         """Newest step every rank of this node holds (standalone: what a restore serves), or -1."""
         return max(self.held_steps(), default=-1)
@@ -351,25 +316,20 @@ class Catalog:
         for r in self.ranks.values():
             r.flush_hold = None
 
-    def reset_to(self, step: int) -> None:
-        """The cluster restored ``step`` from disk (or, with -1, a new run begins): it is the
-        recoverable step now, even if an older timeline had a later one; every version after it
-        belongs to that timeline."""
-        self.recoverable = step
-        for rank in list(self.ranks):
-            self.forget_newer(rank, step)
-            self.ranks[rank].finished = False
-
     def held_steps(self) -> list[int]:
-        """Steps that every rank of this node holds complete, newest first."""
-        steps = [{b.step for b in r.complete()} for r in self.ranks.values()]
-        return sorted(set.intersection(*steps), reverse=True) if steps else []
+        """Steps of which this node holds its whole image (every rank, see ``buffers_of``), newest first."""
+        steps = {b.step for r in self.ranks.values() for b in r.complete() if not b.foreign}
+        return sorted((s for s in steps if self.buffers_of(s)), reverse=True)
 
     def buffers_of(self, step: int) -> list[tuple[RankEntry, Buffer]]:
-        """(rank, buffer) holding ``step`` for every rank, in rank order; [] unless all ranks hold it."""
+        """This node's image of ``step``: (rank, buffer) for every rank of it, in rank order; [] unless all
+        of them hold it. Standalone that is every rank; in a cluster, ranks that arrived after ``step`` or
+        left before it are not part of it (``catalog_cluster``), nor are versions fetched from other nodes."""
         out = []
         for r in sorted(self.ranks.values(), key=lambda r: r.rank):
-            b = next((b for b in r.complete() if b.step == step), None)
+            if not self.in_image(r, step):
+                continue
+            b = next((b for b in r.complete() if b.step == step and not b.foreign), None)
             if b is None:
                 return []
             out.append((r, b))
@@ -386,6 +346,9 @@ class Catalog:
                 "buffer_bytes": sum(b.capacity for b in r.buffers),
                 "last_commit_at": r.last_commit_at, "last_copy_seconds": r.last_copy_seconds,
                 "last_blocked_seconds": r.last_blocked_seconds, "pinned": r.pinned,
+                **({"departed_after": r.until} if r.until is not None else {}),
+                **({"arrived_at": r.since} if r.since >= 0 else {}),
+                **({"fetched": [b.step for b in r.complete() if b.foreign]} if any(b.foreign for b in r.buffers) else {}),
             })
         return {"budget": self.budget, "used": self.used, "ranks": ranks}
 

@@ -162,6 +162,9 @@ class RequestHandler:
         reshard = self.world_change.answer(world, d.node is not None) if world else None
         if reshard is not None:  # a run at another world size: every rank reads the flushed version
             return {"versions": [], "reshard": reshard, **self._where()}
+        moved = d.node is not None and cat.recoverable >= 0 and not cat.holds_rank(rank, cat.recoverable)
+        if moved and (world or 1) > 1:  # another node holds it (c10d moved it); world 1: a job per node, refused
+            return {"wait": d.node.moves.want(rank, cat.recoverable, world)}
         result = cat.restore(rank, local_world, pid)
         if d.node is not None:
             d.node.on_restored(rank, result["versions"][0]["step"] if result["versions"] else -1)

@@ -121,6 +121,7 @@ class Cluster:
         self.clients: dict[int, ftd.Client] = {}
         self.expected: dict[int, torch.Tensor] = {}
         self.step = -1
+        self.frame_size = load_config(c.config(0)).frame_size
 
     def start(self) -> "Cluster":
         wait_for(lambda: all(self.c.ping(n) for n in range(NODES)), 30, "the daemons to be ready")
@@ -242,6 +243,8 @@ def well_formed(draw, job: str, mtype: str | None = None) -> tuple[dict, bytes |
             msg[name] = draw(st.integers(0, NODES - 1))
         elif (mtype, name) in (("lost", "nodes"), ("sync", "lost")):  # lists of nodes of this cluster
             msg[name] = draw(st.lists(st.integers(0, NODES - 1), max_size=NODES))
+        elif name == "holder":                                      # a node of this cluster, or -1
+            msg[name] = draw(st.integers(-1, NODES - 1))
         else:
             msg[name] = draw(_KIND_VALUES[kind])
     payload = None
@@ -295,7 +298,8 @@ def _defects(draw, msg: dict, payload):
                        | st.binary(max_size=64))]
     elif what == "bounds":
         msg.update(draw(st.sampled_from([{"stripe": NODES}, {"number": 255}, {"node": NODES}, {"length": MAX_FRAME + 1},
-                                         {"sizes": [1] * (NODES + 1)}, {"nodes": [NODES]}, {"stripe": -1}])))
+                                         {"sizes": [1] * (NODES + 1)}, {"nodes": [NODES]}, {"stripe": -1},
+                                         {"holder": NODES}])))
     if frames is None:
         frames = [json.dumps(msg).encode()] + ([] if payload is None else [payload])
     return frames
@@ -473,7 +477,7 @@ def phantoms(draw, cluster: Cluster) -> list[tuple[list[bytes], dict | None]]:
     for _ in range(draw(st.integers(1, 10))):
         mtype = draw(st.sampled_from(["fetch", "fetch", "meta_query", "state_query", "node_meta", "chunk", "chunk",
                                       "chunk_ack", "abort", "refuse", "commit", "committed", "protected", "block",
-                                      "state", "meta", "protect", "sync"]))
+                                      "state", "meta", "protect", "sync", "rank_query", "rank_fetch", "moved"]))
         msg, payload = draw(well_formed(job, mtype))
         for name in ("step", "round"):
             if name in msg:
@@ -486,6 +490,10 @@ def phantoms(draw, cluster: Cluster) -> list[tuple[list[bytes], dict | None]]:
             expect = {"type": "block", "qid": msg["qid"]}
         elif mtype == "meta_query":
             expect = {"type": "meta", "qid": msg["qid"]}
+        elif mtype in ("rank_query", "rank_fetch"):  # a rank restoring elsewhere: rank 0 exists, 1 and 2 do not
+            if mtype == "rank_fetch":
+                msg["frame"] = draw(st.sampled_from([0, 0, 1, 1 << 40]))
+            expect = {"type": "rank_info" if mtype == "rank_query" else "block", "qid": msg["qid"]}
         elif mtype == "state_query":
             expect = {"type": "state", "qid": msg["qid"]}
         elif mtype == "protect":
@@ -523,7 +531,22 @@ def test_messages_about_what_does_not_exist_get_errors_or_are_ignored(cluster, n
         query, expect = queries[msg["qid"]]
         assert msg["type"] == expect["type"] and msg["src"] == node
         got[msg["qid"]] = True
-        if msg["type"] == "block":
+        if msg["type"] == "block" and query["type"] == "rank_fetch":
+            data, meta = cluster.segment(node, "r0", cluster.step)
+            nbytes, fs = meta["manifest"]["nbytes"], cluster.frame_size
+            serves = query["step"] == cluster.step and query["rank"] == 0 and query["frame"] * fs < nbytes
+            event(f"rank fetch {'served' if serves else 'refused'}")
+            if serves:
+                want = data.read_bytes()[query["frame"] * fs:min(nbytes, (query["frame"] + 1) * fs)]
+                assert msg["error"] == "" and payload == want and msg["hash"] == chunk_checksum(want), msg
+            else:
+                assert msg["error"] and payload == b"", msg
+        elif msg["type"] == "rank_info":
+            held = query["step"] == cluster.step and query["rank"] == 0
+            assert msg["held"] == held and msg["rank"] == query["rank"], msg
+            if held:
+                assert msg["manifest"]["nbytes"] == SIZES[node] and msg["holder"] == node
+        elif msg["type"] == "block":
             serves = (query["step"] == cluster.step and query["frame"] * record["frame_size"] < max(record["c"], 1)
                       and cluster.layout.block_number(cluster.group.position(node), query["stripe"]) == query["number"])
             event(f"fetch {'served' if serves else 'refused'}")

@@ -1,0 +1,105 @@
+"""ftd under torchrun's own elastic agent, as users run it: one ``torchrun --rdzv-backend c10d`` agent per
+simulated node (told apart by ``--local-addr``), each node's daemon from ``ftd launch``, a DDP job over
+gloo snapshotted every step, every loss compared bit for bit (``float.hex()``) with an uninterrupted run.
+
+c10d gives out ranks in the sorted order of the agents' addresses, so when a lost node's replacement
+joins under another address, ranks land on other nodes than the ones holding their snapshots: each
+such rank's version is fetched from the node that holds it, and every rank restores the same step.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ftd.local.torchrun_job import TorchrunNodes
+from ftd.util.procs import wait_for
+
+from support.clusters import ENV, LocalCluster
+from support.jobs import ROOT
+from support.losses import read_losses
+
+pytestmark = pytest.mark.timeout(300)
+STEPS = 24
+TRAINER = ["-m", "ftd.examples.gpt_trainer", "--layers", "1", "--dim", "32", "--heads", "2", "--context", "16",
+           "--batch", "4", "--steps", str(STEPS), "--pg-timeout", "30"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Losses of the same 3-rank job without ftd, never interrupted."""
+    out = tmp_path_factory.mktemp("ref")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--standalone", *TRAINER,
+           "--no-ftd", "--out", str(out)]
+    r = subprocess.run(cmd, env=dict(ENV, PYTHONPATH=str(ROOT)), cwd=ROOT, capture_output=True, text=True, timeout=200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {rank: dict(read_losses(out / f"losses-rank{rank}.txt")) for rank in range(3)}
+
+
+def check_bit_exact(out, reference, ranks=3):
+    for rank in range(ranks):
+        got = read_losses(out / f"losses-rank{rank}.txt")
+        assert {s for s, _ in got} == set(range(STEPS)), f"rank {rank} did not run every step"
+        bad = [s for s, v in got if v != reference[rank][s]]
+        assert not bad, f"rank {rank} differs from the uninterrupted run at steps {bad}"
+
+
+def recoverable(cluster) -> int:
+    return min((s for s in cluster.recoverable() if s is not None), default=-1)
+
+
+def test_ranks_that_c10d_moves_to_other_nodes_restore_from_the_nodes_that_hold_them(tmp_path, reference):
+    cluster = LocalCluster(3, 1)
+    out = tmp_path / "out"
+    job = TorchrunNodes(tmp_path, 3, [*TRAINER, "--step-sleep", "0.15", "--out", str(out)])
+    try:
+        for node in range(3):
+            job.start(f"n{node}", cluster.config(node), f"127.0.0.{node + 1}")
+        wait_for(lambda: recoverable(cluster) >= 3, 150, "a recoverable step past 3")
+        # a worker crash: torchrun restarts every worker, each restores on its own node
+        os.kill(job.worker_pid(1), 9)
+        wait_for(lambda: len([s for s in job.starts() if s[2] is not None]) >= 3, 120, "the restart after the crash")
+        crash_step = job.starts()[-1][2]
+        wait_for(lambda: recoverable(cluster) >= crash_step + 6, 150, "a recoverable step 6 past the crash")
+        loss_step = recoverable(cluster)
+        # node 1 is lost; its replacement's agent joins under another address, so c10d sorts it last
+        job.kill("n1")
+        cluster.kill_node(1)
+        cluster.restart_daemon(1)  # empty: rebuilds node 1's snapshot (rank 1) from its peers
+        job.start("n1-new", cluster.config(1), "127.0.0.4")
+        codes = job.wait(200)
+        assert set(codes.values()) == {0}, codes
+        check_bit_exact(out, reference)
+        restarts = [s for s in job.starts() if s[2] is not None]
+        assert len(restarts) == 6, restarts
+        by_step = {}
+        for node, rank, step in restarts:
+            by_step.setdefault(step, set()).add(rank)
+        assert by_step == {crash_step: {0, 1, 2}, max(by_step): {0, 1, 2}} and max(by_step) >= loss_step, restarts
+        moved = [r for r in job.restores() if "fetched from node" in r[3]]
+        assert {(node, rank) for node, rank, _, _ in moved} == {("n1-new", 2), ("n2", 1)}, job.restores()
+        st = cluster.status(2)["cluster"]
+        assert st["hosted_ranks"] == [1] and st["moves"]["fetched"][0]["from"] == 1, st["moves"]
+        assert cluster.status(1)["cluster"]["hosted_ranks"] == [2]
+        shown = cluster.ftd("status", "--config", cluster.config(2)).stdout
+        assert "ranks trained here: [1]" in shown and "fetched rank 1's step" in shown, shown
+        fetched = st["moves"]["fetched"] + cluster.status(1)["cluster"]["moves"]["fetched"]
+        assert sorted((f["rank"], f["from"]) for f in fetched) == [(1, 1), (2, 2)], fetched
+        print("moved ranks (rank, from node, bytes, seconds):",  # the figures README quotes (pytest -s)
+              [(f["rank"], f["from"], f["bytes"], f["seconds"]) for f in fetched],
+              "restores:", job.restores())
+        # the moved ranks are protected where they train now: node 2, which holds rank 1 since the move,
+        # is lost and rebuilt from its peers' parity of the last step
+        final = cluster.settled()
+        assert final == STEPS - 1, final
+        cluster.kill_node(2)
+        cluster.restart_daemon(2)  # ready once its rebuild is over
+        st = cluster.status(2)
+        assert [(r["rank"], [v["step"] for v in r["versions"]]) for r in st["ranks"]] == [(1, [final])], st["ranks"]
+        assert st["cluster"]["recoverable"] == final
+    finally:
+        job.close()
+        left = cluster.close()
+    assert not left, left
