@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import pathlib
 from collections import OrderedDict
 from typing import Any, Callable
@@ -131,7 +132,7 @@ class Encoder:
         """A DTensor: this rank's shard goes to the arena, and what it is a shard of to the skeleton
         (placements, mesh, global shape, where the shard sits), so that a restore can check it lands on
         the same layout and the disk tier can write one global checkpoint."""
-        local = x.to_local()
+        local = local_shard(x)
         if local.layout != torch.strided or local.device.type == "meta":
             raise SerializationError(f"{path}: a DTensor whose local shard is {local.layout} on {local.device} "
                                      "cannot be snapshotted")
@@ -275,15 +276,32 @@ def is_dtensor(x: Any) -> bool:
     return type(x).__name__ == "DTensor" and hasattr(x, "to_local") and hasattr(x, "placements")
 
 
+def local_shard(x: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard: the tensor itself, as ``to_local()`` gives it but without going through
+    autograd (``to_local()`` costs ~10 us a call, which adds up over every parameter and moment at every
+    snapshot); the same storage either way."""
+    local = getattr(x, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else x.to_local()
+
+
 def dtensor_layout(x: torch.Tensor) -> dict:
     """What a DTensor is a shard of, as JSON: placements, mesh shape and dim names, global shape and
     stride, this rank's mesh coordinate and the global offsets of its shard."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else -1
+    key = (x.device_mesh, tuple(x.placements), tuple(x.shape), x.stride(), rank)
+    return {k: list(v) for k, v in _layout(*key).items()}
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(mesh: Any, placements: tuple, shape: tuple, stride: tuple, rank: int) -> dict:
+    """``dtensor_layout`` of a key that determines it (a mesh equals only a mesh of the same ranks, and
+    this process's rank is part of the key): computed once per kind of shard, not once per tensor per
+    snapshot (the offsets and the coordinate cost ~50 us a tensor)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    mesh = x.device_mesh
-    _, offsets = compute_local_shape_and_global_offset(x.shape, mesh, x.placements)
-    return {"placements": [repr(p) for p in x.placements], "mesh_shape": list(mesh.shape),
-            "mesh_dims": list(mesh.mesh_dim_names or ()), "shape": list(x.shape), "stride": list(x.stride()),
-            "offsets": [int(o) for o in offsets], "coordinate": [int(c) for c in (mesh.get_coordinate() or ())]}
+    _, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return {"placements": tuple(repr(p) for p in placements), "mesh_shape": tuple(mesh.shape),
+            "mesh_dims": tuple(mesh.mesh_dim_names or ()), "shape": shape, "stride": tuple(stride),
+            "offsets": tuple(int(o) for o in offsets), "coordinate": tuple(int(c) for c in (mesh.get_coordinate() or ()))}
 
 
 def _restore_dtensor(node: dict, shard: torch.Tensor, live: Any, where: str) -> Any:
