@@ -182,14 +182,19 @@ def run_round(mode: str, ckpt: NoCheckpoint, rnd: int, plan: dict, train: dict, 
         loss = nn.functional.mse_loss(model(x), x[:, :1].sin())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        c0 = time.thread_time()
         parts = ckpt.before_optimizer_step()
+        c1 = time.thread_time()
         optimizer.step()
         scheduler.step()
         parts.update(ckpt.after_optimizer_step())
+        c2 = time.thread_time()
         parts.update(ckpt.save(first_step + i))
+        cpu = (c1 - c0) + (time.thread_time() - c2)  # this thread's CPU in the checkpoint's calls
         step_s = time.perf_counter() - t0
         records.append({"mode": mode, "round": rnd, "i": i, "warmup": i < plan["warmup"], "step_s": step_s,
-                        "blocked_s": sum(parts.values()), "parts": parts, "background": ckpt.background()})
+                        "blocked_s": sum(parts.values()), "blocked_cpu_s": cpu, "parts": parts,
+                        "background": ckpt.background()})
     ckpt.drain()
     dist.barrier()
     return records

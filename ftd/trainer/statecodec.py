@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import pathlib
 from collections import OrderedDict
 from typing import Any, Callable
@@ -29,6 +28,7 @@ import torch
 
 from ftd.errors import SerializationError
 from ftd.shm.layout import DTYPE_SIZES
+from ftd.trainer.dtensors import cached_layout, is_dtensor, local_shard, restore_shard, this_rank
 
 TAG = "__ftd__"
 MAX_DEPTH = 64
@@ -56,6 +56,7 @@ class Encoder:
 
     def __init__(self) -> None:
         self.tensors: list[torch.Tensor] = []
+        self._rank: int | None = None  # this process's rank, looked up at the first DTensor
 
     def encode(self, obj: Any, path: str = "state") -> Any:
         return self._walk(obj, path, 0)
@@ -67,24 +68,14 @@ class Encoder:
     def _walk(self, x: Any, path: str, depth: int) -> Any:
         if depth > MAX_DEPTH:
             raise SerializationError(f"{path}: the state is nested deeper than {MAX_DEPTH} levels")
+        if isinstance(x, torch.Tensor):  # first: state_dicts are mostly tensors (and no tensor is an Enum)
+            return self._dtensor(x, path) if is_dtensor(x) else self._plain_tensor(x, path)
         if isinstance(x, enum.Enum):  # before the scalars: an IntEnum is an int too
             return {TAG: "enum", "type": _qualname(type(x)), "value": self._walk(x.value, f"{path}.value", depth + 1)}
         if x is None or isinstance(x, (bool, int, float, str)):
             if type(x) not in (type(None), bool, int, float, str):  # subclasses such as np.float64
                 return self._scalar_subclass(x, path)
             return x
-        if isinstance(x, torch.Tensor) and is_dtensor(x):
-            return self._dtensor(x, path)
-        if isinstance(x, torch.Tensor):
-            if x.layout != torch.strided or x.is_quantized or x.device.type == "meta":
-                raise SerializationError(f"{path}: only dense tensors can be snapshotted, got layout {x.layout}"
-                                         f" on {x.device}; convert it with .to_dense() in state_dict()")
-            dtype_name(x.dtype)
-            node = {TAG: "tensor", "index": self._tensor(x.detach())}
-            if isinstance(x, torch.nn.Parameter):
-                node["parameter"] = True
-                node["requires_grad"] = x.requires_grad
-            return node
         if isinstance(x, np.ndarray):
             if x.dtype.kind not in "biufc":
                 raise SerializationError(f"{path}: numpy array of dtype {x.dtype} cannot be stored safely")
@@ -137,9 +128,24 @@ class Encoder:
             raise SerializationError(f"{path}: a DTensor whose local shard is {local.layout} on {local.device} "
                                      "cannot be snapshotted")
         dtype_name(local.dtype)
-        node = {TAG: "dtensor", "index": self._tensor(local.detach()), **dtensor_layout(x)}
+        if self._rank is None:
+            self._rank = this_rank()
+        # the cached layout's lists are shared by every node of this kind of shard: skeletons are only
+        # serialized, never changed in place
+        node = {TAG: "dtensor", "index": self._tensor(local.detach()), **cached_layout(x, self._rank)}
         if isinstance(x, torch.nn.Parameter):
             node["parameter"] = True
+        return node
+
+    def _plain_tensor(self, x: torch.Tensor, path: str) -> dict:
+        if x.layout != torch.strided or x.is_quantized or x.device.type == "meta":
+            raise SerializationError(f"{path}: only dense tensors can be snapshotted, got layout {x.layout}"
+                                     f" on {x.device}; convert it with .to_dense() in state_dict()")
+        dtype_name(x.dtype)
+        node = {TAG: "tensor", "index": self._tensor(x.detach())}
+        if isinstance(x, torch.nn.Parameter):
+            node["parameter"] = True
+            node["requires_grad"] = x.requires_grad
         return node
 
     @staticmethod
@@ -195,7 +201,7 @@ def decode(skeleton: Any, tensor_at: Callable[[int], torch.Tensor], template: An
             new = {k: walk(v, _get(live, k), depth + 1, f"{where}[{k!r}]") for k, v in x.items()}
             return _into_dict(live, new) if into_live else new
         if tag == "dtensor":
-            return (on_dtensor or _restore_dtensor)(x, tensor_at(_index(x)), live, where)
+            return (on_dtensor or restore_shard)(x, tensor_at(_index(x)), live, where)
         if tag == "tensor":
             t = tensor_at(_index(x))
             if x.get("parameter"):
@@ -268,67 +274,6 @@ def decode(skeleton: Any, tensor_at: Callable[[int], torch.Tensor], template: An
         raise SerializationError(f"unknown tag {tag!r} in snapshot skeleton")
 
     return walk(skeleton, template, 0)
-
-
-# ---- DTensors (FSDP2, tensor parallel, HSDP) ---------------------------------------------------------
-def is_dtensor(x: Any) -> bool:
-    """Whether ``x`` is a torch.distributed DTensor (without importing torch.distributed for others)."""
-    return type(x).__name__ == "DTensor" and hasattr(x, "to_local") and hasattr(x, "placements")
-
-
-def local_shard(x: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard: the tensor itself, as ``to_local()`` gives it but without going through
-    autograd (``to_local()`` costs ~10 us a call, which adds up over every parameter and moment at every
-    snapshot); the same storage either way."""
-    local = getattr(x, "_local_tensor", None)
-    return local if isinstance(local, torch.Tensor) else x.to_local()
-
-
-def dtensor_layout(x: torch.Tensor) -> dict:
-    """What a DTensor is a shard of, as JSON: placements, mesh shape and dim names, global shape and
-    stride, this rank's mesh coordinate and the global offsets of its shard."""
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else -1
-    key = (x.device_mesh, tuple(x.placements), tuple(x.shape), x.stride(), rank)
-    return {k: list(v) for k, v in _layout(*key).items()}
-
-
-@functools.lru_cache(maxsize=4096)
-def _layout(mesh: Any, placements: tuple, shape: tuple, stride: tuple, rank: int) -> dict:
-    """``dtensor_layout`` of a key that determines it (a mesh equals only a mesh of the same ranks, and
-    this process's rank is part of the key): computed once per kind of shard, not once per tensor per
-    snapshot (the offsets and the coordinate cost ~50 us a tensor)."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    _, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
-    return {"placements": tuple(repr(p) for p in placements), "mesh_shape": tuple(mesh.shape),
-            "mesh_dims": tuple(mesh.mesh_dim_names or ()), "shape": shape, "stride": tuple(stride),
-            "offsets": tuple(int(o) for o in offsets), "coordinate": tuple(int(c) for c in (mesh.get_coordinate() or ()))}
-
-
-def _restore_dtensor(node: dict, shard: torch.Tensor, live: Any, where: str) -> Any:
-    """Copy the saved shard into the live DTensor's local shard, after checking it is the same shard
-    of the same tensor on the same mesh (no gather, no full tensor ever built)."""
-    if not is_dtensor(live):
-        raise SerializationError(
-            f"{where} was saved as a shard of a DTensor ({node.get('placements')} on a mesh of shape "
-            f"{node.get('mesh_shape')}); restore it into the live DTensor of the same model and optimizer "
-            f"(build and shard them, e.g. with fully_shard, before restore()), "
-            f"{'not a plain tensor' if isinstance(live, torch.Tensor) else 'got ' + type(live).__name__}")
-    saved = {k: node.get(k) for k in ("placements", "mesh_shape", "mesh_dims", "shape", "offsets")}
-    now = dtensor_layout(live)
-    now = {k: now[k] for k in saved}
-    if saved != now:
-        differ = ", ".join(f"{k} {saved[k]} in the snapshot, {now[k]} now" for k in saved if saved[k] != now[k])
-        raise SerializationError(
-            f"{where} does not fit the live DTensor: {differ}. A snapshot in memory restores onto the same "
-            f"mesh and placements only; to go onto another world size or mesh, load the version flushed to "
-            f"disk (one global checkpoint that reshards), or start afresh")
-    local = live.to_local()
-    if local.shape != shard.shape or local.dtype != shard.dtype:
-        raise SerializationError(f"{where}: its local shard is {local.dtype}{list(local.shape)} now, "
-                                 f"{shard.dtype}{list(shard.shape)} in the snapshot")
-    with torch.no_grad():
-        local.copy_(shard)
-    return live
 
 
 def _get(live: Any, key: Any) -> Any:

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import ftd
-from ftd.trainer import statecodec
+from ftd.trainer import dtensors
 from ftd.trainer.capture import StateCapture
 
 pytestmark = pytest.mark.timeout(60)
@@ -98,9 +98,9 @@ def test_dtensor_layout_is_cached_per_kind_of_shard_and_equals_the_computed_one(
         local_shape, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
         x = DTensor.from_local(torch.zeros(local_shape), mesh, placements, run_check=False, shape=torch.Size(shape),
                                stride=torch.empty(shape).stride())
-        first = statecodec.dtensor_layout(x)
+        first = dtensors.dtensor_layout(x)
         assert first["offsets"] == [int(o) for o in offsets] and first["shape"] == list(shape)
         assert first["coordinate"] == list(mesh.get_coordinate())
         first["offsets"].append(99)                      # a caller's change never reaches the cache
-        assert statecodec.dtensor_layout(x)["offsets"] == [int(o) for o in offsets]
-        assert statecodec.local_shard(x).data_ptr() == x.to_local().data_ptr()
+        assert dtensors.dtensor_layout(x)["offsets"] == [int(o) for o in offsets]
+        assert dtensors.local_shard(x).data_ptr() == x.to_local().data_ptr()
