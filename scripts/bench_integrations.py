@@ -17,45 +17,16 @@ own checkpoint every step (``save_steps=1`` into a temporary directory on disk, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from pathlib import Path
-from typing import Iterator
 
 import torch
+from benchutil import private_daemon
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from ftd.util.procs import wait_for  # noqa: E402
-
-
-@contextlib.contextmanager
-def private_daemon() -> Iterator[None]:
-    """An `ftd daemon` of a job of its own, found by the clients through $FTD_ENDPOINT."""
-    work = Path(tempfile.mkdtemp(prefix="ftd-bench-integrations-"))
-    job = f"bench{uuid.uuid4().hex[:8]}"
-    config = work / "daemon.toml"
-    config.write_text(f'job = "{job}"\nruntime_dir = "{work}/rt"\nmemory_budget = "8GiB"\nmemory_reserve = "256MiB"\n')
-    with open(work / "daemon.log", "wb") as log:
-        daemon = subprocess.Popen([sys.executable, "-m", "ftd.cli", "daemon", "--config", str(config)], stdout=log,
-                                  stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        wait_for(lambda: "serving at" in (work / "daemon.log").read_text(), 30, "the daemon to serve")
-        os.environ["FTD_ENDPOINT"] = f"ipc://{work}/rt/{job}/node0.sock"
-        yield
-    finally:
-        daemon.terminate()
-        daemon.wait(30)
-        subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
 # ---- Lightning ------------------------------------------------------------------------------------
@@ -165,7 +136,8 @@ def main() -> int:
     if args.framework in ("transformers", "both"):
         plans.append((f"Hugging Face Trainer: GPT-2 (n_embd 512, 6 layers), {args.steps} steps, {args.repeat} runs each",
                       ["no checkpoint", "ftd", "Trainer checkpoint every step"], lambda m: transformers_run(m, args.steps)))
-    with private_daemon():
+    with private_daemon("ftd-bench-integrations-") as endpoint:
+        os.environ["FTD_ENDPOINT"] = endpoint
         for title, modes, run in plans:
             results: dict[str, list[dict]] = {m: [] for m in modes}
             for r in range(args.repeat):

@@ -4,8 +4,9 @@
 torch.distributed.checkpoint convention) plus the RNG states, encoded into a JSON skeleton and a flat
 list of tensors (``statecodec``). Tensors an optimizer owns (parameters and their optimizer state)
 only change inside ``optimizer.step()``, so they are copied live, in the background, until the
-optimizer's pre-step hook; everything else may change in the next forward pass (BatchNorm statistics,
-loose tensors) and is cloned now. A tensor caught changing in place outside the optimizer step is
+optimizer's pre-step hook (an optimizer in ``state``, or one a Stateful of ``state`` holds);
+everything else may change in the next forward pass (BatchNorm statistics, loose tensors) and is
+cloned now. A tensor caught changing in place outside the optimizer step is
 cloned from then on (``learned_clone``).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from ftd.errors import SerializationError
 from ftd.shm.layout import Layout, plan_layout
-from ftd.trainer import rng, statecodec
+from ftd.trainer import dtensors, rng, statecodec
 from ftd.trainer.copier import SnapshotJob
 
 
@@ -30,7 +31,7 @@ def identity(t: torch.Tensor) -> tuple:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The tensor whose bytes the arena holds: a DTensor's local shard, else the tensor itself."""
-    return t.to_local() if statecodec.is_dtensor(t) else t
+    return dtensors.local_shard(t) if dtensors.is_dtensor(t) else t
 
 
 def inner_optimizers(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
@@ -58,6 +59,23 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> set[tuple]:
     return owned
 
 
+def optimizers_in(value: Any) -> list[torch.optim.Optimizer]:
+    """The optimizers whose tensors ``value``'s state may hold live: ``value`` itself, or those a
+    Stateful keeps as attributes (DCP's AppState: ``state_dict()`` returns ``get_state_dict(self.model,
+    self.optimizer)``, whose values are the optimizer's own tensors). Without this such a state would be
+    cloned whole at every snapshot(); a tensor that is not the optimizer's is still cloned (identities)."""
+    if isinstance(value, torch.optim.Optimizer):
+        return [value]
+    if not is_stateful(value) or isinstance(value, torch.nn.Module) or not hasattr(value, "__dict__"):
+        return []
+    found = []
+    for attr in vars(value).values():
+        for item in attr if isinstance(attr, (list, tuple)) else (attr,):
+            if isinstance(item, torch.optim.Optimizer) and all(item is not f for f in found):
+                found.append(item)
+    return found
+
+
 class StateCapture:
     """``capture(step, state)`` -> a SnapshotJob; calls ``on_optimizer(opt)`` for every optimizer found
     in ``state`` (the client installs its pre-step hook there)."""
@@ -72,11 +90,14 @@ class StateCapture:
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
             raise SerializationError("state must be a dict with string keys")
         owned: set[tuple] = set()
+        optimizers: list[torch.optim.Optimizer] = []  # once each (a scheduler holds its optimizer too)
         captured: dict[str, Any] = {}
         for key, value in state.items():
-            if isinstance(value, torch.optim.Optimizer):
-                self.on_optimizer(value)
-                owned.update(optimizer_tensors(value))
+            for optimizer in optimizers_in(value):
+                if all(optimizer is not seen for seen in optimizers):
+                    optimizers.append(optimizer)
+                    self.on_optimizer(optimizer)
+                    owned.update(optimizer_tensors(optimizer))
             captured[key] = value.state_dict() if is_stateful(value) else value
         enc = statecodec.Encoder()  # key paths in errors read as the user wrote them: state['meta']['loader']
         skeleton = {"state": {key: enc.encode(value, f"state[{key!r}]") for key, value in captured.items()},

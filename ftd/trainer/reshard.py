@@ -28,7 +28,7 @@ from ftd.durable import global_index, ondisk
 from ftd.durable.global_index import Chunk, VersionIndex
 from ftd.errors import CorruptVersion, FtdError, SerializationError
 from ftd.shm.layout import Manifest
-from ftd.trainer import statecodec
+from ftd.trainer import dtensors, statecodec
 from ftd.trainer.restore import check_fits, load
 from ftd.units import format_size
 
@@ -86,8 +86,8 @@ class _Filler:
         if not chunks:
             raise CorruptVersion(f"{where}: the checkpoint has no chunk of it (key {key!r})")
         dtype = statecodec.dtype_from_name(chunks[0].dtype)
-        if statecodec.is_dtensor(live):
-            target, offsets = live.to_local(), statecodec.dtensor_layout(live)["offsets"]
+        if dtensors.is_dtensor(live):
+            target, offsets = live.to_local(), dtensors.dtensor_layout(live)["offsets"]
         elif isinstance(live, torch.Tensor):
             target, offsets = live, [0] * len(shape)  # an unsharded tensor: the whole of it
         else:

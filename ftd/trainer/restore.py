@@ -27,7 +27,7 @@ import torch
 from ftd.errors import FtdError, SerializationError
 from ftd.shm.checksum import chunk_checksum
 from ftd.shm.layout import Manifest, chunk_plan
-from ftd.trainer import rng, statecodec
+from ftd.trainer import dtensors, rng, statecodec
 from ftd.trainer.arena import Arena, close_in_background
 from ftd.trainer.capture import inner_optimizers, is_stateful
 from ftd.units import format_size
@@ -112,13 +112,13 @@ def _live_shapes(value, path: str, out: dict, whole: bool = False, depth: int = 
     if depth > statecodec.MAX_DEPTH:
         return
     if isinstance(value, torch.Tensor):  # a DTensor by its local shard (what a snapshot holds of it)
-        dt = statecodec.is_dtensor(value)
+        dt = dtensors.is_dtensor(value)
         if whole:
             out[path] = (str(value.dtype).removeprefix("torch."), tuple(value.shape), None)
             return
         local = value.to_local() if dt else value
         out[path] = (str(local.dtype).removeprefix("torch."), tuple(local.shape),
-                     _mesh_text(statecodec.dtensor_layout(value)) if dt else None)
+                     _mesh_text(dtensors.dtensor_layout(value)) if dt else None)
     elif isinstance(value, dict):
         for k, v in value.items():
             _live_shapes(v, f"{path}[{k!r}]", out, whole, depth + 1)

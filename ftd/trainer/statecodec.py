@@ -28,6 +28,7 @@ import torch
 
 from ftd.errors import SerializationError
 from ftd.shm.layout import DTYPE_SIZES
+from ftd.trainer.dtensors import cached_layout, is_dtensor, local_shard, restore_shard, this_rank
 
 TAG = "__ftd__"
 MAX_DEPTH = 64
@@ -55,6 +56,7 @@ class Encoder:
 
     def __init__(self) -> None:
         self.tensors: list[torch.Tensor] = []
+        self._rank: int | None = None  # this process's rank, looked up at the first DTensor
 
     def encode(self, obj: Any, path: str = "state") -> Any:
         return self._walk(obj, path, 0)
@@ -66,24 +68,14 @@ class Encoder:
     def _walk(self, x: Any, path: str, depth: int) -> Any:
         if depth > MAX_DEPTH:
             raise SerializationError(f"{path}: the state is nested deeper than {MAX_DEPTH} levels")
+        if isinstance(x, torch.Tensor):  # first: state_dicts are mostly tensors (and no tensor is an Enum)
+            return self._dtensor(x, path) if is_dtensor(x) else self._plain_tensor(x, path)
         if isinstance(x, enum.Enum):  # before the scalars: an IntEnum is an int too
             return {TAG: "enum", "type": _qualname(type(x)), "value": self._walk(x.value, f"{path}.value", depth + 1)}
         if x is None or isinstance(x, (bool, int, float, str)):
             if type(x) not in (type(None), bool, int, float, str):  # subclasses such as np.float64
                 return self._scalar_subclass(x, path)
             return x
-        if isinstance(x, torch.Tensor) and is_dtensor(x):
-            return self._dtensor(x, path)
-        if isinstance(x, torch.Tensor):
-            if x.layout != torch.strided or x.is_quantized or x.device.type == "meta":
-                raise SerializationError(f"{path}: only dense tensors can be snapshotted, got layout {x.layout}"
-                                         f" on {x.device}; convert it with .to_dense() in state_dict()")
-            dtype_name(x.dtype)
-            node = {TAG: "tensor", "index": self._tensor(x.detach())}
-            if isinstance(x, torch.nn.Parameter):
-                node["parameter"] = True
-                node["requires_grad"] = x.requires_grad
-            return node
         if isinstance(x, np.ndarray):
             if x.dtype.kind not in "biufc":
                 raise SerializationError(f"{path}: numpy array of dtype {x.dtype} cannot be stored safely")
@@ -131,14 +123,29 @@ class Encoder:
         """A DTensor: this rank's shard goes to the arena, and what it is a shard of to the skeleton
         (placements, mesh, global shape, where the shard sits), so that a restore can check it lands on
         the same layout and the disk tier can write one global checkpoint."""
-        local = x.to_local()
+        local = local_shard(x)
         if local.layout != torch.strided or local.device.type == "meta":
             raise SerializationError(f"{path}: a DTensor whose local shard is {local.layout} on {local.device} "
                                      "cannot be snapshotted")
         dtype_name(local.dtype)
-        node = {TAG: "dtensor", "index": self._tensor(local.detach()), **dtensor_layout(x)}
+        if self._rank is None:
+            self._rank = this_rank()
+        # the cached layout's lists are shared by every node of this kind of shard: skeletons are only
+        # serialized, never changed in place
+        node = {TAG: "dtensor", "index": self._tensor(local.detach()), **cached_layout(x, self._rank)}
         if isinstance(x, torch.nn.Parameter):
             node["parameter"] = True
+        return node
+
+    def _plain_tensor(self, x: torch.Tensor, path: str) -> dict:
+        if x.layout != torch.strided or x.is_quantized or x.device.type == "meta":
+            raise SerializationError(f"{path}: only dense tensors can be snapshotted, got layout {x.layout}"
+                                     f" on {x.device}; convert it with .to_dense() in state_dict()")
+        dtype_name(x.dtype)
+        node = {TAG: "tensor", "index": self._tensor(x.detach())}
+        if isinstance(x, torch.nn.Parameter):
+            node["parameter"] = True
+            node["requires_grad"] = x.requires_grad
         return node
 
     @staticmethod
@@ -194,7 +201,7 @@ def decode(skeleton: Any, tensor_at: Callable[[int], torch.Tensor], template: An
             new = {k: walk(v, _get(live, k), depth + 1, f"{where}[{k!r}]") for k, v in x.items()}
             return _into_dict(live, new) if into_live else new
         if tag == "dtensor":
-            return (on_dtensor or _restore_dtensor)(x, tensor_at(_index(x)), live, where)
+            return (on_dtensor or restore_shard)(x, tensor_at(_index(x)), live, where)
         if tag == "tensor":
             t = tensor_at(_index(x))
             if x.get("parameter"):
@@ -267,50 +274,6 @@ def decode(skeleton: Any, tensor_at: Callable[[int], torch.Tensor], template: An
         raise SerializationError(f"unknown tag {tag!r} in snapshot skeleton")
 
     return walk(skeleton, template, 0)
-
-
-# ---- DTensors (FSDP2, tensor parallel, HSDP) ---------------------------------------------------------
-def is_dtensor(x: Any) -> bool:
-    """Whether ``x`` is a torch.distributed DTensor (without importing torch.distributed for others)."""
-    return type(x).__name__ == "DTensor" and hasattr(x, "to_local") and hasattr(x, "placements")
-
-
-def dtensor_layout(x: torch.Tensor) -> dict:
-    """What a DTensor is a shard of, as JSON: placements, mesh shape and dim names, global shape and
-    stride, this rank's mesh coordinate and the global offsets of its shard."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    mesh = x.device_mesh
-    _, offsets = compute_local_shape_and_global_offset(x.shape, mesh, x.placements)
-    return {"placements": [repr(p) for p in x.placements], "mesh_shape": list(mesh.shape),
-            "mesh_dims": list(mesh.mesh_dim_names or ()), "shape": list(x.shape), "stride": list(x.stride()),
-            "offsets": [int(o) for o in offsets], "coordinate": [int(c) for c in (mesh.get_coordinate() or ())]}
-
-
-def _restore_dtensor(node: dict, shard: torch.Tensor, live: Any, where: str) -> Any:
-    """Copy the saved shard into the live DTensor's local shard, after checking it is the same shard
-    of the same tensor on the same mesh (no gather, no full tensor ever built)."""
-    if not is_dtensor(live):
-        raise SerializationError(
-            f"{where} was saved as a shard of a DTensor ({node.get('placements')} on a mesh of shape "
-            f"{node.get('mesh_shape')}); restore it into the live DTensor of the same model and optimizer "
-            f"(build and shard them, e.g. with fully_shard, before restore()), "
-            f"{'not a plain tensor' if isinstance(live, torch.Tensor) else 'got ' + type(live).__name__}")
-    saved = {k: node.get(k) for k in ("placements", "mesh_shape", "mesh_dims", "shape", "offsets")}
-    now = dtensor_layout(live)
-    now = {k: now[k] for k in saved}
-    if saved != now:
-        differ = ", ".join(f"{k} {saved[k]} in the snapshot, {now[k]} now" for k in saved if saved[k] != now[k])
-        raise SerializationError(
-            f"{where} does not fit the live DTensor: {differ}. A snapshot in memory restores onto the same "
-            f"mesh and placements only; to go onto another world size or mesh, load the version flushed to "
-            f"disk (one global checkpoint that reshards), or start afresh")
-    local = live.to_local()
-    if local.shape != shard.shape or local.dtype != shard.dtype:
-        raise SerializationError(f"{where}: its local shard is {local.dtype}{list(local.shape)} now, "
-                                 f"{shard.dtype}{list(shard.shape)} in the snapshot")
-    with torch.no_grad():
-        local.copy_(shard)
-    return live
 
 
 def _get(live: Any, key: Any) -> Any:
