@@ -27,6 +27,13 @@ Why a copy falls behind, per ftd trial (from the kernel's per-thread counters, s
 but waiting for one (torch's compute threads hold them), and neither (the GIL, memory, I/O); its page
 faults per snapshot (a buffer touched for the first time or reclaimed); the chunks the trainer thread
 copied itself while it would have waited. Results in ``bench-results/bench_busy_host-<time>.json``.
+
+Allocator: with glibc's defaults, this trainer's process returns the gradients' and AdamW's temporary
+memory to the OS after each step and faults it in again in the next (about 40,000 page faults per
+step here; on a VM each costs microseconds, more on a loaded host), and how much it returns depends
+on what else the process did, so a process running ftd's threads faulted far less and trained
+faster than the same trainer without ftd. ``--malloc keep`` (the default) turns that off in every
+mode alike; ``--malloc default`` shows it.
 """
 from __future__ import annotations
 
@@ -42,12 +49,13 @@ from pathlib import Path
 
 from benchutil import REPO, ftd_revision, ms, private_daemon, table, verdict
 
-MODES = ("none", "ftd", "torch.save")
+MODES = ("none", "ftd", "ftd-nohelp", "torch.save")
+FTD_MODES = ("ftd", "ftd-nohelp")
 WARMUP = 3
 
 
 # ---- one trial, in its own process ------------------------------------------------------------------
-def trial(mode: str, width: int, steps: int, out: Path) -> None:
+def trial(mode: str, width: int, batch: int, steps: int, out: Path) -> None:
     import torch
     import torch.nn as nn
 
@@ -58,9 +66,9 @@ def trial(mode: str, width: int, steps: int, out: Path) -> None:
     model = nn.Sequential(*layers)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     state = {"model": model, "optim": opt}
-    x, y = torch.randn(96, width), torch.randn(96, width)
+    x, y = torch.randn(batch, width), torch.randn(batch, width)
     client = None
-    if mode == "ftd":
+    if mode in FTD_MODES:
         import ftd
         client = ftd.Client()
         client.restore(state, resume="never")
@@ -103,9 +111,14 @@ def run_trial(mode: str, args: argparse.Namespace, endpoint: str, work: Path, i:
     out = work / f"{mode}-{i}.json"
     steps = max(3, args.steps // 3) if mode == "torch.save" else args.steps
     env = dict(os.environ, PYTHONPATH=str(REPO), FTD_ENDPOINT=endpoint)
+    if mode == "ftd-nohelp":  # the optimizer pre-step hook waits for the copier without helping (before #20)
+        env["FTD_DEBUG_NO_HELP"] = "1"
+    if args.malloc == "keep":  # see --malloc: the same allocator behaviour in every mode
+        env.update(MALLOC_TRIM_THRESHOLD_=str(1 << 32), MALLOC_MMAP_THRESHOLD_=str(1 << 32))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "FTD_JOB", "FTD_NODE_RANK"):
         env.pop(key, None)
-    subprocess.run([sys.executable, __file__, "--trial", mode, "--width", str(args.width), "--steps", str(steps),
+    subprocess.run([sys.executable, __file__, "--trial", mode, "--width", str(args.width), "--batch", str(args.batch),
+                    "--steps", str(steps),
                     "--result", str(out)], env=env, cwd=REPO, check=True, timeout=900)
     return json.loads(out.read_text())
 
@@ -119,43 +132,45 @@ def spread(values: list[float]) -> dict:
 
 def summarize(trials: dict[str, list[dict]]) -> dict:
     med = {m: [statistics.median(t["step_s"]) for t in trials[m]] for m in MODES}
-    blocked = {m: [statistics.median(t["blocked_s"]) for t in trials[m]] for m in ("ftd", "torch.save")}
-    overhead = [f - n for f, n in zip(med["ftd"], med["none"])]
+    blocked = {m: [statistics.median(t["blocked_s"]) for t in trials[m]] for m in MODES if m != "none"}
+    overhead = {m: spread([f - n for f, n in zip(med[m], med["none"])]) for m in FTD_MODES}
     per_snap = []
-    for t in trials["ftd"]:
+    for t in trials["ftd"] + trials["ftd-nohelp"]:
         s = t["stats"]
         n = max(s["committed"], 1)
         per_snap.append({
-            "committed": s["committed"], "skipped": s["snapshots"] - s["committed"],
+            "mode": t["mode"], "committed": s["committed"], "skipped": s["snapshots"] - s["committed"],
             "copy_wall": s["copier_wall"] / n, "copier_cpu": s["copier_cpu"] / n,
             "copier_runqueue": s["copier_runqueue"] / n, "copier_off_cpu": s["copier_off_cpu"] / n,
             "minor_faults": s["copier_minor_faults"] / n, "major_faults": s["copier_major_faults"] / n,
             "helped_chunks": s["helped_chunks"] / n, "help_cpu": s["help_cpu"] / n,
             "work_core_s": (s["copier_cpu"] + s["help_cpu"]) / n})
     cores = trials["ftd"][0]["cores"]
-    floor = statistics.median(p["work_core_s"] for p in per_snap) / cores
+    floor = statistics.median(p["work_core_s"] for p in per_snap if p["mode"] == "ftd") / cores
     return {"step": {m: spread(med[m]) for m in MODES}, "blocked": {m: spread(blocked[m]) for m in blocked},
-            "overhead": spread(overhead), "floor_s": floor, "cores": cores, "why": per_snap,
-            "blocked_all_snapshots": spread([b for t in trials["ftd"] for b in t["blocked_s"]])}
+            "overhead": overhead, "floor_s": floor, "cores": cores, "why": per_snap,
+            "blocked_all_snapshots": {m: spread([b for t in trials[m] for b in t["blocked_s"]]) for m in FTD_MODES}}
 
 
 def report(s: dict, args: argparse.Namespace, state_bytes: int, torch_threads: int) -> list[str]:
     lines = [f"{state_bytes / 2**20:.0f} MiB of model + AdamW state, {args.trials} trials x {args.steps} steps "
-             f"per mode, interleaved; {s['cores']} cores, {torch_threads} torch threads"]
+             f"per mode, interleaved; {s['cores']} cores, {torch_threads} torch threads, malloc {args.malloc}"]
     rows = [[f"step time, {m}"] + [ms(s["step"][m][k]) for k in ("p50", "p90", "max")] for m in MODES]
     rows += [[f"blocked per snapshot, {m}"] + [ms(s["blocked"][m][k]) for k in ("p50", "p90", "max")]
-             for m in ("ftd", "torch.save")]
-    rows.append(["blocked, every ftd snapshot"] + [ms(s["blocked_all_snapshots"][k]) for k in ("p50", "p90", "max")])
-    rows.append(["step overhead, ftd - none"] + [ms(s["overhead"][k]) for k in ("p50", "p90", "max")])
+             for m in MODES if m != "none"]
+    rows += [[f"blocked, every snapshot, {m}"] + [ms(s["blocked_all_snapshots"][m][k]) for k in ("p50", "p90", "max")]
+             for m in FTD_MODES]
+    rows += [[f"step overhead, {m} - none"] + [ms(s["overhead"][m][k]) for k in ("p50", "p90", "max")]
+             for m in FTD_MODES]
     lines.append(table(["ms, over trials", "p50", "p90", "max"], rows))
-    rows = [[str(i), str(p["committed"]), str(p["skipped"]), ms(p["copy_wall"]), ms(p["copier_cpu"]),
+    rows = [[p["mode"], str(p["committed"]), str(p["skipped"]), ms(p["copy_wall"]), ms(p["copier_cpu"]),
              ms(p["copier_runqueue"]), ms(p["copier_off_cpu"]), f"{p['minor_faults']:.0f}",
-             f"{p['helped_chunks']:.1f}", ms(p["help_cpu"])] for i, p in enumerate(s["why"])]
+             f"{p['helped_chunks']:.1f}", ms(p["help_cpu"])] for p in s["why"]]
     lines.append("why a copy takes what it takes (per committed snapshot, each ftd trial):")
-    lines.append(table(["trial", "committed", "skipped", "copier wall ms", "on a core", "waiting for one",
+    lines.append(table(["mode", "committed", "skipped", "copier wall ms", "on a core", "waiting for one",
                         "blocked", "page faults", "chunks helped", "help cpu ms"], rows))
     b_ratio = s["blocked"]["ftd"]["p90"] / s["blocked"]["torch.save"]["p50"]
-    o_ratio = s["overhead"]["p90"] / s["floor_s"] if s["floor_s"] > 0 else float("inf")
+    o_ratio = s["overhead"]["ftd"]["p90"] / s["floor_s"] if s["floor_s"] > 0 else float("inf")
     s["targets"] = {"blocked_p90_over_torch_save": b_ratio, "overhead_p90_over_floor": o_ratio}
     lines.append(f"CPU-work floor: {ms(s['floor_s'])} ms per step (copy + checksum core-time / {s['cores']} cores)")
     lines.append(f"target: p90 blocked <= 0.05 x torch.save p50: {b_ratio:.3f}x  {verdict(b_ratio <= 0.05)}")
@@ -168,13 +183,20 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--steps", type=int, default=20, help="measured steps per trial (torch.save: a third)")
     p.add_argument("--width", type=int, default=2048, help="2048: about 256 MiB of state")
+    p.add_argument("--batch", type=int, default=96, help="smaller: shorter steps, which the copy outlasts")
     p.add_argument("--quick", action="store_true", help="2 trials, width 1024 (64 MiB), 8 steps")
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep (default): every trial runs with glibc's heap trimming and mmap threshold off "
+                        "(MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_), so freed memory is reused, not "
+                        "returned to the OS and faulted in again each step; default: glibc as it comes, where "
+                        "on this VM a step of the trainer re-faults about 40,000 pages and a process with "
+                        "ftd's threads far fewer, which makes the no-checkpoint baseline the slow one")
     p.add_argument("--out", default=str(REPO / "bench-results"))
     p.add_argument("--trial", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.trial:
-        trial(args.trial, args.width, args.steps, Path(args.result))
+        trial(args.trial, args.width, args.batch, args.steps, Path(args.result))
         return 0
     if args.quick:
         args.trials, args.width, args.steps = 2, 1024, 8

@@ -88,6 +88,7 @@ class Client:
         self._hooks: dict[int, Any] = {}
         self._side_stream = None
         self._chunk_delay = float(os.environ.get("FTD_DEBUG_COPY_DELAY", "0"))
+        self._help = os.environ.get("FTD_DEBUG_NO_HELP") != "1"  # for benchmarks: the hook only waits
         self._failures = 0
         self._failed_since: int | None = None  # step of the first failure since the last commit
         self._last_failed = False  # the last snapshot() produced no job (its value could not be stored...)
@@ -297,7 +298,7 @@ class Client:
                 return
         if not job.released.is_set():
             claims = job.claims
-            if claims is not None:  # help: copy and hash the chunks left, beside the copier, rather than idle
+            if claims is not None and self._help:  # help: copy and hash what is left beside the copier, not idle
                 before = ThreadUsage.now()
                 self.stats["helped_chunks"] += claims.run(helping=True)
                 self.stats["help_cpu"] += ThreadUsage.now().since(before).cpu
