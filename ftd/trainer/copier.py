@@ -84,8 +84,11 @@ def slot_view(arena: torch.Tensor, layout: Layout, i: int) -> torch.Tensor:
 
 
 def copy_and_hash(job: SnapshotJob, arena: torch.Tensor, mv: memoryview, chunk_size: int,
-                  side_stream: Any = None, chunk_delay: float = 0.0, hasher: ChunkHasher | None = None) -> list[int]:
+                  side_stream: Any = None, chunk_delay: float = 0.0, hasher: ChunkHasher | None = None,
+                  reserve: Callable[[int], None] | None = None) -> list[int]:
     """Copy ``job.sources`` into ``arena`` (uint8 tensor over ``mv``); return per-chunk checksums.
+    ``reserve(end)``: called before bytes below ``end`` are written (the arena's memory is reserved
+    in the background, and a copy that catches up reserves what it writes next itself).
 
     Order: issue the CUDA copies on the side stream, an event after each tensor; copy the CPU
     tensors chunk by chunk, hashing each chunk right away unless it also holds CUDA data; set
@@ -113,6 +116,8 @@ def copy_and_hash(job: SnapshotJob, arena: torch.Tensor, mv: memoryview, chunk_s
     sums: list = [None] * len(plan)  # per chunk: checksum, pending hash, or None until its CUDA data lands
     for c, ((lo, hi), pieces) in enumerate(plan):
         holds_cuda = False
+        if reserve is not None:
+            reserve(max([hi] + [layout.slots[p.slot].end for p in pieces if p.start == 0]))
         for p in pieces:
             src = sources[p.slot]
             if src.is_cuda:

@@ -286,9 +286,9 @@ def dtensor_layout(x: torch.Tensor) -> dict:
             "offsets": [int(o) for o in offsets], "coordinate": [int(c) for c in (mesh.get_coordinate() or ())]}
 
 
-def _restore_dtensor(node: dict, shard: torch.Tensor, live: Any, where: str) -> Any:
-    """Copy the saved shard into the live DTensor's local shard, after checking it is the same shard
-    of the same tensor on the same mesh (no gather, no full tensor ever built)."""
+def check_dtensor_fits(node: dict, live: Any, where: str) -> None:
+    """SerializationError unless ``live`` is a DTensor holding the same shard of the same tensor on the
+    same mesh as the saved ``node`` (placements, mesh, global shape, offsets, local shape and dtype)."""
     if not is_dtensor(live):
         raise SerializationError(
             f"{where} was saved as a shard of a DTensor ({node.get('placements')} on a mesh of shape "
@@ -304,6 +304,12 @@ def _restore_dtensor(node: dict, shard: torch.Tensor, live: Any, where: str) -> 
             f"{where} does not fit the live DTensor: {differ}. A snapshot in memory restores onto the same "
             f"mesh and placements only; to go onto another world size or mesh, load the version flushed to "
             f"disk (one global checkpoint that reshards), or start afresh")
+
+
+def _restore_dtensor(node: dict, shard: torch.Tensor, live: Any, where: str) -> Any:
+    """Copy the saved shard into the live DTensor's local shard, after checking it is the same shard
+    of the same tensor on the same mesh (no gather, no full tensor ever built)."""
+    check_dtensor_fits(node, live, where)
     local = live.to_local()
     if local.shape != shard.shape or local.dtype != shard.dtype:
         raise SerializationError(f"{where}: its local shard is {local.dtype}{list(local.shape)} now, "
