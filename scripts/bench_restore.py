@@ -19,8 +19,9 @@ first-touch noise, ``benchutil.prefault``), then times one thing:
 - ``torch.load shm``: ``torch.load(weights_only=True)`` of the /dev/shm file + both ``load_state_dict``;
 - ``copy_``: the bytes of the state copied with ``dst.copy_(src)`` from one flat tensor into tensors
   of the state's shapes, with as many torch threads as the restore uses (``readback.restore_threads``):
-  once into fresh tensors (first touch included: what any restore into a fresh optimizer pays) and
-  once more into the same, now touched, tensors (the memcpy ceiling).
+  once into fresh tensors (first touch included: what any restore into a fresh optimizer pays), then
+  into the same, now touched, tensors, three times with 1 thread and three with the restore's, the
+  fastest of them (the memcpy ceiling).
 
 First snapshots: before that, the same state runs ``--first-steps`` (6) training steps against a fresh
 daemon, twice per mode, in alternating order: once as a run starts with ftd (``restore(state)`` first,
@@ -104,7 +105,11 @@ def worker(job: dict) -> int:
         dsts = [torch.empty(s, dtype=d) for d, s in shapes]
         copy_all(src, dsts)
         out["fresh_seconds"] = time.perf_counter() - t0
-        out["seconds"] = min(timed_copy(src, dsts) for _ in range(3))
+        warm = {}
+        for threads in sorted({1, out["threads"]}):  # the best of both: a parallel copy_ waits for its slowest
+            torch.set_num_threads(threads)           # thread, and on a shared machine one core may be taken
+            warm[threads] = min(timed_copy(src, dsts) for _ in range(3))
+        out["seconds"], out["warm_by_threads"] = min(warm.values()), warm
         return print(json.dumps(out)) or 0
     out["digest"] = state_digest(model, optimizer)
     print(json.dumps(out))
