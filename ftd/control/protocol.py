@@ -29,6 +29,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "status": {},
     "register": {"rank": (_RANK, True), "world": (_POS, True), "pid": (_INT, True), "local_world": (_POS, False)},
     "begin": {"session": (_STR, True), "step": (_INT, True), "nbytes": (_POS, True)},
+    "prepare": {"session": (_STR, True), "nbytes": (_POS, True)},  # the buffers of the first snapshot, early
     "commit": {
         "session": (_STR, True), "buffer": (_STR, True), "step": (_INT, True), "manifest": (_DICT, True),
         "copy_seconds": (_NUM, False), "blocked_seconds": (_NUM, False),

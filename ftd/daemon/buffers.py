@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
+from ftd.errors import Refused
+from ftd.units import format_size
+
 CAPACITY_QUANTUM = 1 << 20
 
 
@@ -54,3 +57,23 @@ class RankEntry:
     def complete(self) -> list[Buffer]:
         """Complete versions, newest first."""
         return sorted((b for b in self.buffers if b.state == "complete"), key=lambda b: -b.seq)
+
+
+def check_room(rank: int, nbytes: int, capacity: int, *, in_use: int, budget: int, grows_by: int, available: int,
+               reserve: int) -> None:
+    """Refused, with the numbers and what to change, unless a buffer of ``capacity`` for a snapshot of
+    ``nbytes`` fits the memory budget (``in_use``: everything else the daemon holds) and leaves
+    ``reserve`` of the node's ``available`` memory (``grows_by``: what the daemon's use grows by)."""
+    after = in_use + capacity
+    if after > budget:
+        raise Refused(
+            f"rank {rank} needs {format_size(capacity)} of shared memory for a snapshot of "
+            f"{format_size(nbytes)}, but the daemon's memory budget is {format_size(budget)} with "
+            f"{format_size(in_use)} in use (two buffers per rank, and parity held for peers), so "
+            f"{format_size(max(0, budget - in_use))} is free. Raise memory_budget to at least "
+            f"{format_size(after)} in the daemon's config, or snapshot less state")
+    if grows_by > available - reserve:
+        raise Refused(
+            f"rank {rank} needs {format_size(capacity)} of shared memory, but only "
+            f"{format_size(available)} of memory is available and {format_size(reserve)} is kept in "
+            f"reserve (memory_reserve). Free memory on the node or snapshot less state")

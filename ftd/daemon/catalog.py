@@ -17,8 +17,8 @@ A background flush to disk holds the version it copies out in the same way, for 
 Call order (the daemon's loop only, so no locks):
   1. ``adopt`` for every version found at start-up (a predecessor's, in commit order), rebuilt from
      the peers or loaded from disk;
-  2. per trainer rank: ``register``, then per snapshot ``begin`` and ``commit`` (or ``abort``);
-     ``restore`` and ``corrupt`` when a trainer restarts; ``versions`` for ``ftd export``;
+  2. per trainer rank: ``register``, ``prepare`` (optional, at restore), per snapshot ``begin`` and ``commit``
+     (or ``abort``); ``restore`` and ``corrupt`` when a trainer restarts; ``versions`` for ``ftd export``;
   3. ``finish`` when a trainer's run is over (``run_finished`` once every rank's is);
      ``reset_to(-1)`` when a new run starts (resume="never", a rerun of a finished run, ``ftd clear``);
   4. in a cluster (``catalog_cluster``): ``sync`` on each coordinator sync, ``candidate`` after commits,
@@ -34,11 +34,11 @@ import secrets
 import time
 from typing import Any, Callable
 
-from ftd.daemon.buffers import CAPACITY_QUANTUM, Buffer, RankEntry, SegmentStore
+from ftd.daemon.buffers import CAPACITY_QUANTUM, Buffer, RankEntry, SegmentStore, check_room
 from ftd.daemon.catalog_cluster import ClusterCatalog
 from ftd.errors import Refused
 from ftd.shm.layout import Manifest
-from ftd.units import format_size, round_up
+from ftd.units import round_up
 
 
 class Catalog(ClusterCatalog):
@@ -70,21 +70,8 @@ class Catalog(ClusterCatalog):
     def _allocate(self, entry: RankEntry, nbytes: int, replacing: Buffer | None) -> Buffer:
         capacity = round_up(max(nbytes, 1), CAPACITY_QUANTUM)
         freed = replacing.capacity if replacing else 0
-        after = self.used + self.extra_used() - freed + capacity
-        if after > self.budget:
-            in_use = self.used + self.extra_used() - freed
-            raise Refused(
-                f"rank {entry.rank} needs {format_size(capacity)} of shared memory for a snapshot of "
-                f"{format_size(nbytes)}, but the daemon's memory budget is {format_size(self.budget)} with "
-                f"{format_size(in_use)} in use (two buffers per rank, and parity held for peers), so "
-                f"{format_size(max(0, self.budget - in_use))} is free. Raise memory_budget to at least "
-                f"{format_size(after)} in the daemon's config, or snapshot less state")
-        available = self.available()
-        if capacity - freed > available - self.reserve:
-            raise Refused(
-                f"rank {entry.rank} needs {format_size(capacity)} of shared memory, but only "
-                f"{format_size(available)} of memory is available and {format_size(self.reserve)} is kept in "
-                f"reserve (memory_reserve). Free memory on the node or snapshot less state")
+        check_room(entry.rank, nbytes, capacity, in_use=self.used + self.extra_used() - freed, budget=self.budget,
+                   grows_by=capacity - freed, available=self.available(), reserve=self.reserve)
         if replacing is not None:
             self.store.release(replacing.name)
             entry.buffers.remove(replacing)
@@ -158,6 +145,27 @@ class Catalog(ClusterCatalog):
                           f"{entry.rank}: snapshot steps must not go back (a restore would otherwise return the "
                           f"abandoned step {max(later)}). To roll back on purpose, start the trainer again with "
                           f"restore(state, resume='never'), or run `ftd clear`")
+        spare = self._spare(entry)
+        if not spare and len(entry.buffers) >= 2:
+            held = (f"versions the cluster still needs (recoverable step {self.recoverable}, step {entry.pinned} "
+                    "being protected, or a version being copied out to disk)" if self.clustered else
+                    "the newest version, and one being copied out to disk")
+            return {"busy": f"both buffers of rank {entry.rank} hold {held}"}
+        spare.sort(key=lambda b: (b.state == "complete", b.seq))  # prefer free/writing over an older version
+        target = spare[0] if spare else None
+        if target is None or target.capacity < nbytes:
+            target = self._allocate(entry, nbytes, target)
+        if len(entry.buffers) < 2:  # allocate the second buffer now, not in the middle of a later step
+            self._allocate(entry, nbytes, None)
+        self.store.mark_writing(target.name)
+        target.state, target.step, target.manifest, target.committed_at = "writing", step, None, None
+        target.origin, target.foreign = "memory", False
+        following = next(b for b in entry.buffers if b is not target)
+        return {"buffer": target.name, "capacity": target.capacity, "next": following.name}
+
+    def _spare(self, entry: RankEntry) -> list[Buffer]:
+        """The buffers ``begin`` may hand out: not the newest version (standalone) or the versions the
+        cluster needs (its recoverable step, the step being protected), and not one a flush copies out."""
         if self.clustered:
             # the buffer that serves each needed step (the newest holding it: a step loaded from disk
             # may also be held from memory); any other buffer is spare
@@ -166,29 +174,21 @@ class Catalog(ClusterCatalog):
                 holders = [b for b in entry.complete() if b.step == kept]
                 if holders:
                     needed.add(holders[0].name)
-            spare = [b for b in entry.buffers if b.name not in needed and b.name != entry.flush_hold]
-            if not spare and len(entry.buffers) >= 2:
-                return {"busy": f"both buffers of rank {entry.rank} hold versions the cluster still needs "
-                                f"(recoverable step {self.recoverable}, step {entry.pinned} being protected, "
-                                f"or a version being copied out to disk)"}
         else:
             complete = entry.complete()
-            newest = complete[0] if complete else None
-            spare = [b for b in entry.buffers if b is not newest and b.name != entry.flush_hold]
-            if not spare and len(entry.buffers) >= 2:
-                return {"busy": f"both buffers of rank {entry.rank} are held (the newest version, and one "
-                                f"being copied out to disk)"}
-        spare.sort(key=lambda b: (b.state == "complete", b.seq))  # prefer free/writing over an older version
-        target = spare[0] if spare else None
-        if target is None or target.capacity < nbytes:
-            target = self._allocate(entry, nbytes, target)
-        if len(entry.buffers) < 2:  # allocate the second buffer now, not in the middle of a later step
-            self._allocate(entry, nbytes, None).state = "free"
-        self.store.mark_writing(target.name)
-        target.state, target.step, target.manifest, target.committed_at = "writing", step, None, None
-        target.origin, target.foreign = "memory", False
-        following = next(b for b in entry.buffers if b is not target)
-        return {"buffer": target.name, "capacity": target.capacity, "next": following.name}
+            needed = {complete[0].name} if complete else set()
+        return [b for b in entry.buffers if b.name not in needed and b.name != entry.flush_hold]
+
+    def prepare(self, session: str, nbytes: int) -> dict:
+        """Before a rank's first snapshot (its client knows the size at ``restore``): two buffers of at
+        least ``nbytes``, created sparse, at once (the trainer reserves their memory in the background);
+        a spare one too small is replaced, as ``begin`` would. Refused if the budget is short."""
+        entry = self._by_session(session)
+        for small in [b for b in self._spare(entry) if b.capacity < nbytes]:
+            self._allocate(entry, nbytes, small)
+        while len(entry.buffers) < 2:
+            self._allocate(entry, nbytes, None)
+        return {"buffers": [b.name for b in entry.buffers]}
 
     def commit(self, session: str, buffer: str, step: int, manifest: dict,
                copy_seconds: float | None = None, blocked_seconds: float | None = None) -> dict:

@@ -33,7 +33,7 @@ class RequestHandler:
         self.invalid_requests = 0  # control messages dropped or refused as malformed
         self._refusals: dict[str, list] = {}  # kind of refusal -> [when last logged, how many since]
         self.table: dict[str, Callable[..., dict]] = {
-            "ping": self.ping, "status": self.status, "register": self.register, "begin": self.begin,
+            "ping": self.ping, "status": self.status, "register": self.register, "begin": self.begin, "prepare": self.prepare,
             "commit": self.commit, "abort": self.abort, "restore": self.restore, "corrupt": self.corrupt,
             "recover": self.recover, "versions": self.versions, "finish": self.finish, "clear": self.clear,
             "detach": self.detach,
@@ -112,6 +112,9 @@ class RequestHandler:
         self._copies_changed()
         return result
 
+    def prepare(self, **fields) -> dict:
+        return self.daemon.catalog.prepare(**fields)
+
     def commit(self, **fields) -> dict:
         d = self.daemon
         result = d.catalog.commit(**fields)
@@ -170,6 +173,10 @@ class RequestHandler:
             d.node.on_restored(rank, result["versions"][0]["step"] if result["versions"] else -1)
         if fresh and not result["versions"]:
             result["fresh"] = fresh
+        entry = cat.ranks.get(rank)
+        if (entry is not None and entry.pid is not None and entry.pid != pid and not entry.detached
+                and cat.alive(entry.pid)):  # another live process holds the rank: its client must not take it over
+            result["held_by"] = entry.pid
         return {**result, **self._where()}
 
     @staticmethod

@@ -15,7 +15,9 @@ class ShmStore:
         self.dir = shm_dir
 
     def allocate(self, name: str, size: int) -> None:
-        segments.create(self.dir / name, size)
+        """Sparse, at once: the trainer reserves the pages itself before it writes them (``trainer.arena``),
+        so a first snapshot of GiBs does not keep the daemon's loop busy for seconds."""
+        segments.create(self.dir / name, size, reserve=False)
 
     def release(self, name: str) -> None:
         segments.drop_meta(self.dir / name)

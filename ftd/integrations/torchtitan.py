@@ -31,8 +31,16 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from torchtitan.components.checkpointer import (DATALOADER, LR_SCHEDULER, MODEL, OPTIMIZER, TRAIN_STATE,
-                                                BaseCheckpointManager, CheckpointManager, ModelWrapper)
+from torchtitan.components.checkpointer import (
+    DATALOADER,
+    LR_SCHEDULER,
+    MODEL,
+    OPTIMIZER,
+    TRAIN_STATE,
+    BaseCheckpointManager,
+    CheckpointManager,
+    ModelWrapper,
+)
 
 import ftd
 from ftd.errors import FtdError

@@ -6,6 +6,7 @@ the snapshots a restarted daemon is meant to adopt.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import mmap
@@ -16,14 +17,19 @@ from ftd.errors import Refused
 from ftd.util.files import write_atomic
 
 
-def create(path: Path, size: int) -> None:
-    """Create a segment of ``size`` bytes with its memory reserved now (posix_fallocate), so the
-    trainer never meets a SIGBUS on a full tmpfs and never pays the first-touch cost."""
+def create(path: Path, size: int, *, reserve: bool = True) -> None:
+    """Create a segment of ``size`` bytes with its memory reserved now (posix_fallocate), so that
+    nothing writing it meets a SIGBUS on a full tmpfs. ``reserve=False`` makes it sparse, at once:
+    for a buffer whose writer reserves the pages itself before writing them (the trainer's arenas,
+    ``ftd.trainer.arena``), off the daemon's loop."""
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
     try:
         os.fchmod(fd, 0o600)
         try:
-            os.posix_fallocate(fd, 0, size)
+            if reserve:
+                os.posix_fallocate(fd, 0, size)
+            else:
+                os.ftruncate(fd, size)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.ENOMEM):
                 raise Refused(f"cannot reserve {size} bytes in {path.parent}: the tmpfs is full "
@@ -36,8 +42,32 @@ def create(path: Path, size: int) -> None:
     os.close(fd)
 
 
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)    # Linux >= 5.14
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 _POPULATE_SLICE = 16 << 20
+_PAGE = mmap.PAGESIZE
+_libc = None
+
+
+def populate(address: int, length: int, write: bool) -> int:
+    """Fault in the page tables of [address, address + length) of this process in one system call
+    (madvise MADV_POPULATE_READ or _WRITE), instead of one page fault per page on first access; on
+    a sparse file, _WRITE allocates the pages, and returns an error where a write would have raised
+    SIGBUS. Through ctypes, so the GIL is released meanwhile and several threads populate at once
+    (Python's mmap.madvise holds it). Only whole pages inside the range are touched. Returns 0, or
+    the errno: EINVAL where the kernel cannot (before Linux 5.14; the first access then faults the
+    pages in as usual), ENOMEM or EFAULT where the memory is not there (a full tmpfs)."""
+    global _libc
+    lo = -(-address // _PAGE) * _PAGE
+    hi = (address + length) // _PAGE * _PAGE
+    if hi <= lo:
+        return 0
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if _libc.madvise(lo, hi - lo, _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ) == 0:
+        return 0
+    return ctypes.get_errno() or errno.EINVAL
 
 
 class Mapping:
@@ -56,7 +86,7 @@ class Mapping:
             st = os.fstat(fd)
             if st.st_uid != os.getuid():
                 raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to this user")
-            self.size = st.st_size
+            self.size, self.inode = st.st_size, st.st_ino
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             self.mm = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED, prot=prot)
         finally:

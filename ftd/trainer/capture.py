@@ -120,3 +120,48 @@ class StateCapture:
             job.ready_event = torch.cuda.Event()
             job.ready_event.record()
         return job
+
+
+# tensors an optimizer creates per parameter at its first step: (like the parameter, 0-d float32)
+_FIRST_STEP_STATE = {
+    "Adam": (2, 1), "AdamW": (2, 1), "RAdam": (2, 1), "NAdam": (2, 2), "Adamax": (2, 1), "Adadelta": (2, 1),
+    "Rprop": (2, 1), "ASGD": (1, 3), "RMSprop": (1, 1), "SGD": (0, 0),
+}
+
+
+def _first_step_state(optimizer: torch.optim.Optimizer) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, shape) of what ``optimizer`` will hold once it stepped, for one that has not yet: per
+    torch.optim class (amsgrad, momentum and centered included), two moments per parameter for others."""
+    like, scalars = _FIRST_STEP_STATE.get(type(optimizer).__name__, (2, 1))
+    specs = []
+    for group in optimizer.param_groups:
+        extra = int(bool(group.get("amsgrad"))) + int(bool(group.get("momentum"))) + int(bool(group.get("centered")))
+        for p in group["params"]:
+            local = _local(p)
+            specs += [(statecodec.dtype_name(local.dtype), tuple(local.shape))] * (like + extra)
+            specs += [("float32", ())] * scalars
+    return specs
+
+
+# Stateful values whose state_dict() is known to change nothing. Another Stateful's may (DCP's
+# get_optimizer_state_dict initialises a fresh optimizer's state by stepping it with zero gradients,
+# which changes the run), so it is called only where a snapshot calls it anyway.
+_PURE_STATE_DICT = (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
+
+
+def expected_nbytes(state: dict, capture_rng: bool) -> int | None:
+    """The arena size of the next snapshot of ``state``, known before it is taken (at ``restore``): its
+    tensors now, plus what each optimizer that has not stepped yet will hold after its first step.
+    None where a value's ``state_dict()`` might have side effects (a Stateful other than a module,
+    a torch.optim optimizer or a scheduler): its first snapshot sets the buffers up instead."""
+    specs = []
+    for key, value in state.items():
+        if is_stateful(value) and not isinstance(value, _PURE_STATE_DICT):
+            return None
+        _, tensors = statecodec.encode(value.state_dict() if is_stateful(value) else value, f"state[{key!r}]")
+        specs += [(statecodec.dtype_name(_local(t).dtype), tuple(_local(t).shape)) for t in tensors]
+        if isinstance(value, torch.optim.Optimizer) and not value.state:
+            specs += _first_step_state(value)
+    if capture_rng:
+        specs += [(statecodec.dtype_name(t.dtype), tuple(t.shape)) for t in statecodec.encode(rng.capture())[1]]
+    return plan_layout(specs).nbytes

@@ -179,12 +179,15 @@ class Client:
                     return restore_resharded(reply["reshard"], state, self.rank, self.world_size, self.capture_rng,
                                              strict=strict, verbose=self.verbose, job=reply.get("job", "?"))
                 step = restore_versions(self._conn, reply, state, self.rank, self.capture_rng, strict=strict,
-                                        verbose=self.verbose)
+                                        verbose=self.verbose,
+                                        arena_for=lambda name, shm: self._session.arena(name, shm, reserve=False))
                 if step is not REPAIRING:
                     if step is None and resume == "must":
                         raise FtdError(f"resume='must', but job {reply.get('job')!r} holds no snapshot of rank "
                                        f"{self.rank} on node {reply.get('node_rank', 0)} ({self.endpoint}); was the "
                                        f"job name or the node the same as in the run to resume?")
+                    if not reply.get("held_by"):  # the rank is this process's: set up its first snapshot's buffers
+                        self._session.prepare(state, self.capture_rng)
                     return step
                 reason = "the daemon repairs a corrupt chunk from its peers"
             else:
@@ -336,7 +339,7 @@ class Client:
                     self._side_stream = torch.cuda.Stream()
                 arena.pin()
             sums = copy_and_hash(job, arena.tensor, arena.view, self._session.chunk_size, self._side_stream,
-                                 self._chunk_delay, self._hasher)
+                                 self._chunk_delay, self._hasher, reserve=arena.reserve)
             torn = job.torn_sources()
         except Exception as e:
             return self._fail(job, f"snapshot of step {job.step} failed while copying: {e}", abort=name)

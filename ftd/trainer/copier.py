@@ -127,8 +127,11 @@ class ChunkClaims:
 
 
 def copy_and_hash(job: SnapshotJob, arena: torch.Tensor, mv: memoryview, chunk_size: int,
-                  side_stream: Any = None, chunk_delay: float = 0.0, hasher: ChunkHasher | None = None) -> list[int]:
+                  side_stream: Any = None, chunk_delay: float = 0.0, hasher: ChunkHasher | None = None,
+                  reserve: Callable[[int], None] | None = None) -> list[int]:
     """Copy ``job.sources`` into ``arena`` (uint8 tensor over ``mv``); return per-chunk checksums.
+    ``reserve(end)``: called before bytes below ``end`` are written (the arena's memory is reserved
+    in the background, and a copy that catches up reserves what it writes next itself).
 
     Order: issue the CUDA copies on the side stream, an event after each tensor; copy the CPU
     tensors that are not contiguous whole; then copy the contiguous CPU tensors chunk by chunk
@@ -162,6 +165,8 @@ def copy_and_hash(job: SnapshotJob, arena: torch.Tensor, mv: memoryview, chunk_s
     def copy_chunk(c: int) -> None:
         (lo, hi), pieces = plan[c]
         holds_cuda = False
+        if reserve is not None:
+            reserve(max([hi] + [layout.slots[p.slot].end for p in pieces if p.start == 0]))
         for p in pieces:
             if sources[p.slot].is_cuda:
                 holds_cuda = True

@@ -56,9 +56,9 @@ def _layout(mesh: Any, placements: tuple, shape: tuple, stride: tuple, rank: int
             "offsets": [int(o) for o in offsets], "coordinate": [int(c) for c in (mesh.get_coordinate() or ())]}
 
 
-def restore_shard(node: dict, shard: torch.Tensor, live: Any, where: str) -> Any:
-    """Copy the saved shard into the live DTensor's local shard, after checking it is the same shard
-    of the same tensor on the same mesh (no gather, no full tensor ever built)."""
+def check_fits(node: dict, live: Any, where: str) -> None:
+    """SerializationError unless ``live`` is a DTensor holding the same shard of the same tensor on the
+    same mesh as the saved ``node`` (placements, mesh, global shape and offsets)."""
     if not is_dtensor(live):
         raise SerializationError(
             f"{where} was saved as a shard of a DTensor ({node.get('placements')} on a mesh of shape "
@@ -74,6 +74,12 @@ def restore_shard(node: dict, shard: torch.Tensor, live: Any, where: str) -> Any
             f"{where} does not fit the live DTensor: {differ}. A snapshot in memory restores onto the same "
             f"mesh and placements only; to go onto another world size or mesh, load the version flushed to "
             f"disk (one global checkpoint that reshards), or start afresh")
+
+
+def restore_shard(node: dict, shard: torch.Tensor, live: Any, where: str) -> Any:
+    """Copy the saved shard into the live DTensor's local shard, after checking it is the same shard
+    of the same tensor on the same mesh (no gather, no full tensor ever built)."""
+    check_fits(node, live, where)
     local = live.to_local()
     if local.shape != shard.shape or local.dtype != shard.dtype:
         raise SerializationError(f"{where}: its local shard is {local.dtype}{list(local.shape)} now, "

@@ -2,10 +2,11 @@
 
 ``restore_versions`` tries the versions the daemon offers, newest first: maps the buffer, checks that
 the snapshot fits the live state (``check_fits``: the same top-level keys, the same tensor shapes,
-before anything is loaded), reads every tensor out while checking each chunk (``read_verified``),
-then loads them into the state (``load``). A version failing a checksum is reported to the daemon as
-corrupt; a cluster member then repairs it from its peers (``REPAIRING``: ask again), a standalone one
-offers the next.
+before anything is loaded), reads every tensor out on a pool of threads, every chunk checked before
+any live tensor is written and straight into the live tensors where it can (``readback``), then
+loads them into the state (``load``, whose copies onto the live tensors are then no-ops). A version
+failing a checksum is reported to the daemon as corrupt, with the live state untouched; a cluster
+member then repairs it from its peers (``REPAIRING``: ask again), a standalone one offers the next.
 
 What ``load`` does with each value of ``state``: values with ``load_state_dict()`` (modules,
 optimizers, schedulers, any Stateful) load in place; dicts, lists and sets are updated in place (the
@@ -25,9 +26,8 @@ from typing import Callable
 import torch
 
 from ftd.errors import FtdError, SerializationError
-from ftd.shm.checksum import chunk_checksum
-from ftd.shm.layout import Manifest, chunk_plan
-from ftd.trainer import dtensors, rng, statecodec
+from ftd.shm.layout import Manifest
+from ftd.trainer import dtensors, readback, rng, statecodec
 from ftd.trainer.arena import Arena, close_in_background
 from ftd.trainer.capture import inner_optimizers, is_stateful
 from ftd.units import format_size
@@ -39,33 +39,41 @@ MAX_LISTED = 8        # differences named in a "does not fit" error
 
 
 def restore_versions(conn, reply: dict, state: dict, rank: int, capture_rng: bool, *, strict: bool = True,
-                     verbose: bool = True):
+                     verbose: bool = True, arena_for: Callable[[str, Path], Arena] | None = None):
     """The step restored into ``state`` from the versions in a restore ``reply``; None if none is
     usable; REPAIRING if the daemon repairs a corrupt one from its peers. FtdError if the snapshot
-    does not fit the live state (other keys, other shapes): nothing is loaded then."""
+    does not fit the live state (other keys, other shapes): nothing is loaded then. ``arena_for(name,
+    shm_dir)``: the mapping of a buffer, kept by the caller for its snapshots (else mapped here and
+    unmapped after)."""
     shm_dir = Path(reply["shm_dir"])
     job = reply.get("job", "?")
+    live = live_state_dicts(state) if reply["versions"] else {}
     for version in reply["versions"]:
         t0 = time.perf_counter()
         step, name = version["step"], version["buffer"]
         manifest = Manifest.from_json(version["manifest"])
-        check_fits(manifest, state, job=job, step=step, strict=strict)
+        check_fits(manifest, state, job=job, step=step, strict=strict, live=live)
         try:
-            arena = Arena(shm_dir / Path(name).name, populate=False)  # read once: no need to pre-fault
+            where = readback.plan(manifest, state, live)
+        except SerializationError as e:  # a DTensor on another mesh: refused before anything is written
+            raise FtdError(f"job {job!r}, step {step}: {e}") from None
+        try:
+            arena = arena_for(name, shm_dir) if arena_for else Arena(shm_dir / Path(name).name)
         except FileNotFoundError:
             log.warning("ftd: snapshot of step %d vanished before it could be read; trying an older one", step)
             continue
         try:
-            tensors = read_verified(arena, manifest, state, step, rank)
+            tensors = read_verified(arena, manifest, where, step, rank)
             if tensors is None:
                 answer = conn.call("corrupt", rank=rank, buffer=name, step=step)
                 if answer.get("repairing"):
                     return REPAIRING  # a cluster member rebuilds it from its peers: ask again
                 continue
-            load(manifest, state, tensors, capture_rng, job=job, step=step, strict=strict)
+            load(manifest, state, tensors, capture_rng, job=job, step=step, strict=strict, live=live)
             del tensors
         finally:
-            close_in_background(arena)
+            if arena_for is None:
+                close_in_background(arena)
         origin = version.get("origin", "memory")
         from_disk = origin.startswith("disk")
         where = (f"the version flushed to disk ({origin.partition(':')[2] or 'flush_dir'})" if from_disk
@@ -142,10 +150,18 @@ def _fresh_hint(job: str) -> str:
             f"or use another job name ($FTD_JOB)")
 
 
-def check_fits(manifest: Manifest, state: dict, *, job: str, step: int, strict: bool, whole: bool = False) -> None:
+def live_state_dicts(state: dict) -> dict:
+    """``state_dict()`` of every Stateful value of ``state``, by key: taken once per restore (for FSDP's
+    state dicts it may be collective), then checked against, filled and loaded."""
+    return {key: target.state_dict() for key, target in state.items() if is_stateful(target)}
+
+
+def check_fits(manifest: Manifest, state: dict, *, job: str, step: int, strict: bool, whole: bool = False,
+               live: dict | None = None) -> None:
     """FtdError naming what differs if the snapshot of ``step`` cannot be loaded into ``state``:
     top-level keys (unless not ``strict``) and the shapes of the tensors of its Stateful values (of
-    DTensors: their shards, or with ``whole`` their global shapes, for a restore that reshards)."""
+    DTensors: their shards, or with ``whole`` their global shapes, for a restore that reshards).
+    ``live``: ``live_state_dicts(state)``, if the caller has it."""
     tree = manifest.tree
     if not isinstance(tree, dict) or not isinstance(tree.get("state"), dict):
         raise SerializationError("snapshot skeleton has no state")
@@ -164,14 +180,15 @@ def check_fits(manifest: Manifest, state: dict, *, job: str, step: int, strict: 
             continue
         saved: dict = {}
         _saved_shapes(tree["state"][key], manifest.layout.slots, f"state[{key!r}]", saved, whole)
-        live: dict = {}
-        _live_shapes(target.state_dict(), f"state[{key!r}]", live, whole)
-        for path in sorted(saved.keys() & live.keys()):
-            if saved[path] != live[path]:
-                differ.append(f"{path} is {_shape_text(saved[path])} in the snapshot, {_shape_text(live[path])} now")
+        now: dict = {}
+        _live_shapes(live[key] if live is not None and key in live else target.state_dict(), f"state[{key!r}]",
+                     now, whole)
+        for path in sorted(saved.keys() & now.keys()):
+            if saved[path] != now[path]:
+                differ.append(f"{path} is {_shape_text(saved[path])} in the snapshot, {_shape_text(now[path])} now")
         if isinstance(target, torch.nn.Module):
-            differ += [f"{path} is in the snapshot, not in the model" for path in sorted(saved.keys() - live.keys())]
-            differ += [f"{path} is in the model, not in the snapshot" for path in sorted(live.keys() - saved.keys())]
+            differ += [f"{path} is in the snapshot, not in the model" for path in sorted(saved.keys() - now.keys())]
+            differ += [f"{path} is in the model, not in the snapshot" for path in sorted(now.keys() - saved.keys())]
     if differ:
         more = f" (and {len(differ) - MAX_LISTED} more)" if len(differ) > MAX_LISTED else ""
         mesh = any("mesh of shape" in d for d in differ)
@@ -183,54 +200,33 @@ def check_fits(manifest: Manifest, state: dict, *, job: str, step: int, strict: 
                        f"{'; '.join(differ[:MAX_LISTED])}{more}. {cause}; {_fresh_hint(job)}")
 
 
-def read_verified(arena: Arena, manifest: Manifest, state: dict, step: int,
+def read_verified(arena: Arena, manifest: Manifest, where: readback.Plan, step: int,
                   rank: int) -> dict[int, torch.Tensor] | None:
-    """Every tensor of a snapshot, out of shared memory, each chunk's checksum checked on the way.
-
-    One pass: a chunk is hashed (which also brings it into cache), then its pieces are copied
-    into fresh tensors. Tensors bound for an nn.Module stay views into the buffer, since
-    Module.load_state_dict copies them into the existing parameters anyway. Returns None, after
-    a warning, if a chunk fails its checksum.
-    """
-    layout = manifest.layout
+    """Every tensor of a snapshot (``readback.read``: live, view or fresh, per ``where``), every chunk
+    checked before any live tensor is written. None, after a warning and with the live state
+    untouched, if a chunk fails its checksum."""
     tree = manifest.tree
     if not isinstance(tree, dict) or not isinstance(tree.get("state"), dict):
         raise SerializationError("snapshot skeleton has no state")
-    if arena.mapping.size < layout.nbytes:
+    if arena.mapping.size < manifest.layout.nbytes:
         log.warning("ftd: snapshot buffer is smaller than its manifest says; discarding it")
         return None
-    as_view: set[int] = set()
-    for key, sub in tree["state"].items():
-        if isinstance(state.get(key), torch.nn.Module):
-            as_view |= statecodec.tensor_indices(sub)
-    out: dict[int, torch.Tensor] = {}
-    flat: dict[int, torch.Tensor] = {}
-    for i, s in enumerate(layout.slots):
-        dtype = statecodec.dtype_from_name(s.dtype)
-        if i in as_view:
-            out[i] = arena.tensor[s.offset:s.end].view(dtype).view(s.shape)
-        else:
-            out[i] = torch.empty(s.shape, dtype=dtype)
-            if s.nbytes:
-                flat[i] = out[i].view(-1).view(torch.uint8)
-    for c, ((lo, hi), pieces) in enumerate(chunk_plan(layout, manifest.chunk_size)):
-        if chunk_checksum(arena.view[lo:hi]) != manifest.checksums[c]:
-            log.warning("ftd: snapshot of step %d (rank %d) fails its checksum in chunk %d (bytes %d-%d); "
-                        "discarding it and trying an older one", step, rank, c, lo, hi)
-            return None
-        for p in pieces:
-            if p.slot in flat:
-                base = layout.slots[p.slot].offset
-                flat[p.slot][p.start:p.end].copy_(arena.tensor[base + p.start:base + p.end])
-    return out
+    try:
+        return readback.read(arena, manifest, where)
+    except readback.BadChunk as bad:
+        more = f" (and {bad.count - 1} more)" if bad.count > 1 else ""
+        log.warning("ftd: snapshot of step %d (rank %d) fails its checksum in chunk %d (bytes %d-%d)%s; "
+                    "discarding it and trying an older one", step, rank, bad.chunk, *bad.span, more)
+        return None
 
 
 def load(manifest: Manifest, state: dict, tensors: dict[int, torch.Tensor] | Callable[[int], torch.Tensor],
          capture_rng: bool, *, job: str = "?", step: int = -1, strict: bool = True,
-         on_dtensor: Callable | None = None) -> None:
+         on_dtensor: Callable | None = None, live: dict | None = None) -> None:
     """Load a checked snapshot into ``state`` (what goes in place and what is replaced: module doc).
     ``tensors``: the snapshot's tensors by slot, or a function giving them; ``on_dtensor``: what fills
-    a live DTensor (default: its saved shard, on the same mesh; ``reshard``: the chunks overlapping it)."""
+    a live DTensor (default: its saved shard, on the same mesh; ``reshard``: the chunks overlapping it);
+    ``live``: ``live_state_dicts(state)``, if the caller has it."""
     def tensor_at(i: int) -> torch.Tensor:
         if callable(tensors):
             return tensors(i)
@@ -243,12 +239,18 @@ def load(manifest: Manifest, state: dict, tensors: dict[int, torch.Tensor] | Cal
     for key, sub in tree["state"].items():
         target = state.get(key)
         if is_stateful(target):
-            if isinstance(target, torch.optim.Optimizer) and _holds_dtensors(sub):
+            template = live.get(key) if live is not None else None
+            if isinstance(target, torch.optim.Optimizer) and _holds_dtensors(sub) and any(
+                    not o.state for o in inner_optimizers(target) or [target]):
                 _init_optimizer_state(target)  # its moments are DTensors: they need live ones to land in
+                template = None
             try:
                 # DTensor shards go into the live DTensors (the template); the rest is copied by load_state_dict
-                live = target.state_dict() if _holds_dtensors(sub) else None
-                target.load_state_dict(statecodec.decode(sub, tensor_at, template=live, into_live=False,
+                if _holds_dtensors(sub) and template is None:
+                    template = target.state_dict()
+                elif not _holds_dtensors(sub):
+                    template = None
+                target.load_state_dict(statecodec.decode(sub, tensor_at, template=template, into_live=False,
                                                          path=f"state[{key!r}]", on_dtensor=on_dtensor))
             except SerializationError as e:
                 raise FtdError(f"job {job!r}, step {step}: {e}") from None

@@ -3,8 +3,10 @@
 Every request that needs a session goes through ``call``, which registers first (and again, once,
 if the daemon restarted and forgot the session), so a daemon restart costs the trainer nothing but
 the snapshot in flight. The buffers the daemon hands out are mapped once and kept while the daemon
-keeps them; the buffer the *next* snapshot will get is mapped (and page-locked) right after a
-commit, off the trainer's critical path.
+keeps them (their memory reserved on a background thread: ``arena``), the one a restore read
+included; ``prepare`` has the daemon create both buffers of the first snapshot as soon as its size is
+known (at ``restore``), so they are reserved while the first steps run; the buffer the *next*
+snapshot will get is mapped (and page-locked) right after a commit, off the trainer's critical path.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 from ftd.control.connection import Connection
 from ftd.errors import DaemonUnavailable, FtdError, Refused
 from ftd.trainer.arena import Arena
+from ftd.trainer.capture import expected_nbytes
 from ftd.trainer.discovery import local_world
 
 log = logging.getLogger(__name__)
@@ -44,10 +47,10 @@ class DaemonSession:
             if self.id is None:
                 reply = self.conn.call("register", rank=self.rank, world=self.world_size, pid=os.getpid(),
                                        **local_world())
-                self.id, self.shm_dir = reply["session"], Path(reply["shm_dir"])
+                self.id = reply["session"]
                 self.ready_nbytes = -1
                 self.chunk_size = int(reply["chunk_size"])
-                self.drop_arenas()
+                self.keep_arenas(Path(reply["shm_dir"]))
             try:
                 return self.conn.call(mtype, session=self.id, **fields)
             except Refused as e:
@@ -73,11 +76,42 @@ class DaemonSession:
             raise FtdError(f"daemon buffer {name} holds {arena.mapping.size} bytes, snapshot needs {nbytes}")
         return name, arena
 
-    def arena(self, name: str) -> Arena:
+    def arena(self, name: str, shm_dir: Path | None = None, reserve: bool = True) -> Arena:
+        """The mapping of buffer ``name``, made once (``shm_dir``: for a restore, before registering);
+        ``reserve``: reserve its memory on a background thread right away."""
+        if shm_dir is not None and self.shm_dir != shm_dir:
+            self.keep_arenas(shm_dir)
         arena = self.arenas.get(name)
         if arena is None:
             arena = self.arenas[name] = Arena(self.shm_dir / Path(name).name)
+            if reserve:
+                arena.reserve_in_background()
         return arena
+
+    def prepare(self, state: dict, capture_rng: bool) -> None:
+        """At ``restore``: the first snapshot's size is known (``capture.expected_nbytes``), so have the
+        daemon create this rank's two buffers now and map them (their memory is then reserved in the
+        background while the first steps run): no snapshot of the first steps is skipped for set-up. A
+        state whose size cannot be told beforehand, or a refusal (the memory budget), is left for the
+        first snapshot to set up or report."""
+        try:
+            nbytes = expected_nbytes(state, capture_rng)
+            if nbytes is None:
+                return
+            reply = self.call("prepare", nbytes=nbytes)
+            for name in reply["buffers"]:
+                self.arena(name)
+        except Exception as e:  # only a head start: the first snapshot() sets up, or names what is wrong
+            log.debug("ftd: no buffers prepared for the first snapshot: %s", e)
+
+    def keep_arenas(self, shm_dir: Path) -> None:
+        """After (re)registering: keep the mappings whose files are still the daemon's buffers (a restarted
+        daemon may have replaced them), drop the others."""
+        if self.shm_dir != shm_dir:
+            self.drop_arenas()
+            self.shm_dir = shm_dir
+        for name in [n for n, a in self.arenas.items() if not a.same_file()]:
+            self.arenas.pop(name).close()
 
     def prepare_next_arena(self, pin: bool) -> None:
         """Map (and page-lock) the buffer the next snapshot will get, off the trainer's critical path."""

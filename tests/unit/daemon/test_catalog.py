@@ -291,3 +291,23 @@ def test_a_run_is_finished_once_every_rank_finished_and_reset_to_starts_a_new_on
     assert cat.has_previous_run()
     cat.reset_to(-1)
     assert cat.newest_step() == -1 and not cat.run_finished() and cat.restore(0)["versions"] == []
+
+
+def test_prepare_creates_both_buffers_that_the_first_snapshots_then_use(cat):
+    s = cat.register(0, 1, 42)["session"]
+    names = set(cat.prepare(s, 3 * CAPACITY_QUANTUM // 2)["buffers"])
+    assert len(names) == 2 and cat.fake.segments == {n: 2 * CAPACITY_QUANTUM for n in names}
+    assert {snap(cat, s, 0, 1000), snap(cat, s, 1, 1000)} == names       # no buffer created at the first steps
+    assert set(cat.prepare(s, 1000)["buffers"]) == names                 # big enough already: nothing changes
+
+
+def test_prepare_grows_only_the_spare_buffer_and_is_refused_over_the_budget(cat):
+    s = cat.register(0, 1, 42)["session"]
+    snap(cat, s, 0)
+    snap(cat, s, 1)
+    newest = snap(cat, s, 2)
+    grown = set(cat.prepare(s, 2 * CAPACITY_QUANTUM)["buffers"])
+    assert newest in grown and cat.fake.segments[newest] == CAPACITY_QUANTUM  # the newest version is kept
+    assert [v["step"] for v in cat.restore(0)["versions"]] == [2]
+    with pytest.raises(Refused, match="memory budget"):
+        cat.prepare(s, 20 * CAPACITY_QUANTUM)
