@@ -65,15 +65,31 @@ def optimizers_in(value: Any) -> list[torch.optim.Optimizer]:
     self.optimizer)``, whose values are the optimizer's own tensors). Without this such a state would be
     cloned whole at every snapshot(); a tensor that is not the optimizer's is still cloned (identities)."""
     if isinstance(value, torch.optim.Optimizer):
-        return [value]
+        real = _hookable(value)
+        return [real] if real is not None else []
     if not is_stateful(value) or isinstance(value, torch.nn.Module) or not hasattr(value, "__dict__"):
         return []
     found = []
     for attr in vars(value).values():
         for item in attr if isinstance(attr, (list, tuple)) else (attr,):
-            if isinstance(item, torch.optim.Optimizer) and all(item is not f for f in found):
-                found.append(item)
+            real = _hookable(item) if isinstance(item, torch.optim.Optimizer) else None
+            if real is not None and all(real is not f for f in found):
+                found.append(real)
     return found
+
+
+def _hookable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
+    """The optimizer that steps: a wrapper that subclasses Optimizer without its set-up (accelerate's
+    AcceleratedOptimizer, which an LR scheduler under the Hugging Face Trainer holds) takes no step
+    hooks, the torch optimizer inside it (``.optimizer``) does; None if there is none."""
+    for _ in range(4):
+        if hasattr(optimizer, "_optimizer_step_pre_hooks"):
+            return optimizer
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            return None
+        optimizer = inner
+    return None
 
 
 class StateCapture:

@@ -79,7 +79,7 @@ def test_four_nodes_lose_single_nodes_in_turn(make_cluster):
     assert c.run_trainers(steps, step_sleep=0.01) == [None] * 4
     recoverable = c.settled()
     assert recoverable >= 0, "no step became recoverable"
-    victims = range(4) if SOAK else (0, 3)  # node 0 hosts the coordinator; CI loses it and one other
+    victims = range(4) if SOAK else (0,)  # node 0 hosts the coordinator; CI loses it (others: the tests below)
     for victim in victims:
         lose_and_rebuild(c, [victim], recoverable)
         steps += 12
@@ -103,7 +103,8 @@ def test_four_nodes_lose_single_nodes_in_turn(make_cluster):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("nodes,parity,lost", [(4, 1, [2]), (6, 2, [1, 4])], ids=["4x1-node2", "6x2-nodes1+4"])
+@pytest.mark.parametrize("nodes,parity,lost", ([(4, 1, [2])] if SOAK else []) + [(6, 2, [1, 4])],
+                         ids=(["4x1-node2"] if SOAK else []) + ["6x2-nodes1+4"])
 def test_nodes_lost_in_the_middle_of_a_protection(make_cluster, monkeypatch, nodes, parity, lost):
     monkeypatch.setitem(ENV, "FTD_DEBUG_PROTECT_DELAY", "3")  # every round stays open 3 s before sending
     c = make_cluster(nodes, parity)
@@ -133,6 +134,8 @@ def test_nodes_lost_in_the_middle_of_a_protection(make_cluster, monkeypatch, nod
 
 
 @pytest.mark.soak
+@pytest.mark.skipif(not SOAK, reason="soak (FTD_SOAK=1): CI loses a pair of 6 (m = 2) mid-round in "
+                    "test_nodes_lost_in_the_middle_of_a_protection, m + 1 losses in test_durable_cluster and test_runs")
 @pytest.mark.timeout(300)
 def test_six_nodes_two_parity_lose_pairs_then_three(make_cluster):
     c = make_cluster(6, 2)

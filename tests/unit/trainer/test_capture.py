@@ -104,3 +104,29 @@ def test_dtensor_layout_is_cached_per_kind_of_shard_and_equals_the_computed_one(
         first["offsets"].append(99)                      # a caller's change never reaches the cache
         assert dtensors.dtensor_layout(x)["offsets"] == [int(o) for o in offsets]
         assert dtensors.local_shard(x).data_ptr() == x.to_local().data_ptr()
+
+
+class WrappedOptimizer(torch.optim.Optimizer):
+    """accelerate's AcceleratedOptimizer in miniature: an Optimizer subclass that skips Optimizer's set-up
+    (so it takes no step hooks) and steps the torch optimizer it wraps."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+def test_a_scheduler_over_a_wrapped_optimizer_hooks_the_optimizer_inside():
+    """Under the Hugging Face Trainer the LR scheduler holds accelerate's wrapper: the snapshot must not
+    fail on it (it takes no hooks), and the pre-step hook goes on the torch optimizer that steps."""
+    model = nn.Linear(4, 4)
+    inner = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(inner, step_size=1)
+    scheduler.optimizer = WrappedOptimizer(inner)
+    model(torch.randn(2, 4)).sum().backward()
+    inner.step()
+    hooked = []
+    job = StateCapture(False, hooked.append).capture(0, {"model": model, "sched": scheduler})
+    assert hooked == [inner]
+    assert sum(v is not None for v in job.versions) == 2  # weight and bias copied live, not cloned
