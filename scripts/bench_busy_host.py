@@ -38,8 +38,10 @@ mode alike; ``--malloc default`` shows it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchutil import REPO, ftd_revision, ms, private_daemon, table, verdict
+from benchutil import REPO, ftd_revision, ms, private_daemon, sigterm_to_exit, table, verdict
 
 MODES = ("none", "ftd", "ftd-nohelp", "torch.save")
 FTD_MODES = ("ftd", "ftd-nohelp")
@@ -56,6 +58,7 @@ WARMUP = 3
 
 # ---- one trial, in its own process ------------------------------------------------------------------
 def trial(mode: str, width: int, batch: int, steps: int, out: Path) -> None:
+    signal.signal(signal.SIGTERM, sigterm_to_exit)  # stopped: the torch.save file goes too
     import torch
     import torch.nn as nn
 
@@ -154,7 +157,8 @@ def summarize(trials: dict[str, list[dict]]) -> dict:
 
 def report(s: dict, args: argparse.Namespace, state_bytes: int, torch_threads: int) -> list[str]:
     lines = [f"{state_bytes / 2**20:.0f} MiB of model + AdamW state, {args.trials} trials x {args.steps} steps "
-             f"per mode, interleaved; {s['cores']} cores, {torch_threads} torch threads, malloc {args.malloc}"]
+             f"per mode, interleaved; {s['cores']} cores, {torch_threads} torch threads, malloc {args.malloc}, "
+             f"{args.hogs} busy-loop processes beside"]
     rows = [[f"step time, {m}"] + [ms(s["step"][m][k]) for k in ("p50", "p90", "max")] for m in MODES]
     rows += [[f"blocked per snapshot, {m}"] + [ms(s["blocked"][m][k]) for k in ("p50", "p90", "max")]
              for m in MODES if m != "none"]
@@ -174,7 +178,12 @@ def report(s: dict, args: argparse.Namespace, state_bytes: int, torch_threads: i
     s["targets"] = {"blocked_p90_over_torch_save": b_ratio, "overhead_p90_over_floor": o_ratio}
     lines.append(f"CPU-work floor: {ms(s['floor_s'])} ms per step (copy + checksum core-time / {s['cores']} cores)")
     lines.append(f"target: p90 blocked <= 0.05 x torch.save p50: {b_ratio:.3f}x  {verdict(b_ratio <= 0.05)}")
-    lines.append(f"target: p90 step overhead <= 1.3 x the floor: {o_ratio:.2f}x  {verdict(o_ratio <= 1.3)}")
+    if s["overhead"]["ftd"]["p50"] < 0:  # the baseline was the slow one: no overhead can be read from this run
+        lines.append("target: p90 step overhead <= 1.3 x the floor: n/a (the no-checkpoint trials were slower "
+                     "than ftd's; see --malloc, and the README's note on busy hosts)")
+        s["targets"]["overhead_p90_over_floor"] = None
+    else:
+        lines.append(f"target: p90 step overhead <= 1.3 x the floor: {o_ratio:.2f}x  {verdict(o_ratio <= 1.3)}")
     return lines
 
 
@@ -191,6 +200,8 @@ def main() -> int:
                         "returned to the OS and faulted in again each step; default: glibc as it comes, where "
                         "on this VM a step of the trainer re-faults about 40,000 pages and a process with "
                         "ftd's threads far fewer, which makes the no-checkpoint baseline the slow one")
+    p.add_argument("--hogs", type=int, default=0,
+                   help="busy-loop processes kept running beside the trials: a host shared with other work")
     p.add_argument("--out", default=str(REPO / "bench-results"))
     p.add_argument("--trial", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -200,10 +211,14 @@ def main() -> int:
         return 0
     if args.quick:
         args.trials, args.width, args.steps = 2, 1024, 8
+    signal.signal(signal.SIGTERM, sigterm_to_exit)  # stopped: the daemon and its segments go too
     t0 = time.monotonic()
     trials: dict[str, list[dict]] = {m: [] for m in MODES}
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hogs)]
     with tempfile.TemporaryDirectory(prefix="ftd-bench-busy-") as work, \
-            private_daemon("ftd-bench-busy-daemon-", budget="4GiB") as endpoint:
+            private_daemon("ftd-bench-busy-daemon-", budget="4GiB") as endpoint, contextlib.ExitStack() as stop:
+        for hog in hogs:
+            stop.callback(hog.kill)
         for i in range(args.trials):
             for k in range(len(MODES)):
                 mode = MODES[(i + k) % len(MODES)]
