@@ -240,10 +240,8 @@ def load(manifest: Manifest, state: dict, tensors: dict[int, torch.Tensor] | Cal
         target = state.get(key)
         if is_stateful(target):
             template = live.get(key) if live is not None else None
-            if isinstance(target, torch.optim.Optimizer) and _holds_dtensors(sub) and any(
-                    not o.state for o in inner_optimizers(target) or [target]):
-                _init_optimizer_state(target)  # its moments are DTensors: they need live ones to land in
-                template = None
+            if isinstance(target, torch.optim.Optimizer) and _holds_dtensors(sub) and _init_optimizer_state(target):
+                template = None  # its moments are DTensors, just created to land in: read them afresh
             try:
                 # DTensor shards go into the live DTensors (the template); the rest is copied by load_state_dict
                 if _holds_dtensors(sub) and template is None:
@@ -268,12 +266,15 @@ def _holds_dtensors(skeleton) -> bool:
     return '"dtensor"' in json.dumps(skeleton) if isinstance(skeleton, (dict, list)) else False
 
 
-def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> bool:
     """An optimizer that has not stepped yet has no moments to restore DTensor shards into: create them
     the way torch.distributed.checkpoint does (a step with zero gradients and a learning rate of 0).
     A container of optimizers (torchtitan's) has no learning rate of its own to zero, so a step of the
-    container would move the parameters: each optimizer in it is initialised instead."""
+    container would move the parameters: each optimizer in it is initialised instead. True if any was."""
     from torch.distributed.checkpoint.state_dict import _init_optim_state
+    created = False
     for opt in inner_optimizers(optimizer) or [optimizer]:
         if not opt.state:
             _init_optim_state(opt)
+            created = True
+    return created
