@@ -129,6 +129,14 @@ def load_plain_dcp(args: argparse.Namespace, model: nn.Module, optimizer: torch.
         set_model_state_dict(model, sd["model"])
 
 
+def leave_process_group() -> None:
+    """All ranks leave together: a gloo rank that destroys its group while a peer is still in a
+    collective (rank 0 writing the gathered state) can abort at exit ("terminate called without an
+    active exception", SIGABRT), which torchrun reports as the job's failure."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.load_dcp:
         load_plain_dcp(args, model, optimizer)
         save_full(model, optimizer, out / f"restored-{attempt}.pt")
-        dist.destroy_process_group()
+        leave_process_group()
         return 0
     client = None if args.no_ftd else ftd.Client()
     start = client.restore(state) if client else None
@@ -183,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     os.close(fd)
     if client:
         client.close() if args.no_finish else client.finish()
-    dist.destroy_process_group()
+    leave_process_group()
     return 0
 
 

@@ -29,7 +29,7 @@ from ftd.shm.checksum import ChunkHasher
 from ftd.shm.layout import Manifest
 from ftd.trainer.capture import StateCapture, identity
 from ftd.trainer.copier import SnapshotJob, Worker, add_copier_totals, copy_and_hash
-from ftd.trainer.discovery import detect_rank_world, local_world
+from ftd.trainer.discovery import detect_rank_world, local_world, warn_about_launcher
 from ftd.trainer.reshard import restore_resharded
 from ftd.trainer.restore import REPAIRING, restore_versions
 from ftd.trainer.session import Busy, DaemonSession
@@ -77,6 +77,7 @@ class Client:
     def __init__(self, endpoint: str | None = None, *, rank: int | None = None, world_size: int | None = None,
                  capture_rng: bool = True, timeout: float | None = None, strict: bool = True, verbose: bool = True):
         self.endpoint, config, self.found_by = find_daemon(endpoint)
+        warn_about_launcher()
         detected = detect_rank_world()
         self.rank = detected[0] if rank is None else rank
         self.world_size = detected[1] if world_size is None else world_size

@@ -6,9 +6,13 @@ node's daemon listens.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 
 def detect_rank_world() -> tuple[int, int]:
@@ -16,6 +20,31 @@ def detect_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def launcher_warning(env: dict | None = None) -> str | None:
+    """What in the launcher's set-up would keep a restarted job from coming back, or None.
+
+    torchrun (c10d rendezvous) shares its rendezvous store with the workers by default; torch 2.13's
+    restarted workers then time out joining gloo on keys the previous attempt left there (pytorch
+    issue 135712). The variable that avoids it must be set for torchrun itself, before it starts the
+    workers, so ftd can only say so from inside a worker."""
+    env = os.environ if env is None else env
+    restarts = env.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not restarts.isdigit() or int(restarts) == 0:
+        return None
+    return (f"torchrun shares its rendezvous store with the workers and may restart them ({restarts} "
+            "restart(s)): with torch 2.13 the restarted workers can hang joining their process group on the "
+            "keys the previous attempt left (pytorch issue 135712), and the restore never runs. "
+            "Start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment.")
+
+
+def warn_about_launcher() -> None:
+    """Log ``launcher_warning`` once per process (at the first Client), where the user's logs show it."""
+    text = launcher_warning()
+    if text and text not in _warned:
+        _warned.add(text)
+        log.warning(text)
 
 
 def local_world() -> dict:
