@@ -24,6 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -174,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     torch.set_num_threads(1)
+    imported = time.time() - psutil.Process().create_time()
     if world > 1:
         dist.init_process_group("gloo", timeout=timedelta(seconds=args.pg_timeout))
+        # where a restart's seconds go (scripts/bench_torchrun.py reads this line)
+        print(f"rank {rank} pid {os.getpid()}: imports done {imported:.2f} s, process group joined "
+              f"{time.time() - psutil.Process().create_time():.2f} s after the process started", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -70,11 +70,12 @@ def big_state():
     return {"model": model, "optim": torch.optim.AdamW(model.parameters(), lr=1e-3)}
 
 
-def run_steps(client, state, steps):
+def run_steps(client, state, steps, after_step=lambda step: None):
     model, opt = state["model"], state["optim"]
     for step in range(steps):
         model(torch.randn(16, 512)).pow(2).mean().backward()
         opt.step()                                      # the pre-step hook: waits for, or skips, the last snapshot
+        after_step(step)
         opt.zero_grad()
         client.snapshot(step, state)
         time.sleep(0.02)                                # the rest of a step
@@ -84,11 +85,17 @@ def run_steps(client, state, steps):
 @pytest.mark.parametrize("restore_first", [True, False])
 def test_no_snapshot_is_skipped_for_set_up_when_the_run_starts_with_restore(thread_daemon, monkeypatch, caplog,
                                                                              restore_first):
+    import threading
+
     from ftd.daemon.shm_store import ShmStore
     allocate = ShmStore.allocate
+    stepped = threading.Event()                         # the trainer passed step 1's optimizer step
 
     def slow_allocate(self, name, size):                # a set-up that takes longer than a training step
-        time.sleep(SLOW_SETUP_SECONDS)
+        if restore_first:
+            time.sleep(SLOW_SETUP_SECONDS)
+        else:                                           # longer than a step however slow the host: no race
+            stepped.wait(20)
         allocate(self, name, size)
     monkeypatch.setattr(ShmStore, "allocate", slow_allocate)
     d = thread_daemon()
@@ -96,7 +103,7 @@ def test_no_snapshot_is_skipped_for_set_up_when_the_run_starts_with_restore(thre
     with ftd.Client(d.endpoint) as client, caplog.at_level(logging.INFO, "ftd.trainer"):
         if restore_first:
             assert client.restore(state) is None        # a fresh start: the buffers are set up now
-        run_steps(client, state, 4)
+        run_steps(client, state, 4, after_step=lambda step: step == 1 and stepped.set())
         stats = dict(client.stats)
     assert stats["failed"] == 0
     if restore_first:
