@@ -41,7 +41,8 @@ from ftd.util.timeline import mark
 
 POLL = 0.05                   # seconds between checks of the workers
 STORE_POLL = 0.05             # seconds between checks of the job's generation (a TCPStore read: ~0.1 ms)
-REFILL_AFTER = 5.0            # seconds into a generation that never commits before its next standbys start
+REFILL_AFTER = 60.0           # seconds into a generation that commits nothing (a trainer without ftd) before
+                              # its next standbys start: not while a replacement node is still on its way
 
 
 class AgentStopped(Exception):
@@ -211,6 +212,7 @@ class Agent:
                                 [log_path(self.log_dir, self.node_rank * self.nproc + i) for i in range(self.nproc)],
                                 enabled=self.use_standby and not self.launcher)
         streak = 0  # failures in a row of generations that did not train (a crash loop)
+        mark("agent_started", self.timeline, node=self.node_rank)
         try:
             self.pool.refill()  # the standbys import torch while the daemon starts (and rebuilds)
             if self.nnodes > 1 and not self.launcher:  # and so does this agent, for the job store's TCPStore
@@ -235,6 +237,7 @@ class Agent:
                     self._sleep(delay)
                     self._mark("backoff_done", generation, seconds=delay)
                 daemon.wait_ready(self._check_stop)
+                self._mark("daemon_ready", generation)
                 port = self._join(job, generation)
                 if port is None:
                     continue

@@ -2,17 +2,20 @@
 
 Pure: takes the events of every node's ``timeline.jsonl`` (``ftd.util.timeline``). Each phase is the
 moment the *last* participant reached it (a DDP job trains again only when every rank does), except
-the first two, which one agent does for everyone.
+the first three, which one worker or agent does for everyone.
 """
 from __future__ import annotations
 
-# (event, who, label): "first" = the earliest agent, "agents"/"ranks" = the latest of them
+# (event, who, label): "first" = the earliest agent, "agents"/"ranks" = the latest of them (of the
+# generation that trains again), "any" = the latest of any generation
 PHASES = (
     ("failed", "first", "a worker saw the error (then it exits: torch's teardown)"),
     ("failure_seen", "first", "failure seen by an agent"),
     ("generation_bumped", "first", "generation bumped in the job store"),
     ("workers_stopped", "agents", "every surviving node's workers stopped"),
+    ("agent_started", "any", "the replacement node's agent started"),
     ("backoff_done", "agents", "backoff over"),
+    ("daemon_ready", "agents", "every daemon ready (the replacement's rebuilt)"),
     ("joined", "agents", "every node joined the new generation"),
     ("spawned", "agents", "workers spawned / standbys activated"),
     ("imported", "ranks", "trainer's imports done (torch, ...)"),
@@ -30,8 +33,8 @@ def breakdown(events: list[dict], failed_at: float, failed_generation: int, gene
     rows = []
     for event, who, label in PHASES:
         wanted = failed_generation if who == "first" or event == "workers_stopped" else generation
-        times = [e["t"] for e in events
-                 if e["event"] == event and e.get("generation") == wanted and e["t"] >= failed_at]
+        times = [e["t"] for e in events if e["event"] == event and e["t"] >= failed_at
+                 and (who == "any" or e.get("generation") == wanted)]
         at = (min(times) if who == "first" else max(times)) if times else None
         rows.append({"event": event, "label": label, "seconds": None if at is None else at - failed_at})
     return rows
