@@ -59,7 +59,6 @@ class Agent:
         self.command = args.command
         self.launcher = args.launcher
         self.policy = RestartPolicy(args.max_restarts, args.backoff, args.backoff_max, args.backoff_window)
-        self.use_standby = not args.no_standby
         self.join_timeout = args.join_timeout
         self.log_dir = Path(args.log_dir or f"ftd-agent-logs/node{self.node_rank}").absolute()
         self.keep_daemon = args.keep_daemon
@@ -76,6 +75,9 @@ class Agent:
         self._first_generation = True  # this agent's first workers: a start-up, not a restart
         self.timeline = self.log_dir / "timeline.jsonl"
         self.base_env = dict(os.environ, **{TIMELINE_ENV: str(self.timeline)})
+        self.pool = StandbyPool(self.command, self.base_env,
+                                [log_path(self.log_dir, self.node_rank * self.nproc + i) for i in range(self.nproc)],
+                                enabled=not args.no_standby and not self.launcher)
 
     def _mark(self, event: str, generation: int, **fields) -> None:
         mark(event, self.timeline, node=self.node_rank, generation=generation, **fields)
@@ -208,9 +210,6 @@ class Agent:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         daemon = NodeDaemon(self.config_path, self.config, self.log_dir, self.node_rank)
         group: WorkerGroup | None = None
-        self.pool = StandbyPool(self.command, self.base_env,
-                                [log_path(self.log_dir, self.node_rank * self.nproc + i) for i in range(self.nproc)],
-                                enabled=self.use_standby and not self.launcher)
         streak = 0  # failures in a row of generations that did not train (a crash loop)
         mark("agent_started", self.timeline, node=self.node_rank)
         try:

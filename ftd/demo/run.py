@@ -110,8 +110,10 @@ class Run:
         failure["breakdown"] = breakdown.breakdown(events, failure["t_wall"], failure["failed_generation"],
                                                    failure["generation"])
         # from the failure to the moment the last rank finished its first step after it (the workers'
-        # own clock); the demo's view of the logs, a poll later, where the trainer marks nothing
-        failure["seconds_to_resume"] = breakdown.training_again(failure["breakdown"]) or observed
+        # own marks, if every rank left one); else the demo's view of the logs, a poll later
+        marked = {e.get("rank") for e in events if e["event"] == "first_step" and e.get("generation") == failure["generation"]}
+        again = breakdown.training_again(failure["breakdown"])
+        failure["seconds_to_resume"] = again if again is not None and len(marked) == self.plan.world else observed
         say(f"{INDENT}<<< every rank restored step {failure['resumed_after']} from memory and goes on "
             f"({report.plural(failure['steps_lost'], 'step')} re-run, {failure['seconds_to_resume']:.1f} s "
             "after the failure to training again)")

@@ -185,9 +185,9 @@ def _train(args, net, optimizer, scheduler, state, client, data, fd: int, first:
         state["progress"]["tokens_seen"] += x.numel()  # a plain dict: restore() refills it in place
         value = loss.item()
         os.write(fd, f"{step} {value.hex()}\n".encode())
-        print(f"step {step:4d}  loss {value:.4f}", flush=True)
         if step == first:
-            mark("first_step", step=step)
+            mark("first_step", step=step)  # before the log line: whoever sees that line finds the mark
+        print(f"step {step:4d}  loss {value:.4f}", flush=True)
         if client:
             client.snapshot(step, state)
         if args.step_sleep:
