@@ -20,7 +20,7 @@ PHASES = (
     ("spawned", "agents", "workers spawned / standbys activated"),
     ("imported", "ranks", "trainer's imports done (torch, ...)"),
     ("pg_joined", "ranks", "process group joined (gloo)"),
-    ("restored", "ranks", "restore from the daemon done"),
+    ("restored", "ranks", "model and optimizer built, restore from the daemon done"),
     ("ddp_ready", "ranks", "DDP wrapped (parameters broadcast)"),
     ("first_step", "ranks", "first step after the failure done"),
 )
