@@ -16,6 +16,7 @@ pipe closes: the agent closes it when it stops, and the kernel does when the age
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from ftd.util.procs import stop_process_group
 
+log = logging.getLogger(__name__)
 _PYTHON = re.compile(r"python(\d+(\.\d+)?)?$")
 STANDBY_STOP_GRACE = 2.0  # seconds between SIGTERM and SIGKILL of a standby that was not used
 
@@ -44,11 +46,16 @@ class Standby:
 
     def __init__(self, interpreter: str, target: list[str], env: dict, log_path: Path):
         read_end, self._write_end = os.pipe()  # both non-inheritable: only this standby gets read_end
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([interpreter, "-m", "ftd.agent.standby_main", "--fd", str(read_end), *target],
-                                         env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         pass_fds=(read_end,), start_new_session=True)
-        os.close(read_end)
+        try:
+            with open(log_path, "ab") as log:
+                self.proc = subprocess.Popen([interpreter, "-m", "ftd.agent.standby_main", "--fd", str(read_end),
+                                              *target], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, pass_fds=(read_end,), start_new_session=True)
+        except OSError:
+            os.close(self._write_end)
+            raise
+        finally:
+            os.close(read_end)
 
     def activate(self, env: dict) -> subprocess.Popen | None:
         """Hand the standby its generation's environment; its Popen, or None if it is gone (start plainly)."""
@@ -92,9 +99,15 @@ class StandbyPool:
         return self.enabled and any(s is None for s in self.slots)
 
     def refill(self) -> None:
+        """Start a standby for every empty slot; if one cannot start (no such interpreter), say why
+        and start every worker plainly from now on (where the same error then surfaces as today)."""
         for i, slot in enumerate(self.slots):
             if slot is None and self.target is not None:
-                self.slots[i] = Standby(self.target[0], self.target[1], self.env, self.log_paths[i])
+                try:
+                    self.slots[i] = Standby(self.target[0], self.target[1], self.env, self.log_paths[i])
+                except OSError as e:
+                    log.warning("cannot start a standby worker (%s); starting workers plainly", e)
+                    self.target = None
 
     def take(self, local_rank: int) -> Standby | None:
         standby, self.slots[local_rank] = self.slots[local_rank], None

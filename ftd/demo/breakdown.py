@@ -9,7 +9,7 @@ from __future__ import annotations
 # (event, who, label): "first" = the earliest agent, "agents"/"ranks" = the latest of them (of the
 # generation that trains again), "any" = the latest of any generation
 PHASES = (
-    ("failed", "first", "a worker saw the error (then it exits: torch's teardown)"),
+    ("failed", "first", "a surviving worker saw the error (its peer is gone)"),
     ("failure_seen", "first", "failure seen by an agent"),
     ("generation_bumped", "first", "generation bumped in the job store"),
     ("workers_stopped", "agents", "every surviving node's workers stopped"),

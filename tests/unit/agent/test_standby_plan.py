@@ -56,3 +56,12 @@ def test_timeline_marks_append_json_lines_and_skip_garbage(tmp_path, monkeypatch
     assert (events[0]["rank"], events[0]["generation"], events[0]["step"]) == (2, 1, 7)
     assert timeline.read(tmp_path / "other.jsonl")[0]["generation"] == 3  # explicit fields win
     assert timeline.read(tmp_path / "missing.jsonl") == []
+
+
+def test_a_standby_that_cannot_start_turns_the_pool_to_plain_starts(tmp_path):
+    from ftd.agent.standby import StandbyPool
+    pool = StandbyPool([str(tmp_path / "missing" / "python3"), "train.py"], {}, [tmp_path / "rank0.log"])
+    assert pool.enabled
+    pool.refill()  # FileNotFoundError from the missing interpreter: logged, not raised
+    assert not pool.enabled and pool.take(0) is None and not pool.needs_refill()
+    pool.close()
