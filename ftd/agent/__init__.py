@@ -2,5 +2,6 @@
 the agents of one job share.
 
 Starts processes; imports ``ftd.control`` (to ask the daemon whether it is ready) and the shared
-basics, and torch only for its TCPStore, lazily.
+basics, and torch only for its TCPStore, lazily. ``standby_main`` is the one module that runs in a
+worker process (a warm standby): it imports torch and the trainer's modules there, never in the agent.
 """

@@ -34,6 +34,12 @@ class NodeDaemon:
     def status(self) -> dict | None:
         return status_or_none(self.config.endpoint, timeout=2.0)
 
+    def committed_since(self, wall_time: float) -> bool:
+        """Whether a rank of this node committed a snapshot at or after ``wall_time`` (time.time()):
+        its generation trained. False when the daemon does not answer at once."""
+        st = status_or_none(self.config.endpoint, timeout=0.5)
+        return any((r.get("last_commit_at") or 0) >= wall_time for r in (st or {}).get("ranks", []))
+
     def ensure_running(self) -> None:
         if self.external or (self.proc is not None and self.proc.poll() is None):
             return

@@ -11,27 +11,37 @@ import signal
 
 @dataclasses.dataclass(frozen=True)
 class RestartPolicy:
-    """Bounded restarts with exponential backoff, counted per job (a generation is one restart).
+    """Bounded restarts; a backoff only for a crash loop, counted per job (a generation is one restart).
 
     Generation 0 is the first start; generation g > 0 follows the g-th failure anywhere in the job.
+    A failure after a generation that trained (it committed a snapshot, or ran ``window`` seconds) is
+    restarted at once: waiting would only add to the time lost. Failures in a row of generations that
+    did neither are a crash loop: the second waits ``backoff`` seconds, each next one twice as long.
     """
     max_restarts: int = 3
-    backoff: float = 1.0        # seconds before the first restart; doubles with each one
+    backoff: float = 1.0        # seconds before the second restart in a row of a crash loop; doubles after
     backoff_max: float = 30.0
+    window: float = 30.0        # seconds a generation must run (without a snapshot) to count as healthy
 
     def __post_init__(self) -> None:
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
-        if self.backoff < 0 or self.backoff_max < 0:
-            raise ValueError("backoff and backoff_max must be >= 0 seconds")
+        if self.backoff < 0 or self.backoff_max < 0 or self.window < 0:
+            raise ValueError("backoff, backoff_max and the backoff window must be >= 0 seconds")
 
     def exhausted(self, generation: int) -> bool:
         return generation > self.max_restarts
 
-    def delay(self, generation: int) -> float:
-        if generation <= 0:
+    def streak(self, previous: int, *, ran_seconds: float, progressed: bool) -> int:
+        """Failures in a row of a crash loop, after one more failure of a generation that ran
+        ``ran_seconds`` and did (not) commit a snapshot: 1 when it was healthy (the loop is broken)."""
+        return 1 if progressed or ran_seconds >= self.window else previous + 1
+
+    def delay(self, streak: int) -> float:
+        """Seconds before the restart that follows the ``streak``-th failure in a row (0: none yet)."""
+        if streak <= 1:
             return 0.0
-        return min(self.backoff * 2 ** (generation - 1), self.backoff_max)
+        return min(self.backoff * 2 ** (streak - 2), self.backoff_max)
 
 
 def worker_env(base: dict, *, node_rank: int, local_rank: int, nproc: int, nnodes: int, master_addr: str,

@@ -25,7 +25,15 @@ def _agent_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--launcher", action="store_true",
                    help="COMMAND starts the workers itself (e.g. torchrun ...): run it once per node, restart it if it fails")
     p.add_argument("--max-restarts", type=int, default=3, help="restarts of the job's workers before giving up (default 3)")
-    p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first restart, doubled each time (default 1)")
+    p.add_argument("--backoff", type=float, default=1.0,
+                   help="in a crash loop (generations that neither commit a snapshot nor run --backoff-window "
+                        "seconds), seconds before the second restart in a row, doubled each time after (default 1); "
+                        "a restart after a generation that trained is immediate")
+    p.add_argument("--backoff-window", type=float, default=30.0,
+                   help="seconds a generation must run, if it commits no snapshot, to count as healthy (default 30)")
+    p.add_argument("--no-standby", action="store_true",
+                   help="start every worker afresh instead of from a warm standby process per local rank that "
+                        "imported torch beforehand (standbys run only `python -m MODULE` or `python SCRIPT.py`)")
     p.add_argument("--backoff-max", type=float, default=30.0, help="longest wait before a restart (default 30 s)")
     p.add_argument("--join-timeout", type=float, default=600.0,
                    help="seconds to wait for every node to (re)join, e.g. for a replacement node (default 600)")

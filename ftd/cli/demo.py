@@ -21,6 +21,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allreduce", choices=("ordered", "ring"), default="ordered",
                    help="DDP gradient averaging: 'ring' (DDP's default) is not bit-exact across a restart "
                         "with 3+ ranks; see README")
+    p.add_argument("--no-standby", action="store_true",
+                   help="the agents start every worker afresh (no warm standby): to compare the time to training again")
     p.add_argument("--step-sleep", type=float, help="extra seconds per step, to watch it slowly (default 0; 0.05 with --quick)")
     p.add_argument("--out", default="ftd-demo-out", help="where report.json and losses.png go (default ./ftd-demo-out)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs, losses)")
@@ -34,6 +36,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.step_sleep is not None:
         plan.step_sleep = args.step_sleep
     plan.nodes, plan.parity, plan.nproc, plan.allreduce = args.nodes, args.parity, args.nproc_per_node, args.allreduce
+    plan.standby = not args.no_standby
     try:
         plan.check()
     except DemoError as e:

@@ -30,7 +30,7 @@ from ftd.demo.plot import write_plot
 from ftd.demo.report import blocked_per_snapshot, protection_lag, summary_lines
 from ftd.demo.run import Demo, Run, run_reference
 from ftd.errors import DemoError
-from ftd.local.agentjob import AgentCluster
+from ftd.local.agentjob import AGENT_ARGS, AgentCluster
 from ftd.local.configs import config_path
 from ftd.util.procs import kill_everything_from, stop_process_group
 
@@ -51,7 +51,7 @@ def _run(demo: Demo) -> int:
 
     say("[2/4] the job under ftd: one `ftd agent` per node starts the node's daemon and its worker")
     demo.cluster = AgentCluster(plan.nodes, plan.parity, plan.nproc, demo.workdir, demo.trainer(demo.workdir / "run"),
-                                job_prefix="demo")
+                                job_prefix="demo", agent_args=AGENT_ARGS + (() if plan.standby else ("--no-standby",)))
     say(f"{INDENT}job {demo.cluster.job!r}: node configs, logs and sockets in {demo.workdir}")
     say(f"{INDENT}$ ftd agent --config {config_path(demo.workdir, 0)} --rdzv-endpoint {demo.cluster.rdzv} "
         f"-- python -m ftd.examples.gpt_trainer ...   (and nodes 1-{plan.nodes - 1})")
@@ -73,7 +73,7 @@ def _run(demo: Demo) -> int:
     report = {
         "job": demo.cluster.job, "nodes": plan.nodes, "ranks_per_node": plan.nproc, "k": plan.nodes - plan.parity, "m": plan.parity, "steps": plan.steps,
         "model": list(plan.model), "bit_exact": ok, "ranks": per_rank,
-        "failures": [{k: v for k, v in f.items() if k != "t"} for f in run.failures],
+        "failures": [{k: v for k, v in f.items() if k not in ("t", "t_wall")} for f in run.failures],
         "steps_lost": sum(f["steps_lost"] for f in run.failures),
         "blocked_per_snapshot": blocked_per_snapshot(stats),
         "protection_lag": protection_lag(list(run.daemons.lags.values())),

@@ -26,6 +26,7 @@ class Plan:
                               "--lr", "1e-3")
     step_sleep: float = 0.0
     allreduce: str = "ordered"   # the trainer's DDP gradient averaging (ftd/ddp.py); "ring" is DDP's default
+    standby: bool = True         # the agents restart workers from warm standbys (ftd/agent/standby.py)
 
     @classmethod
     def quick(cls) -> "Plan":

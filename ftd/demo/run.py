@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 from ftd.control.connection import status_or_none
-from ftd.demo import report
+from ftd.demo import breakdown, report
 from ftd.demo.plan import INDENT, REFERENCE_TIMEOUT, REPLACEMENT_DELAY, RUN_TIMEOUT, Plan, say
 from ftd.errors import DemoError
 from ftd.local.agentjob import AgentCluster, DaemonWatch, RankLog, common_resume, reached, start_reference
+from ftd.util import timeline
 from ftd.util.procs import log_tail
 
 
@@ -91,10 +92,12 @@ class Run:
             time.sleep(0.05)
 
     def wait_resumed(self, after_generation: int, failure: dict, deadline: float) -> None:
-        """Until every rank printed its start line in a generation newer than ``after_generation``."""
-        def resumed():
-            return all(log.generation > after_generation and log.generation in log.resumed for log in self.logs)
-        self.wait("the workers to restart", resumed, deadline)
+        """Until every rank finished a step in a generation newer than ``after_generation``."""
+        def training():
+            return all(log.generation > after_generation and log.generation in log.resumed
+                       and log.generation in log.reached for log in self.logs)
+        self.wait("the workers to train again", training, deadline)
+        observed = time.monotonic() - failure["t"]
         try:
             failure["resumed_after"] = common_resume(self.logs)
         except ValueError as e:
@@ -102,20 +105,30 @@ class Run:
         # the furthest any rank got before the failure: everything after the restored step is re-run
         failure["at_step"] = reached(self.logs, failure["failed_generation"])
         failure["steps_lost"] = failure["at_step"] - failure["resumed_after"]
-        failure["seconds_to_resume"] = time.monotonic() - failure["t"]
         failure["generation"] = self.logs[0].generation
+        events = [e for n in range(self.plan.nodes) for e in timeline.read(self.cluster.log_dir(n) / "timeline.jsonl")]
+        failure["breakdown"] = breakdown.breakdown(events, failure["t_wall"], failure["failed_generation"],
+                                                   failure["generation"])
+        # from the failure to the moment the last rank finished its first step after it (the workers'
+        # own marks, if every rank left one); else the demo's view of the logs, a poll later
+        marked = {e.get("rank") for e in events if e["event"] == "first_step" and e.get("generation") == failure["generation"]}
+        again = breakdown.training_again(failure["breakdown"])
+        failure["seconds_to_resume"] = again if again is not None and len(marked) == self.plan.world else observed
         say(f"{INDENT}<<< every rank restored step {failure['resumed_after']} from memory and goes on "
             f"({report.plural(failure['steps_lost'], 'step')} re-run, {failure['seconds_to_resume']:.1f} s "
-            "after the failure)")
+            "after the failure to training again)")
+        for line in breakdown.lines(failure["breakdown"], INDENT + "    "):
+            say(line)
 
     def crash_worker(self) -> dict:
         node = self.plan.crash_node
         log = self.logs[node * self.plan.nproc]
+        t, t_wall = time.monotonic(), time.time()  # the failure's moment: just before the kill
         try:
             os.kill(log.pid, signal.SIGKILL)
         except ProcessLookupError:
             raise DemoError(f"the worker of node {node} (pid {log.pid}) had already exited; give the job more --steps")
-        failure = {"what": f"worker crash (rank {node * self.plan.nproc}, SIGKILL)", "node": node, "t": time.monotonic(), "pid": log.pid,
+        failure = {"what": f"worker crash (rank {node * self.plan.nproc}, SIGKILL)", "node": node, "t": t, "t_wall": t_wall, "pid": log.pid,
                    "failed_generation": log.generation}
         say(f"{INDENT}>>> SIGKILL the worker of node {node} (pid {log.pid}) after step {log.last_step}")
         return failure
@@ -130,7 +143,7 @@ class Run:
         daemon = self.daemons.status.pop(node, {}).get("pid")
         workers = [log.pid for log in self.node_logs(node)]
         failure = {"what": f"loss of node {node} (agent, daemon, workers, shared memory)", "node": node,
-                   "t": time.monotonic(), "failed_generation": self.node_logs(node)[0].generation}
+                   "t": time.monotonic(), "t_wall": time.time(), "failed_generation": self.node_logs(node)[0].generation}
         say(f"{INDENT}>>> losing node {node} after step {self.node_logs(node)[0].last_step}: SIGKILL its agent, "
             "daemon and workers, delete its shared memory")
         deleted = self.cluster.lose(node, [*workers, daemon])

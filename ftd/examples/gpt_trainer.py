@@ -33,6 +33,7 @@ from torch import nn
 import ftd
 from ftd.examples.corpus import TEXT, VOCAB, encode
 from ftd.trainer.ddp import ordered_allreduce_hook
+from ftd.util.timeline import mark
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -171,36 +172,8 @@ def save_load_seconds(state: dict, directory: str | os.PathLike) -> tuple[float,
 
 
 # ---- training --------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    torch.set_num_threads(1)
-    imported = time.time() - psutil.Process().create_time()
-    if world > 1:
-        dist.init_process_group("gloo", timeout=timedelta(seconds=args.pg_timeout))
-        # where a restart's seconds go (scripts/bench_torchrun.py reads this line)
-        print(f"rank {rank} pid {os.getpid()}: imports done {imported:.2f} s, process group joined "
-              f"{time.time() - psutil.Process().create_time():.2f} s after the process started", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    model, optimizer, scheduler = build(args)
-    seed_all(args.seed + 1000 * rank)
-    state = {"model": model, "optim": optimizer, "sched": scheduler, "progress": {"tokens_seen": 0}}
-    client = None if args.no_ftd else ftd.Client()
-    start = client.restore(state) if client else None  # before DDP wraps the model
-    first = 0 if start is None else start + 1
-    print(f"rank {rank} pid {os.getpid()}: "
-          + ("starting fresh" if start is None else f"resuming after step {start}"), flush=True)
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model)
-        # sum the ranks' gradients in rank order: bit-exact with an uninterrupted run (see ftd/ddp.py)
-        if args.allreduce == "ordered":
-            net.register_comm_hook(None, ordered_allreduce_hook)
-
-    data = torch.tensor(encode(TEXT), dtype=torch.long)
-    fd = os.open(out / f"losses-rank{rank}.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def _train(args, net, optimizer, scheduler, state, client, data, fd: int, first: int) -> float:
+    """Steps ``first``..``--steps``-1, a loss line and a snapshot each; returns the seconds they took."""
     t0 = time.perf_counter()
     for step in range(first, args.steps):
         net.train()
@@ -213,12 +186,55 @@ def main(argv: list[str] | None = None) -> int:
         state["progress"]["tokens_seen"] += x.numel()  # a plain dict: restore() refills it in place
         value = loss.item()
         os.write(fd, f"{step} {value.hex()}\n".encode())
+        if step == first:
+            mark("first_step", step=step)  # before the log line: whoever sees that line finds the mark
         print(f"step {step:4d}  loss {value:.4f}", flush=True)
         if client:
             client.snapshot(step, state)
         if args.step_sleep:
             time.sleep(args.step_sleep)
-    loop_seconds = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    mark("imported")  # the timeline of a restart (ftd/util/timeline.py; only under `ftd agent`)
+    args = parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    torch.set_num_threads(1)
+    imported = time.time() - psutil.Process().create_time()
+    if world > 1:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=args.pg_timeout))
+        mark("pg_joined")
+        # where a restart's seconds go under torchrun (scripts/bench_torchrun.py reads this line)
+        print(f"rank {rank} pid {os.getpid()}: imports done {imported:.2f} s, process group joined "
+              f"{time.time() - psutil.Process().create_time():.2f} s after the process started", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model, optimizer, scheduler = build(args)
+    seed_all(args.seed + 1000 * rank)
+    state = {"model": model, "optim": optimizer, "sched": scheduler, "progress": {"tokens_seen": 0}}
+    client = None if args.no_ftd else ftd.Client()
+    start = client.restore(state) if client else None  # before DDP wraps the model
+    mark("restored", step=start)
+    first = 0 if start is None else start + 1
+    print(f"rank {rank} pid {os.getpid()}: "
+          + ("starting fresh" if start is None else f"resuming after step {start}"), flush=True)
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model)
+        # sum the ranks' gradients in rank order: bit-exact with an uninterrupted run (see ftd/ddp.py)
+        if args.allreduce == "ordered":
+            net.register_comm_hook(None, ordered_allreduce_hook)
+        mark("ddp_ready")  # DDP's constructor broadcasts the parameters: every rank waits for the slowest
+
+    data = torch.tensor(encode(TEXT), dtype=torch.long)
+    fd = os.open(out / f"losses-rank{rank}.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        loop_seconds = _train(args, net, optimizer, scheduler, state, client, data, fd, first)
+    except Exception:
+        mark("failed")  # a peer is gone (or anything else): the time until this process exits is teardown
+        raise
     os.close(fd)
 
     if client:

@@ -26,6 +26,7 @@ from ftd.local.killnode import kill_node
 from ftd.util.procs import free_ports, kill_everything_from, log_tail, stop_process_group
 
 STATUS_EVERY = 0.5         # seconds between status polls of the daemons
+AGENT_ARGS = ("--max-restarts", "3", "--backoff", "0.5", "--join-timeout", "120")
 
 _STEP = re.compile(r"^step\s+(\d+)\s+loss\s+(\S+)")
 _START = re.compile(r"^rank (\d+) pid (\d+): (?:resuming after step (\d+)|starting fresh)")
@@ -91,7 +92,7 @@ class AgentCluster:
     def __init__(self, nodes: int, parity: int, nproc: int, workdir: Path, trainer: list[str], *,
                  job_prefix: str = "job", memory_budget: str = "1GiB", config: dict | None = None,
                  external_store: bool = False,
-                 agent_args: tuple[str, ...] = ("--max-restarts", "3", "--backoff", "0.5", "--join-timeout", "120")):
+                 agent_args: tuple[str, ...] = AGENT_ARGS):
         self.nodes, self.parity, self.nproc, self.dir, self.trainer = nodes, parity, nproc, workdir, trainer
         self.agent_args = agent_args
         self.job = f"{job_prefix}-{secrets.token_hex(3)}"

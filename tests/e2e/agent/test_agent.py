@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ftd.util.procs import wait_for
 from support.jobs import ROOT, SHM
 
 pytestmark = pytest.mark.timeout(90)
@@ -37,7 +38,7 @@ def _agent(config: Path, *args: str, timeout: float = 60) -> subprocess.Complete
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def test_a_failing_worker_is_restarted_with_backoff_then_given_up(node_config):
+def test_a_failing_worker_is_restarted_at_once_then_with_backoff_then_given_up(node_config):
     config, job = node_config
     t0 = time.monotonic()
     r = _agent(config, "--max-restarts", "2", "--backoff", "0.3", "--nproc-per-node", "2", "--",
@@ -47,13 +48,63 @@ def test_a_failing_worker_is_restarted_with_backoff_then_given_up(node_config):
     assert r.returncode == 1, r.stdout + r.stderr
     starts = re.findall(r"generation (\d): started 2 worker\(s\), ranks 0-1", r.stdout)
     assert starts == ["0", "1", "2"], r.stdout
-    assert "restart 1 of at most 2 in 0.3 s" in r.stdout and "restart 2 of at most 2 in 0.6 s" in r.stdout
+    # the first restart is immediate; the second in a row of generations that trained nothing backs off
+    assert "restart 1 of at most 2 in 0.0 s (after" in r.stdout, r.stdout
+    assert "restart 2 of at most 2 in 0.3 s (failure 2 in a row of a crash loop)" in r.stdout, r.stdout
     assert "not restarting again: 3 failures, more than --max-restarts 2" in r.stdout
     assert "worker rank 1" in r.stdout and "exited with status 3" in r.stdout
-    assert elapsed >= 0.9, "the backoff was not waited"
+    assert "from warm standbys" not in r.stdout, "`python -c` is not a module or script: it must start plainly"
+    assert elapsed >= 0.3, "the backoff was not waited"
     assert "stopped the daemon" in r.stdout and not list(SHM.glob(f"ftd.{job}.*"))
     log = (config.parent / "logs" / "rank1.log").read_text()
     assert log.count(f"rank 1 {config}") == 3 and "=== ftd agent: generation 2, rank 1 ===" in log
+
+
+def _procs_naming(directory: Path) -> list[str]:
+    import psutil
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if str(directory) in cmdline and p.pid != os.getpid() and "pytest" not in cmdline:
+            found.append(f"{p.pid} {cmdline[:120]}")
+    return found
+
+
+@pytest.mark.parametrize("standby", [True, False], ids=["standby", "no-standby"])
+def test_workers_start_from_warm_standbys_and_sigterm_stops_everything(node_config, standby):
+    import signal
+
+    from ftd.util import timeline
+    config, job = node_config
+    logs = config.parent / "logs"
+    script = config.parent / "train.py"
+    script.write_text("import os, time\nprint('worker', os.environ['RANK'], 'pid', os.getpid(), flush=True)\n"
+                      "time.sleep(120)\n")
+    agent = subprocess.Popen([*AGENT, "--config", str(config), "--log-dir", str(logs), "--nproc-per-node", "2",
+                              *([] if standby else ["--no-standby"]), "--", sys.executable, str(script)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        def both_running():
+            return all("worker" in (logs / f"rank{r}.log").read_text() for r in (0, 1)
+                       if (logs / f"rank{r}.log").exists()) and len(list(logs.glob("rank*.log"))) == 2
+        wait_for(both_running, 60, "both workers to run")
+        ready = lambda: sum(e["event"] == "standby_ready" for e in timeline.read(logs / "timeline.jsonl"))  # noqa: E731
+        if standby:  # generation 0 ran on the first two standbys; two more wait for the next generation
+            wait_for(lambda: ready() >= 4, 60, "the next standbys to import torch")
+            assert len(_procs_naming(config.parent)) >= 5, _procs_naming(config.parent)  # agent, 2 workers, 2 standbys
+        agent.send_signal(signal.SIGTERM)
+        out, _ = agent.communicate(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert agent.returncode == 128 + signal.SIGTERM, out
+    assert ("2 from warm standbys" in out) == standby, out
+    assert "stopping on SIGTERM" in out and "stopped the daemon" in out, out
+    if not standby:
+        assert ready() == 0, "--no-standby started standbys"
+    wait_for(lambda: not _procs_naming(config.parent), 10, "every worker and standby to be gone")
+    assert not list(SHM.glob(f"ftd.{job}.*"))
 
 
 def test_workers_that_succeed_end_the_job_and_a_running_daemon_is_kept(node_config):

@@ -13,10 +13,24 @@ pytestmark = pytest.mark.timeout(30)
 
 def test_restart_policy_backs_off_exponentially_and_is_bounded():
     p = RestartPolicy(max_restarts=3, backoff=0.5, backoff_max=1.5)
-    assert [p.delay(g) for g in range(5)] == [0.0, 0.5, 1.0, 1.5, 1.5]
+    assert [p.delay(streak) for streak in range(6)] == [0.0, 0.0, 0.5, 1.0, 1.5, 1.5]
     assert [p.exhausted(g) for g in range(5)] == [False, False, False, False, True]
     with pytest.raises(ValueError, match="max_restarts"):
         RestartPolicy(max_restarts=-1)
+    with pytest.raises(ValueError, match="window"):
+        RestartPolicy(window=-1)
+
+
+def test_a_first_restart_is_immediate_and_only_a_crash_loop_backs_off():
+    p = RestartPolicy(backoff=1.0, window=30.0)
+    streak, delays = 0, []
+    for _ in range(4):  # generations that die at once, committing nothing: a crash loop
+        streak = p.streak(streak, ran_seconds=0.5, progressed=False)
+        delays.append(p.delay(streak))
+    assert delays == [0.0, 1.0, 2.0, 4.0]
+    # a generation that trained (committed a snapshot, or ran the window) breaks the loop
+    assert p.delay(p.streak(streak, ran_seconds=0.5, progressed=True)) == 0.0
+    assert p.delay(p.streak(streak, ran_seconds=30.0, progressed=False)) == 0.0
 
 
 def test_worker_env_is_torchruns_plus_the_daemon():
