@@ -143,6 +143,9 @@ class Agent:
         if self.launcher:
             env = dict(self.base_env, FTD_CONFIG=str(self.config_path), FTD_ENDPOINT=self.config.endpoint,
                        FTD_NODE_RANK=str(self.node_rank))
+            # torchrun's elastic restarts hang without it in torch 2.13 (pytorch issue 135712); a user's
+            # own setting wins
+            env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
             envs = [env]
         else:
             envs = [worker_env(self.base_env, local_rank=i, **common) for i in range(self.nproc)]

@@ -34,9 +34,9 @@ def launcher_warning(env: dict | None = None) -> str | None:
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not restarts.isdigit() or int(restarts) == 0:
         return None
     return (f"torchrun shares its rendezvous store with the workers and may restart them ({restarts} "
-            "restart(s)): with torch 2.13 the restarted workers can hang joining their process group on the "
-            "keys the previous attempt left (pytorch issue 135712), and the restore never runs. "
-            "Start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment.")
+            "restart(s)): restarted workers can then fail or hang joining their process group on the keys a "
+            "previous attempt left (pytorch issue 135712; seen here with torch 2.13 and several torchrun agents), "
+            "and the restore never runs. Start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment.")
 
 
 def warn_about_launcher() -> None:
