@@ -189,3 +189,26 @@ def test_real_links_hold_chunks_and_block_answers_to_the_budget():
         for link in links:
             link.close()
         ctx.term()
+
+
+def test_a_budget_too_small_for_the_round_timeout_is_reported_once(caplog):
+    """A round whose frames take longer than round_timeout to send at the budget would be abandoned
+    every time, and nothing would ever be protected: the node says so in its log, once."""
+    from types import SimpleNamespace
+
+    from ftd.cluster.rounds import ProtectionRounds
+    config = SimpleNamespace(protect_bandwidth=1_000_000, round_timeout=10.0)
+    rounds = ProtectionRounds(SimpleNamespace(config=config))
+    small = SimpleNamespace(step=4, queue={1: [SimpleNamespace(lo=0, hi=5_000_000)]})     # 5 s of 10
+    big = SimpleNamespace(step=5, queue={1: [SimpleNamespace(lo=0, hi=6_000_000)],
+                                         2: [SimpleNamespace(lo=0, hi=6_000_000)]})         # 12 s
+    with caplog.at_level("ERROR", logger="ftd.cluster.rounds"):
+        rounds._check_budget(small)
+        assert not caplog.records
+        rounds._check_budget(big)
+        rounds._check_budget(big)
+    assert len(caplog.records) == 1
+    assert "round_timeout" in caplog.records[0].getMessage() and "step 5" in caplog.records[0].getMessage()
+    config.protect_bandwidth = 0                                                           # unlimited: never
+    ProtectionRounds(SimpleNamespace(config=config))._check_budget(big)
+    assert len(caplog.records) == 1
