@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Does protection slow a DDP job down? Its step time with protection at full speed, at a budget, and off.
 
-``.venv/bin/python scripts/bench_bandwidth.py`` (2 nodes, budget 10MB/s, 2 rounds, about 4 minutes;
-``--quick``: 1 round of fewer steps, about 2 minutes).
+``.venv/bin/python scripts/bench_bandwidth.py`` (2 nodes, budget 10MB/s, 2 rounds, 7-10 minutes here;
+``--quick``: 1 round of 40 steps, about 4 minutes).
 
 The job: ``ftd.examples.gpt_trainer`` (DDP over gloo with ftd's ordered allreduce, AdamW, a snapshot
 every step), one rank per node on ``--nodes`` simulated nodes of this machine, run three ways, side by
