@@ -5,7 +5,7 @@ of state, a snapshot every 35 ms or so: far more protection traffic than the bud
 budget decides how often a step becomes recoverable). While they train, the test reads each node's
 ``cluster.traffic`` sent bytes every 0.2 s, from outside: over every 2 s stretch the rate stays
 within the budget (plus the bucket's burst and one frame). The daemons' own meter
-(``cluster.bandwidth``) agrees, and says the budget made sends wait. At the end the recoverable step
+(``cluster.bandwidth``, and ``ftd status`` in words) agrees, and says the budget made sends wait. At the end the recoverable step
 is within a round or two of the last one (a step not yet protected when the trainers stop stays
 so: the coordinator waits for a commit after its target). Then node 1 is lost and its empty
 successor rebuilds from node 0, whose block answers wait for the budget too, and the trainers
@@ -70,6 +70,8 @@ def test_small_budget_still_protects_every_step_in_the_end_and_keeps_to_the_rate
             # the meter counts what the links sent: all but the queries of this node's start-up survey
             assert sent["bytes"] - sent["by_kind"]["query"]["bytes"] <= bw["sent_bytes"] <= sent["bytes"]
             assert st["coordinator" if n == 0 else "stats"]["rounds_done"] >= 5, "few steps became recoverable"
+        text = c.ftd("status", "--endpoint", c.endpoints[0], timeout=30).stdout
+        assert "budget 390.6 KiB/s" in text and "peer send rate:" in text   # the human view says it too
         c.lose_and_restart([1])                            # node 1's successor rebuilds under node 0's budget
         assert c.settled(timeout=60) == recoverable
         assert c.status(0)["cluster"]["traffic"]["sent"]["by_type"]["block"]["messages"] > 0
