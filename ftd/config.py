@@ -115,8 +115,8 @@ class Config:
         if 0 < self.protect_bandwidth * self.peer_timeout < 2 * self.frame_size:
             # a peer fetching blocks from this node waits peer_timeout for each before it asks another node
             raise ConfigError(f"protect_bandwidth = {format_size(self.protect_bandwidth)}/s sends a frame of "
-                              f"{format_size(self.frame_size)} in more than half of peer_timeout ({self.peer_timeout:g} "
-                              f"s), and rebuilds that fetch from this node would give up on it: raise it to at least "
+                              f"{format_size(self.frame_size)} in more than half of peer_timeout "
+                              f"({self.peer_timeout:g} s), and rebuilds that fetch from this node would give up on it: raise it to at least "
                               f"{format_size(2 * self.frame_size / self.peer_timeout)}/s, or lower frame_size")
         self.grouping()  # raises a clear ValueError for a node count that does not split into groups
 

@@ -87,9 +87,10 @@ def run_ftd(args: argparse.Namespace, work: Path, budget: str | None) -> dict:
     for n in range(args.nodes):
         cl = watch.status.get(n, {}).get("cluster") or {}
         bw, sent = cl.get("bandwidth") or {}, (cl.get("traffic") or {}).get("sent", {})
+        data = sent.get("by_kind", {}).get("data", {})
         nodes.append({"recoverable": cl.get("recoverable"), "rounds_done": (cl.get("stats") or {}).get("rounds_done"),
-                      "sent_bytes": sent.get("bytes"), "data_bytes": sent.get("by_kind", {}).get("data", {}).get("bytes"),
-                      "bandwidth": bw, "seconds": seconds})
+                      "sent_bytes": sent.get("bytes"), "data_bytes": data.get("bytes"), "bandwidth": bw,
+                      "seconds": seconds})
     return {"ranks": rank_stats(out, args.nodes), "nodes": nodes}
 
 
@@ -154,8 +155,8 @@ def main() -> int:
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             ranks = runs[m][-1]["ranks"]
-            print(f"round {r + 1} {m}: step {ms(statistics.median(x['loop_seconds'] / x['steps_run'] for x in ranks))} ms",
-                  flush=True)
+            step = statistics.median(x["loop_seconds"] / x["steps_run"] for x in ranks)
+            print(f"round {r + 1} {m}: step {ms(step)} ms", flush=True)
     s = summarize(runs, args)
     state_bytes = runs["full"][0]["ranks"][0]["state_bytes"]
     lines = report(s, args, state_bytes)

@@ -5,9 +5,9 @@ of state, a snapshot every 35 ms or so: far more protection traffic than the bud
 budget decides how often a step becomes recoverable). While they train, the test reads each node's
 ``cluster.traffic`` sent bytes every 0.2 s, from outside: over every 2 s stretch the rate stays
 within the budget (plus the bucket's burst and one frame). The daemons' own meter
-(``cluster.bandwidth``, and ``ftd status`` in words) agrees, and says the budget made sends wait. At the end the recoverable step
-is within a round or two of the last one (a step not yet protected when the trainers stop stays
-so: the coordinator waits for a commit after its target). Then node 1 is lost and its empty
+(``cluster.bandwidth``, and ``ftd status`` in words) agrees, and says the budget made sends wait.
+At the end the recoverable step is within a round or two of the last one (a step not yet
+protected when the trainers stop stays so: the coordinator waits for a commit after its target). Then node 1 is lost and its empty
 successor rebuilds from node 0, whose block answers wait for the budget too, and the trainers
 resume after the recoverable step with losses bit for bit those of an uninterrupted run.
 """
