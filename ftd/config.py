@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from ftd.errors import ConfigError
-from ftd.units import parse_size
+from ftd.units import format_size, parse_rate, parse_size
 
 _JOB_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -41,6 +41,8 @@ class Config:
     parity_code: str = "auto"       # "xor" (m = 1 only), "rs" (zfec Reed-Solomon) or "auto" (xor for m = 1)
     frame_size: int = 4 << 20       # bytes per peer message of chunk data
     inflight_bytes: int = 32 << 20  # unacknowledged chunk bytes per peer link
+    protect_bandwidth: int = 0      # bytes/s this node's peer links send ("200MB/s"): protection chunks and the
+                                    # blocks peers fetch wait for it (cluster/bandwidth.py); 0: unlimited
     peer_key_file: Path | None = None  # CURVE key of the cluster (`ftd keygen`); None: peer links unauthenticated
     insecure_peers: bool = False    # allow unauthenticated peer links to other hosts (never on a shared network)
     round_timeout: float = 120.0    # seconds a protection round may take before it is abandoned
@@ -107,6 +109,15 @@ class Config:
             raise ConfigError(f"frame_size must be between 4 KiB and 16 MiB, got {self.frame_size}")
         if self.inflight_bytes < self.frame_size:
             raise ConfigError("inflight_bytes must hold at least one frame (frame_size)")
+        if not isinstance(self.protect_bandwidth, int) or self.protect_bandwidth < 0:
+            raise ConfigError(f"protect_bandwidth must be a rate >= 0 (e.g. \"200MB/s\"; 0: unlimited), "
+                              f"got {self.protect_bandwidth!r}")
+        if 0 < self.protect_bandwidth * self.peer_timeout < 2 * self.frame_size:
+            # a peer fetching blocks from this node waits peer_timeout for each before it asks another node
+            raise ConfigError(f"protect_bandwidth = {format_size(self.protect_bandwidth)}/s sends a frame of "
+                              f"{format_size(self.frame_size)} in more than half of peer_timeout "
+                              f"({self.peer_timeout:g} s), and rebuilds that fetch from this node would give up on it: raise it to at least "
+                              f"{format_size(2 * self.frame_size / self.peer_timeout)}/s, or lower frame_size")
         self.grouping()  # raises a clear ValueError for a node count that does not split into groups
 
     @property
@@ -222,6 +233,8 @@ def _value(key: str, value, total: int, where: str):
         return Path(value).expanduser() if value else Path("/dev/shm")
     if key in ("memory_budget", "memory_reserve", "chunk_size", "frame_size", "inflight_bytes"):
         return parse_size(value, total=total)
+    if key == "protect_bandwidth":
+        return parse_rate(value)
     if key in ("request_timeout", "round_timeout", "peer_timeout", "flush_interval"):
         if isinstance(value, bool):
             raise ConfigError(f"{where}: {key} must be a number of seconds, got {value!r}")

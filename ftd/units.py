@@ -1,4 +1,4 @@
-"""Byte sizes as people write them ("4MiB", "50%") and as people read them."""
+"""Byte sizes and rates as people write them ("4MiB", "50%", "200MB/s") and as people read them."""
 from __future__ import annotations
 
 import re
@@ -31,6 +31,17 @@ def parse_size(text: str | int, *, total: int | None = None) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"not a size: {text!r} (write e.g. 512MiB, 2GB, 40%)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_rate(text: str | int) -> int:
+    """Bytes per second from "200MB/s", "1.5GiB/s" or a plain size ("200MB", 1048576: per second)."""
+    if isinstance(text, str) and text.strip().lower().endswith("/s"):
+        text = text.strip()[:-2]
+    if isinstance(text, float) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError(f"rate must not be negative: {text}")
+        return int(text)
+    return parse_size(text)
 
 
 def format_size(n: float) -> str:

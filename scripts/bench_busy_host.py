@@ -49,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchutil import REPO, ftd_revision, ms, private_daemon, sigterm_to_exit, table, verdict
+from benchutil import MALLOC_KEEP, REPO, ftd_revision, ms, private_daemon, sigterm_to_exit, table, verdict
 
 MODES = ("none", "ftd", "ftd-nohelp", "torch.save")
 FTD_MODES = ("ftd", "ftd-nohelp")
@@ -117,7 +117,7 @@ def run_trial(mode: str, args: argparse.Namespace, endpoint: str, work: Path, i:
     if mode == "ftd-nohelp":  # the optimizer pre-step hook waits for the copier without helping (before #20)
         env["FTD_DEBUG_NO_HELP"] = "1"
     if args.malloc == "keep":  # see --malloc: the same allocator behaviour in every mode
-        env.update(MALLOC_TRIM_THRESHOLD_=str(1 << 32), MALLOC_MMAP_THRESHOLD_=str(1 << 32))
+        env.update(MALLOC_KEEP)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "FTD_JOB", "FTD_NODE_RANK"):
         env.pop(key, None)
     subprocess.run([sys.executable, __file__, "--trial", mode, "--width", str(args.width), "--batch", str(args.batch),

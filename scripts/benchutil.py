@@ -146,6 +146,11 @@ def private_daemon(prefix: str, budget: str = "8GiB", shm_dir: Path | None = Non
         shutil.rmtree(work, ignore_errors=True)
 
 
+# glibc's heap trimming and mmap threshold off: freed memory is reused, not returned to the OS and
+# faulted in again every step (which, on this VM, made a trainer without ftd's threads the slow one).
+MALLOC_KEEP = {"MALLOC_TRIM_THRESHOLD_": str(1 << 32), "MALLOC_MMAP_THRESHOLD_": str(1 << 32)}
+
+
 def sigterm_to_exit(signum: int, frame: Any) -> None:
     """A SIGTERM handler: exit through SystemExit, so every finally block runs (daemons and clusters
     stopped, temporary and shared-memory files removed)."""

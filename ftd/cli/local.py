@@ -30,6 +30,9 @@ def _launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flush-interval", type=float, default=300.0, metavar="S",
                    help="... or S seconds after the last flush began (default 300; 0: by steps only)")
     p.add_argument("--flush-keep", type=int, default=2, metavar="K", help="flushed versions kept per node (default 2)")
+    p.add_argument("--protect-bandwidth", default="0", metavar="RATE",
+                   help="bytes per second each node's peer links may send, e.g. 200MB/s (default 0: unlimited)")
+    p.add_argument("--frame-size", metavar="SIZE", help="bytes per peer message of chunk data (default 4MiB)")
     p.add_argument("--foreground", action="store_true", default=True,
                    help="stay in the foreground until Ctrl-C (the default and only mode)")
 
@@ -51,6 +54,10 @@ def _launch_cmd(args: argparse.Namespace) -> int:
     if args.flush_dir:
         extra.update(flush_dir=str(Path(args.flush_dir).expanduser().absolute()), flush_every=args.flush_every,
                      flush_interval=args.flush_interval, flush_keep=args.flush_keep)
+    if args.protect_bandwidth.strip() != "0":
+        extra["protect_bandwidth"] = args.protect_bandwidth
+    if args.frame_size:
+        extra["frame_size"] = args.frame_size
     return launch(args.nodes, args.parity, Path(args.dir), job=args.job, group_size=args.group_size,
                   memory_budget=args.memory_budget, base_port=args.base_port, extra=extra or None)
 

@@ -112,6 +112,12 @@ def _cluster_lines(cl: dict) -> list[str]:
         lines.append(f"   peer messages: sent {tr['sent']['messages']} ({format_size(tr['sent']['bytes'])}: "
                      f"{kinds(tr['sent'])}), received {tr['received']['messages']} "
                      f"({format_size(tr['received']['bytes'])}: {kinds(tr['received'])})")
+    bw = cl.get("bandwidth")
+    if bw:
+        budget = f"{format_size(bw['budget_bytes_per_second'])}/s" if bw["budget_bytes_per_second"] else "unlimited"
+        lines.append(f"   peer send rate: {format_size(bw['send_rate_bytes_per_second'])}/s (peak "
+                     f"{format_size(bw['peak_send_rate_bytes_per_second'])}/s), budget {budget}, "
+                     f"{bw['waits']} wait(s) for it")
     co = cl.get("coordinator")
     if co:
         lines.append(f"   coordinator: {co['phase']}, target step {co['target']}, rounds done {co['rounds_done']}, "

@@ -6,9 +6,12 @@ sockets of its own (its thread must not touch the daemon loop's). Sends never bl
 on established connections (ZMQ_IMMEDIATE), so a message to a dead peer fails at once rather than
 waiting in a queue to reach its restarted successor; protocol messages are re-sent by whoever
 waits for an answer, and chunk frames stay queued in the round until a send succeeds.
+What the links send is held to the node's ``protect_bandwidth`` (``bandwidth.SendBudget``): a chunk
+frame waits in its round, an answer carrying blocks in ``PeerLinks``' own queue (``pump()``).
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
@@ -17,6 +20,7 @@ import time
 import zmq
 
 from ftd.cluster.auth import PeerSecurity
+from ftd.cluster.bandwidth import SendBudget
 from ftd.cluster.messages import MAX_FRAME, MAX_HEADER, PeerMessages
 from ftd.cluster.traffic import PeerTraffic, frame_bytes
 from ftd.config import Config
@@ -62,31 +66,57 @@ class PeerLinks:
         self.router.bind(config.peer_bind)
         self.dealers = {n: dealer(ctx, security, ep) for n, ep in enumerate(config.peers) if n != self.me}
         self.dropped = 0
+        self.budget = SendBudget(config.protect_bandwidth)
+        self._deferred: collections.deque = collections.deque()  # answers with blocks waiting for the budget
 
     def sockets(self) -> list[zmq.Socket]:
         return [self.router, *self.dealers.values()]
 
     def send(self, dest: int, mtype: str, payload=None, **fields) -> bool:
-        """Send to node ``dest``; False if it cannot be sent now (peer not connected, queue full)."""
+        """Send to node ``dest``; False if it cannot be sent now (peer not connected, queue full, or a
+        message with a payload while the bandwidth budget is spent: the caller sends it again later)."""
+        if _bulk(payload) and not self.budget.ready():
+            return False
         frames = self.messages.encode(mtype, payload, **fields)
         try:
             self.dealers[dest].send_multipart(frames, flags=zmq.NOBLOCK, copy=payload is None or len(frames[-1]) < 65536)
         except zmq.Again:
             self.dropped += 1
             return False
-        self.traffic.sent(dest, mtype, frame_bytes(frames))
+        self._count(dest, mtype, frames)
         return True
 
     def reply(self, envelope: list, dest: int, mtype: str, payload=None, **fields) -> bool:
-        """Answer node ``dest``'s query, which came with ``envelope``."""
+        """Answer node ``dest``'s query, which came with ``envelope``. An answer with a payload waits
+        for the bandwidth budget (behind any that wait already), a copy of it in a queue of at most
+        ROUTER_QUEUE answers that ``pump()`` sends; False if it was dropped."""
         frames = self.messages.encode(mtype, payload, **fields)
+        if _bulk(payload) and (self._deferred or not self.budget.ready()):
+            if len(self._deferred) >= ROUTER_QUEUE:
+                self.dropped += 1
+                return False
+            self._deferred.append((envelope, dest, mtype, [*frames[:-1], bytes(frames[-1])]))  # its memory may change
+            return True
+        return self._send_reply(envelope, dest, mtype, frames)
+
+    def _send_reply(self, envelope: list, dest: int, mtype: str, frames: list) -> bool:
         try:
-            self.router.send_multipart(envelope + frames, flags=zmq.NOBLOCK, copy=payload is None)
-            self.traffic.sent(dest, mtype, frame_bytes(frames))
+            self.router.send_multipart(envelope + frames, flags=zmq.NOBLOCK, copy=len(frames) == 1)
+            self._count(dest, mtype, frames)
             return True
         except (zmq.Again, zmq.ZMQError):  # the asker is gone (EHOSTUNREACH) or its queue is full
             self.dropped += 1
             return False
+
+    def pump(self) -> None:
+        """Send the answers that wait for the bandwidth budget, oldest first, while it lasts."""
+        while self._deferred and self.budget.ready():
+            self._send_reply(*self._deferred.popleft())
+
+    def _count(self, dest: int, mtype: str, frames: list) -> None:
+        nbytes = frame_bytes(frames)
+        self.traffic.sent(dest, mtype, nbytes)
+        self.budget.sent(nbytes)
 
     def receive(self, sock: zmq.Socket) -> tuple[list | None, dict, object] | None:
         """(envelope or None, header, payload) of one waiting message, or None if it was invalid
@@ -106,6 +136,11 @@ class PeerLinks:
     def close(self) -> None:
         for s in self.sockets():
             s.close(0)
+
+
+def _bulk(payload) -> bool:
+    """A message that waits for the bandwidth budget: one with a payload (chunks, blocks)."""
+    return payload is not None and memoryview(payload).nbytes > 0
 
 
 class PeerQueries:

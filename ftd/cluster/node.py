@@ -240,6 +240,7 @@ class ClusterNode:
         self.recovery.tick()
         self.moves.tick()
         self.rounds.pump()
+        self.links.pump()
         self.disk.tick()
         if self.coordinator:
             self.coordinator.tick()
@@ -339,6 +340,7 @@ class ClusterNode:
             "disk_wait": self.disk.disk_wait,
             "stats": {**self.stats, "sends_dropped": self.links.dropped if self.links else 0},
             "traffic": self.traffic.status(),
+            "bandwidth": self.links.budget.status() if self.links else None,
             "hosted_ranks": sorted(r.rank for r in cat.hosted()), "moves": self.moves.status(),
             "coordinator": self.coordinator.status() if self.coordinator else None,
         }

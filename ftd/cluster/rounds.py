@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from ftd.cluster.protection import ALIGN, NodeRound
 from ftd.cluster.stripes import chunk_bytes
 from ftd.errors import FtdError, ProtocolError
+from ftd.units import format_size
 
 if TYPE_CHECKING:
     from ftd.cluster.node import ClusterNode
@@ -45,6 +46,7 @@ class ProtectionRounds:
         self._last_candidate: tuple | None = None
         self._behind_since = 0.0
         self._started = 0.0
+        self._budget_warned = False
 
     # ---- coordination -------------------------------------------------------------------------
     def on_sync(self, target: int, recoverable: int, epoch: int = 0, flush: bool = False,
@@ -173,6 +175,7 @@ class ProtectionRounds:
         self.round = NodeRound(round_id, step, sizes, group, node.me, image, pmap.view()[:need], node.codec,
                                node.config.frame_size)
         self._started = time.monotonic()
+        self._check_budget(self.round)
         self.credits = {n: node.config.inflight_bytes for n in group.nodes if n != node.me}
         meta = node.store.node_meta(step)
         for n in group.nodes:
@@ -187,6 +190,17 @@ class ProtectionRounds:
         self._early.clear()
         self._early_bytes = 0
         self.check_done()
+
+    def _check_budget(self, r: NodeRound) -> None:
+        """Say so (once) when ``protect_bandwidth`` cannot send this node's frames within the round's
+        timeout: every round would be abandoned, and no step would become recoverable."""
+        rate, timeout = self.node.config.protect_bandwidth, self.node.config.round_timeout
+        out = sum(f.hi - f.lo for q in r.queue.values() for f in q)
+        if rate and out / rate > 0.8 * timeout and not self._budget_warned:
+            self._budget_warned = True
+            log.error("protect_bandwidth = %s/s sends this node's %s of step %d in %.0f s, near or past round_timeout "
+                      "(%g s): its rounds will be abandoned and no step protected; raise protect_bandwidth or "
+                      "round_timeout", format_size(rate), format_size(out), r.step, out / rate, timeout)
 
     def on_round_message(self, src: int, msg: dict, payload) -> None:
         """A ``node_meta`` or ``chunk`` of a round (kept, within the peers' credit, if it came early)."""
