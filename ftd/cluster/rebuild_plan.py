@@ -5,8 +5,8 @@ per stripe, only the one block it holds there: its data chunk or its parity bloc
 is a function of any k surviving blocks of the stripe. Rather than fetch those k blocks itself (g * S
 bytes into the node for a whole node), the node asks one of the k source holders, the *decoder*, to
 gather the other k - 1 frames from their holders, decode, and send back the one frame it lacks: about
-S * (1 + m/k) bytes come in. The decoder rotates over the source holders frame by frame, so that the
-gathering and decoding is spread over the survivors.
+S * (1 + m/k) bytes come in. Each frame goes to the source holder with the fewest decodes so far
+(``plan`` and ``rebuild_repair`` alike), so the gathering and decoding is spread over the survivors.
 
 A node that needs only its parity (its own data intact) decodes it itself from its own data and the
 other k - 1 data chunks (``direct``): no decoder gains anything there.
@@ -62,27 +62,37 @@ def sources(layout: StripeLayout, nodes: Sequence[int], me: int, stripe: int, al
     return tuple(usable[:layout.k])
 
 
-def decoder(srcs: Sequence[Source], stripe: int, frame: int, refused: Collection[int] = ()) -> int | None:
-    """The survivor that decodes this frame: the source holders rotate with stripe + frame; None when
-    a source is this node's own (it decodes itself) or every holder refused to decode."""
+def decoder(srcs: Sequence[Source], stripe: int, frame: int, refused: Collection[int] = (),
+            load: dict[int, int] | None = None) -> int | None:
+    """The survivor that decodes this frame: with ``load`` (decodes given to each node so far, updated
+    here) the least loaded source holder, ties broken by a rotation with stripe + frame; without, the
+    rotation alone. None when a source is this node's own (it decodes itself) or every holder refused."""
     holders = [n for _, n in srcs]
     if None in holders:
         return None
-    willing = [n for n in holders if n not in refused]
-    return willing[(stripe + frame) % len(willing)] if willing else None
+    willing = sorted(n for n in holders if n not in refused)
+    if not willing:
+        return None
+    start = (stripe + frame) % len(willing)
+    rotated = willing[start:] + willing[:start]
+    if load is None:
+        return rotated[0]
+    best = min(rotated, key=lambda n: load.get(n, 0))
+    load[best] = load.get(best, 0) + 1
+    return best
 
 
 def plan(layout: StripeLayout, nodes: Sequence[int], me: int, frames: int, alive: Collection[int],
          need_data: bool, need_parity: bool) -> list[FrameJob]:
     """Every frame this node must rebuild, with its sources and decoder, stripe by stripe."""
     pos = list(nodes).index(me)
-    jobs = []
+    jobs, load = [], {}
     for stripe in range(layout.g):
         number = layout.block_number(pos, stripe)
         if not ((need_data and number < layout.k) or (need_parity and number >= layout.k)):
             continue
         srcs = sources(layout, nodes, me, stripe, alive, (), own_data=not need_data)
-        jobs += [FrameJob(stripe, f, number, srcs, decoder(srcs, stripe, f)) for f in range(frames)]
+        jobs += [FrameJob(stripe, f, number, srcs, decoder(srcs, stripe, f, load=load)) for f in range(frames)]
     return jobs
 
 

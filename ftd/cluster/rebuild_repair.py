@@ -60,6 +60,7 @@ class FrameRepair:
         # survivors that did not decode for us (all of them with ``decoders`` off): fetch their sources
         self.refused: set[int] = set() if decoders else set(nodes)
         self._sources: dict[int, tuple] = {}
+        self.load: dict[int, int] = {}         # decodes asked of each survivor: the next goes to the least loaded
         self.active: dict[tuple[int, int], _Frame] = {}
         self.inflight: dict[int, tuple[tuple[int, int], int | None, int]] = {}  # qid -> (task, number, node)
         self.checksums = [[None] * len(shape.frames) for _ in range(layout.m)]
@@ -113,7 +114,7 @@ class FrameRepair:
     def _request(self, task: tuple[int, int]) -> None:
         fr = self.active[task]
         srcs = self._sources_of(fr.stripe)
-        decoder = rebuild_plan.decoder(srcs, fr.stripe, fr.frame, self.refused) if not fr.asked else None
+        decoder = rebuild_plan.decoder(srcs, fr.stripe, fr.frame, self.refused, self.load) if not fr.asked else None
         if decoder is not None:
             q = self.queries.ask(decoder, "decode", step=self.step, stripe=fr.stripe, number=fr.number,
                                  frame=fr.frame, sources=[n for n, _ in srcs])
