@@ -407,15 +407,14 @@ class Cluster:
         return subprocess.run([sys.executable, "-m", "ftd.cli", *args], env=self.env, cwd=REPO,
                               capture_output=True, text=True, timeout=timeout)
 
-    def restart_daemon(self, node: int, config: Path | None = None) -> subprocess.Popen:
+    def restart_daemon(self, node: int) -> subprocess.Popen:
         # as the launcher starts its daemons: cwd = the cluster dir, this repo's ftd on PYTHONPATH
-        proc = self._restart(node, config)
+        proc = self._restart(node)
         self.daemons[node] = psutil.Process(proc.pid)
         return proc
 
-    def _restart(self, node: int, config: Path | None = None) -> subprocess.Popen:
-        config = config or self.dir / f"node-{node}.toml"
-        return self._popen([sys.executable, "-m", "ftd.cli", "daemon", "--config", str(config)],
+    def _restart(self, node: int) -> subprocess.Popen:
+        return self._popen([sys.executable, "-m", "ftd.cli", "daemon", "--config", str(self.dir / f"node-{node}.toml")],
                            self.dir / f"node-{node}.restart.log", cwd=self.dir)
 
     def logs(self) -> dict[str, list[str]]:
@@ -508,8 +507,9 @@ def protect_round(cluster: "Cluster", step: int, cpu: CpuWatch) -> tuple[dict, l
 
 
 def rebuild_node_1(cluster: "Cluster", cpu: CpuWatch, args: argparse.Namespace, nbytes: int, m: int, k: int,
-                   last_step: int, config: Path | None) -> dict:
-    """``ftd kill-node`` node 1, restart its daemon (with ``config``, default its own), time its rebuild."""
+                   last_step: int, direct: bool) -> dict:
+    """``ftd kill-node`` node 1, restart its daemon, time its rebuild; with ``direct`` the daemon runs with
+    ``rebuild_decoders = false`` (its config file says so while it starts: kill-node finds a daemon by it)."""
     kill = cluster.ftd("kill-node", "--dir", str(cluster.dir), "--node-rank", "1")
     if kill.returncode != 0:
         raise RuntimeError(f"ftd kill-node failed: {kill.stdout}{kill.stderr}")
@@ -525,9 +525,16 @@ def rebuild_node_1(cluster: "Cluster", cpu: CpuWatch, args: argparse.Namespace, 
     cpu0.pop(1, None)
     t0 = time.monotonic()
     rebuilt.t0 = t0
-    cluster.restart_daemon(1, config)
-    rebuilt.start()
-    cluster.join_watch(rebuilt)
+    config = cluster.dir / "node-1.toml"
+    own = config.read_text()
+    if direct:
+        config.write_text(own + "\nrebuild_decoders = false\n")
+    try:
+        cluster.restart_daemon(1)
+        rebuilt.start()
+        cluster.join_watch(rebuilt)
+    finally:
+        config.write_text(own)
     busy = cpu.busy()
     cpu1 = cluster.daemon_cpu()
     if rebuilt.at is None:
@@ -538,7 +545,7 @@ def rebuild_node_1(cluster: "Cluster", cpu: CpuWatch, args: argparse.Namespace, 
     cl = rebuilt.status["cluster"]
     last = cl["rebuilds"][-1] if cl["rebuilds"] else {}
     shm_bytes, shm_files = shm_usage(cluster.job, 1)
-    out = {"mode": "direct" if config else "survivors",
+    out = {"mode": "direct" if direct else "survivors",
            "start_to_serving_s": rebuilt.first_reply - t0, "start_to_recoverable_s": rebuilt.at - t0,
            "own_s": last.get("seconds"), "fetched_bytes": last.get("fetched_bytes"),
            "rebuilt_data": last.get("rebuilt_data"), "rebuilt_parity": last.get("rebuilt_parity"),
@@ -608,12 +615,9 @@ def measure_config(nodes: int, m: int, nbytes: int, args: argparse.Namespace, di
         # 2. lose node 1, restart its daemon, time the rebuild: the survivors decode (the default), and,
         # interleaved (A B B A), node 1 fetching k blocks per stripe and decoding itself (as before)
         cluster.stop_worker()  # kill-node SIGKILLs the trainers registered with node 1: not this process
-        direct = cluster.dir / "node-1-direct.toml"
-        direct.write_text((cluster.dir / "node-1.toml").read_text() + "\nrebuild_decoders = false\n")
         trials = {"survivors": [], "direct": []}
         for mode in ["survivors", "direct", "direct", "survivors"][:2 * args.rebuild_trials]:
-            trials[mode].append(rebuild_node_1(cluster, cpu, args, nbytes, m, k, last_step,
-                                               direct if mode == "direct" else None))
+            trials[mode].append(rebuild_node_1(cluster, cpu, args, nbytes, m, k, last_step, mode == "direct"))
         best = {mode: min(ts, key=lambda t: t["own_s"]) for mode, ts in trials.items() if ts}
         r["rebuild"] = best["survivors"]
         r["rebuild_cpu"] = r["rebuild"].pop("cpu")

@@ -27,7 +27,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_DECODES = 64  # decodes in progress per requesting node (its window is rebuild_repair.WINDOW_FRAMES)
+# decodes in progress per requesting node (an honest one has at most rebuild_repair.WINDOW_FRAMES in flight,
+# over all its decoders) and in all: each holds up to k frames, so this bounds what requests can make a
+# daemon buffer (32 x k x 4 MiB), whoever sends them
+MAX_DECODES = 16
+MAX_DECODES_TOTAL = 32
 
 
 @dataclasses.dataclass
@@ -71,8 +75,9 @@ class DecodeRequests:
                                            f"{number}, one of them node {node.me}'s block {mine}; got {list(nums)}")
         if any(node.group.nodes[layout.holder(stripe, n)] == src for n in nums):
             return self._answer(job, error="a source is held by the rebuilding node itself")
-        if self._count.get(src, 0) >= MAX_DECODES:
-            return self._answer(job, error=f"node {node.me} has {MAX_DECODES} decodes in progress for node {src}")
+        if self._count.get(src, 0) >= MAX_DECODES or sum(self._count.values()) >= MAX_DECODES_TOTAL:
+            return self._answer(job, error=f"node {node.me} has {sum(self._count.values())} decodes in progress, "
+                                           f"{self._count.get(src, 0)} of them for node {src}: ask another")
         data, error, corrupt = node.store.fetch(step, stripe, mine, f)
         if corrupt:
             node.recovery.schedule_repair(f"{corrupt} of step {step} fails its checksums")

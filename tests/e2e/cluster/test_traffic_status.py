@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -68,13 +69,15 @@ def test_a_rebuilt_node_receives_its_data_and_parity_only():
         step = c.settled()
         assert step >= 0
         received = {}
-        for mode, config in (("survivors", c.config(2)), ("direct", c.dir / "node-2-direct.toml")):
+        config = Path(c.config(2))
+        own = config.read_text()
+        for mode in ("survivors", "direct"):
+            c.kill_node(2)  # finds the daemon by its config file's path
             if mode == "direct":
-                config.write_text(open(c.config(2)).read() + "\nrebuild_decoders = false\n")
-            c.kill_node(2)
-            c._popen([sys.executable, "-m", "ftd.cli", "daemon", "--config", str(config)],
-                     stdout=open(c.dir / f"node-2.{mode}.log", "ab"), stderr=subprocess.STDOUT)
-            r = c.ftd("recover", "--config", str(config), "--timeout", "90")
+                config.write_text(own + "\nrebuild_decoders = false\n")
+            c.restart_daemon(2)
+            r = c.recover(2)
+            config.write_text(own)
             assert r.returncode == 0 and f"holds step {step}" in r.stdout, r.stdout + r.stderr
             cl = status_json(c, 2)
             rebuild = next((b for b in reversed(cl["rebuilds"]) if b.get("rebuilt_data")), cl["rebuilds"])
