@@ -48,6 +48,8 @@ class Config:
     round_timeout: float = 120.0    # seconds a protection round may take before it is abandoned
     peer_timeout: float = 10.0      # seconds of silence after which a peer is declared lost (a round in
                                     # flight with it is abandoned; a rebuild asks another peer)
+    rebuild_decoders: bool = True   # a rebuilding node has the survivors decode its blocks (S*(1+m/k) bytes
+                                    # into it); false: it fetches k blocks per stripe and decodes (g*S)
     # ---- durable tier: background flush to disk, and the fallback restore from it ----
     flush_dir: Path | None = None   # directory of flushed versions (local disk or a shared file system);
                                     # None: no flush, and no restore from disk
@@ -247,9 +249,9 @@ def _value(key: str, value, total: int, where: str):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: peers must be a list of tcp://host:port strings")
         return tuple(value)
-    if key == "insecure_peers":
+    if key in ("insecure_peers", "rebuild_decoders"):
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: insecure_peers must be true or false")
+            raise ConfigError(f"{where}: {key} must be true or false")
         return value
     if key in ("peer_key_file", "flush_dir"):
         return Path(value).expanduser() if value else None

@@ -71,6 +71,13 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "fetch": {"qid": (_I, True), "step": (_I, True), "stripe": (_I, True), "number": (_I, True),
               "frame": (_I, True)},
     "block": {"qid": (_I, True), "length": (_SIZE, True), "hash": (_U64, True), "error": (_STR, True)},
+    # a rebuilding node asks a survivor (the decoder: it holds one of ``sources``, the k block numbers to
+    # decode from) to gather the others from their holders, decode frame ``frame`` of ``stripe`` and answer
+    # with block ``number`` alone ("decoded"); bad: the source block that failed (-1: none known)
+    "decode": {"qid": (_I, True), "step": (_I, True), "stripe": (_I, True), "number": (_I, True),
+               "frame": (_I, True), "sources": (_INTS, True)},
+    "decoded": {"qid": (_I, True), "length": (_SIZE, True), "hash": (_U64, True), "error": (_STR, True),
+                "bad": (_STEP, True)},
     # a rank that restores on another node than the one holding its version (c10d moved it): where is it,
     # and its bytes frame by frame (answered with "block"); holder: the node whose image holds it (-1: none
     # known); rebuilding: the answering node is rebuilding and may hold it soon
@@ -82,7 +89,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     # the sender restored ``rank`` from the receiver's copy: it trains there now
     "moved": {"step": (_I, True), "rank": (_NODE, True)},
 }
-_PAYLOAD = {"chunk", "block"}
+_PAYLOAD = {"chunk", "block", "decoded"}
 #: what only the coordinator (node 0) sends: the same from another node is refused, so a confused or
 #: stale peer cannot start a new run, a round or a disk load on its own
 FROM_COORDINATOR = frozenset({"sync", "protect", "protected", "abort", "disk_query", "disk_load", "disk_none"})
@@ -138,6 +145,10 @@ class PeerMessages:
             raise ProtocolError(f"{msg['type']}.node={msg['node']} is not a node of this cluster")
         if "holder" in msg and msg["holder"] >= self.nodes:
             raise ProtocolError(f"{msg['type']}.holder={msg['holder']} is not a node of this cluster")
+        if "sources" in msg and (len(msg["sources"]) > self.g or not all(0 <= b < self.g for b in msg["sources"])):
+            raise ProtocolError(f"{msg['type']}.sources must be at most {self.g} block numbers in 0..{self.g - 1}")
+        if "bad" in msg and msg["bad"] >= self.g:
+            raise ProtocolError(f"{msg['type']}.bad={msg['bad']} is outside -1..{self.g - 1}")
         if "length" in msg and msg["length"] > MAX_FRAME:
             raise ProtocolError(f"{msg['type']}.length={msg['length']} exceeds {MAX_FRAME}")
         if msg["type"] == "protect" and len(msg["sizes"]) != self.nodes:

@@ -6,6 +6,7 @@ identity in its group) and hands each peer message to its handler through one ta
   - ``rounds.ProtectionRounds``: pin, send, encode and report one step per round;
   - ``recovery.Recovery``: rebuilds from the peers, on their own thread;
   - ``moves.RankMoves``: ranks that restore here though another node holds their version (fetches);
+  - ``decode_service.DecodeRequests``: frames a rebuilding peer asked this node to gather and decode;
   - ``durable.cluster_restore.ClusterDisk``: the flushes the coordinator marks, the restore from disk;
   - ``coordinator.Coordinator``, on node 0 only: its messages to itself are delivered in-process.
 
@@ -25,6 +26,7 @@ import zmq
 from ftd.cluster import moves
 from ftd.cluster.auth import PeerSecurity
 from ftd.cluster.coordinator import Coordinator
+from ftd.cluster.decode_service import DecodeRequests
 from ftd.cluster.erasure import Codec
 from ftd.cluster.links import PeerLinks
 from ftd.cluster.messages import FROM_COORDINATOR, PeerMessages
@@ -82,6 +84,7 @@ class ClusterNode:
         self.rounds = ProtectionRounds(self)
         self.recovery = Recovery(self)
         self.moves = moves.RankMoves(self)
+        self.decodes = DecodeRequests(self)
         self.disk = ClusterDisk(self, flusher)
         self._handlers = self._handler_table()
 
@@ -173,6 +176,8 @@ class ClusterNode:
             "state_query": self._answer_state,
             "meta_query": self._answer_meta,
             "fetch": self._answer_fetch,
+            "decode": lambda m, p, e: self.decodes.on_request(m, e),
+            "block": lambda m, p, e: self.decodes.on_block(m, p),
             "rank_query": lambda m, p, e: self.moves.answer_query(m, e),
             "rank_fetch": lambda m, p, e: self.moves.answer_fetch(m, e),
             "moved": lambda m, p, e: self.moves.on_moved(m["src"], m["step"], m["rank"]),
@@ -238,6 +243,7 @@ class ClusterNode:
         if self.new_run_wait and time.monotonic() - self._new_run_asked > NEW_RUN_ASK_AGAIN:
             self._ask_new_run()  # the coordinator may have restarted or missed it
         self.recovery.tick()
+        self.decodes.tick()
         self.moves.tick()
         self.rounds.pump()
         self.links.pump()
@@ -338,7 +344,8 @@ class ClusterNode:
             "rebuilds": self.recovery.rebuilds, "lost_error": self.lost_error, "epoch": self.epoch,
             "run_finished": self.cluster_finished, "new_run_wait": self.new_run_wait,
             "disk_wait": self.disk.disk_wait,
-            "stats": {**self.stats, "sends_dropped": self.links.dropped if self.links else 0},
+            "stats": {**self.stats, "sends_dropped": self.links.dropped if self.links else 0,
+                      "decodes_served": self.decodes.served},
             "traffic": self.traffic.status(),
             "bandwidth": self.links.budget.status() if self.links else None,
             "hosted_ranks": sorted(r.rank for r in cat.hosted()), "moves": self.moves.status(),

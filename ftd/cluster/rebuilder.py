@@ -7,9 +7,12 @@ for a live node whose data or parity failed its checksums. Steps:
 1. ask every peer what it holds (``state``); the target is the newest step any of them calls
    recoverable. A group peer that does not answer, or lacks that step, is lost;
 2. fetch this node's metadata (ranks, manifests; kept by every group peer) and the group's sizes;
-3. per stripe that holds something this node lacks, fetch k verified blocks frame by frame from
-   the survivors (data blocks first; a block whose checksum fails, at its holder or on arrival, is
-   an erasure and another is taken), decode, keep the lost data chunk, re-encode the lost parity;
+3. per stripe that holds something this node lacks, have each frame of its block decoded by one of
+   the survivors holding k sources (``rebuild_repair``, ``rebuild_plan``): it gathers the other
+   k - 1, decodes, and sends the one frame, so about S * (1 + m/k) bytes come in rather than g * S
+   (a block whose checksum fails, at its holder, at the decoder or on arrival, is an erasure and
+   another is taken; a survivor that does not decode has its sources fetched and decoded here);
+   the new segments are reserved and first-touched on a thread meanwhile;
 4. verify every rebuilt arena against its manifest's checksums, then write the sidecars that mark
    the versions complete, so the daemon adopts them like any other.
 
@@ -26,7 +29,7 @@ import logging
 import secrets
 import threading
 import time
-from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ftd.cluster.auth import PeerSecurity
@@ -35,17 +38,17 @@ from ftd.cluster.links import PeerQueries
 from ftd.cluster.messages import PeerMessages
 from ftd.cluster.parity_store import parity_intact
 from ftd.cluster.protection import ALIGN, NodeImage, Shape
+from ftd.cluster.rebuild_repair import FrameRepair, Targets
 from ftd.cluster.stripes import UnrecoverableLoss, chunk_bytes
 from ftd.cluster.traffic import PeerTraffic
 from ftd.config import Config
 from ftd.errors import FtdError, ProtocolError
 from ftd.shm import segments
-from ftd.shm.checksum import bad_chunks, chunk_checksum
+from ftd.shm.checksum import bad_chunks
 from ftd.shm.layout import Manifest
 
 log = logging.getLogger(__name__)
 
-WINDOW_FRAMES = 16  # frames being fetched at once (4 MiB each by default)
 SURVEY_WAIT = 3.0   # seconds a rebuild waits for every peer to say what it holds (at most peer_timeout)
 
 
@@ -64,7 +67,9 @@ class Result:
     parity: tuple[str, dict] | None = None
     rebuilt_data: bool = False
     rebuilt_parity: bool = False
-    fetched_bytes: int = 0
+    fetched_bytes: int = 0     # frames received (decoded by a survivor, or sources decoded here)
+    decoded_frames: int = 0    # frames a survivor decoded for this node
+    phases: dict = dataclasses.field(default_factory=dict)  # seconds: survey, metadata, frames, targets, verify
     seconds: float = 0.0
     bad_blocks: list[str] = dataclasses.field(default_factory=list)
     lost_nodes: list[int] = dataclasses.field(default_factory=list)
@@ -111,7 +116,9 @@ class Rebuilder:
         return states
 
     def _run(self) -> None:
+        t0 = time.monotonic()
         states = self._states()
+        self.result.phases["survey"] = time.monotonic() - t0
         target = max([s["recoverable"] for s in states.values()] + [self.holdings.recoverable])
         res = self.result
         res.step = target
@@ -130,20 +137,32 @@ class Rebuilder:
         unavailable = res.lost_nodes + [self.me]
         if len(unavailable) > self.layout.m and need_data:
             raise self._unrecoverable(unavailable, target)
+        t0 = time.monotonic()
         info = self._group_info(target, alive, ranks)
+        res.phases["metadata"] = time.monotonic() - t0
         shape = Shape(info["c"], [(lo, min(info["c"], lo + info["frame_size"]))
                                   for lo in range(0, info["c"], info["frame_size"])])
         mine = info["metas"][self.me]
         created: list[Path] = []
+        # the new segments are reserved and first-touched on a thread while the first frames are decoded
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ftd-rebuild-targets")
+        made = pool.submit(self._targets, target, mine, ranks, need_data, parity, need_parity, shape.c, created)
         try:
-            ranks, arenas = self._data_targets(target, mine, ranks, need_data, created)
-            image = NodeImage([a.view()[:r["manifest"]["nbytes"]] for a, r in zip(arenas, ranks)])
-            pname, pmap = self._parity_target(target, shape.c, parity, need_parity, created)
-            checksums = self._repair(target, shape, image, alive, need_data,
-                                     pmap.view() if need_parity else None)
+            repair = FrameRepair(layout=self.layout, nodes=self.group.nodes, me=self.me, codec=self.codec,
+                                 queries=self.queries, step=target, shape=shape, alive=alive, need_data=need_data,
+                                 need_parity=need_parity, targets=lambda: made.result()[4],
+                                 own_image=lambda: made.result()[4].image, timeout=self.config.peer_timeout,
+                                 unrecoverable=lambda nodes: self._unrecoverable(nodes, target), result=res,
+                                 decoders=self.config.rebuild_decoders)
+            t0 = time.monotonic()
+            checksums = repair.run()
+            res.decoded_frames = repair.decoded
+            ranks, arenas, pname, pmap, _ = made.result()
+            res.phases["frames"] = time.monotonic() - t0
             if need_data:
                 self._verify_and_mark(target, ranks, arenas)
                 res.rebuilt_data = True
+            res.phases["verify"] = time.monotonic() - t0 - res.phases["frames"]
             record = dict(parity[1]) if parity else self._new_record(target, info)
             if need_parity:
                 record["blocks"] = [{"stripe": s, "number": self.layout.k + j, "checksums": checksums[j]}
@@ -156,10 +175,22 @@ class Rebuilder:
             pmap.close()
             res.ranks, res.parity = ranks, (pname, record)
         except BaseException:
+            pool.shutdown(wait=True)  # the segments it made are in ``created``
             for p in created:
                 segments.drop_meta(p)
                 segments.unlink(p)
             raise
+        finally:
+            pool.shutdown(wait=True)
+
+    def _targets(self, step, mine, ranks, need_data, parity, need_parity, c, created):
+        """(ranks, arenas, parity name, parity mapping, Targets) of the rebuild, created where missing."""
+        t0 = time.monotonic()
+        ranks, arenas = self._data_targets(step, mine, ranks, need_data, created)
+        image = NodeImage([a.view()[:r["manifest"]["nbytes"]] for a, r in zip(arenas, ranks)])
+        pname, pmap = self._parity_target(step, c, parity, need_parity, created)
+        self.result.phases["targets"] = time.monotonic() - t0  # on its thread, during "frames"
+        return ranks, arenas, pname, pmap, Targets(image, pmap.view() if need_parity else None)
 
     def _unrecoverable(self, nodes: list[int], step: int) -> UnrecoverableLoss:
         err = UnrecoverableLoss(sorted(nodes), self.layout.m, self.group.index)
@@ -263,115 +294,6 @@ class Rebuilder:
         segments.create(path, max(1, self.layout.m * c))
         created.append(path)
         return name, segments.Mapping(path)
-
-    # ---- decoding -----------------------------------------------------------------------------
-    def _repair(self, step, shape, image, alive, need_data, parity_view):
-        """Fetch, decode and write every frame this node lacks, ``WINDOW_FRAMES`` frames in flight
-        (across stripes), so fetching, decoding and writing overlap."""
-        k, m = self.layout.k, self.layout.m
-        pos = self.group.position(self.me)
-        checksums = [[None] * len(shape.frames) for _ in range(m)]
-        todo = deque()
-        for stripe in range(self.layout.g):
-            num = self.layout.block_number(pos, stripe)
-            if (need_data and num < k) or (parity_view is not None and num >= k):
-                todo.extend((stripe, f) for f in range(len(shape.frames)))
-        bad: dict[int, set[int]] = {}
-        sources: dict[int, list[tuple[int, int | None]]] = {}
-        got: dict[tuple[int, int], dict[int, object]] = {}      # task -> {block number: bytes}
-        asked: dict[tuple[int, int], set[int]] = {}
-        inflight: dict[int, tuple[tuple[int, int], int, int]] = {}  # qid -> (task, number, node)
-
-        def sources_of(stripe):
-            if stripe not in sources:
-                sources[stripe] = self._sources(stripe, step, alive, bad.setdefault(stripe, set()), need_data)
-            return sources[stripe]
-
-        def request(task):
-            stripe, f = task
-            lo, hi = shape.frames[f]
-            for num, node in sources_of(stripe):
-                if num in asked[task]:
-                    continue
-                asked[task].add(num)
-                if node is None:
-                    data = image.read(num * shape.c + lo, num * shape.c + hi)
-                    got[task][num] = bytes(hi - lo) if data is None else data
-                else:
-                    q = self.queries.ask(node, "fetch", step=step, stripe=stripe, number=num, frame=f)
-                    inflight[q] = (task, num, node)
-
-        def lose(stripe, num, why):
-            bad.setdefault(stripe, set()).add(num)
-            self.result.bad_blocks.append(f"stripe {stripe} block {num}: {why}")
-            log.warning("rebuild: stripe %d block %d unavailable (%s); using another", stripe, num, why)
-            sources.pop(stripe, None)
-            for task in [t for t in got if t[0] == stripe]:
-                got[task].pop(num, None)
-                request(task)
-
-        def finish(task):
-            stripe, f = task
-            lo, hi = shape.frames[f]
-            mine = self.layout.block_number(pos, stripe)
-            nums = [num for num, _ in sources_of(stripe)]
-            data = self.codec.decode([got[task][n] for n in nums], nums)
-            if mine < k:
-                image.write(mine * shape.c + lo, data[mine])
-            else:
-                out = parity_view[(mine - k) * shape.c + lo:(mine - k) * shape.c + hi]
-                self.codec.encode(data, (mine,), out=[out])
-                checksums[mine - k][f] = chunk_checksum(out)
-            del got[task], asked[task]
-
-        while todo or got:
-            while todo and len(got) < WINDOW_FRAMES:
-                task = todo.popleft()
-                got[task], asked[task] = {}, set()
-                request(task)
-            for task in [t for t in got if set(n for n, _ in sources_of(t[0])) <= set(got[t])]:
-                finish(task)
-            if not inflight:
-                continue
-            answers = self.queries.collect({q: node for q, (_, _, node) in inflight.items()},
-                                    time.monotonic() + self.config.peer_timeout, first_only=True)
-            if not answers:
-                for q, (task, num, node) in list(inflight.items()):
-                    del inflight[q]
-                    if task in got:
-                        lose(task[0], num, f"node {node} did not answer")
-                continue
-            for q, (msg, payload) in answers.items():
-                task, num, node = inflight.pop(q)
-                if task not in got:
-                    continue
-                lo, hi = shape.frames[task[1]]
-                if msg["error"]:
-                    lose(task[0], num, f"node {node}: {msg['error']}")
-                elif payload is None or len(payload) != hi - lo or chunk_checksum(payload) != msg["hash"]:
-                    lose(task[0], num, f"frame {task[1]} from node {node} fails its checksum in transit")
-                elif num in {n for n, _ in sources_of(task[0])}:
-                    got[task][num] = payload
-                    self.result.fetched_bytes += len(payload)
-        return checksums
-
-    def _sources(self, stripe, step, alive, bad, need_data) -> list[tuple[int, int | None]]:
-        """k (block number, holder node or None for this node) to decode ``stripe`` from."""
-        usable = []
-        for b in self.layout.blocks(stripe):
-            node = self.group.nodes[b.position]
-            if b.number in bad:
-                continue
-            if node == self.me:
-                if b.number < self.layout.k and not need_data:
-                    usable.append((b.number, None))
-            elif node in alive:
-                usable.append((b.number, node))
-        if len(usable) < self.layout.k:
-            missing = sorted({self.group.nodes[b.position] for b in self.layout.blocks(stripe)
-                              if b.number in bad or self.group.nodes[b.position] not in alive})
-            raise self._unrecoverable(missing, step)
-        return usable[:self.layout.k]
 
     def _verify_and_mark(self, step, ranks, arenas) -> None:
         for r, a in zip(ranks, arenas):

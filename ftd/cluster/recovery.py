@@ -126,7 +126,8 @@ class Recovery:
         res = value
         self._record({"ok": True, "why": why, "at": time.time(), "step": res.step,
                       "rebuilt_data": res.rebuilt_data, "rebuilt_parity": res.rebuilt_parity,
-                      "fetched_bytes": res.fetched_bytes, "seconds": res.seconds,
+                      "fetched_bytes": res.fetched_bytes, "decoded_frames": res.decoded_frames,
+                      "seconds": res.seconds, "phases": res.phases,
                       "bad_blocks": res.bad_blocks, "lost_nodes": res.lost_nodes})
         cat = node.catalog
         if res.step >= 0 and res.ranks:

@@ -27,7 +27,7 @@ KIND_OF: dict[str, str] = {
                                  "disk_query", "disk_load", "disk_loaded", "disk_none", "reset", "moved")},
     **{t: DATA for t in ("node_meta", "chunk", "chunk_ack")},
     **{t: QUERY for t in ("state_query", "state", "meta_query", "meta", "fetch", "block", "rank_query",
-                          "rank_info", "rank_fetch")},
+                          "rank_info", "rank_fetch", "decode", "decoded")},
 }
 assert set(KIND_OF) == set(SCHEMAS), "every peer message type needs a kind in traffic.KIND_OF"
 

@@ -245,10 +245,14 @@ def well_formed(draw, job: str, mtype: str | None = None) -> tuple[dict, bytes |
             msg[name] = draw(st.lists(st.integers(0, NODES - 1), max_size=NODES))
         elif name == "holder":                                      # a node of this cluster, or -1
             msg[name] = draw(st.integers(-1, NODES - 1))
+        elif name == "sources":                                     # block numbers of a stripe
+            msg[name] = draw(st.lists(st.integers(0, NODES - 1), max_size=NODES))
+        elif name == "bad":                                         # a block number, or -1
+            msg[name] = draw(st.integers(-1, NODES - 1))
         else:
             msg[name] = draw(_KIND_VALUES[kind])
     payload = None
-    if mtype in ("chunk", "block"):
+    if mtype in ("chunk", "block", "decoded"):
         payload = draw(st.binary(max_size=64))
         msg.update(length=len(payload), hash=chunk_checksum(payload))
         if mtype == "chunk":
@@ -477,7 +481,8 @@ def phantoms(draw, cluster: Cluster) -> list[tuple[list[bytes], dict | None]]:
     for _ in range(draw(st.integers(1, 10))):
         mtype = draw(st.sampled_from(["fetch", "fetch", "meta_query", "state_query", "node_meta", "chunk", "chunk",
                                       "chunk_ack", "abort", "refuse", "commit", "committed", "protected", "block",
-                                      "state", "meta", "protect", "sync", "rank_query", "rank_fetch", "moved"]))
+                                      "state", "meta", "protect", "sync", "rank_query", "rank_fetch", "moved",
+                                      "decode", "decode", "decoded"]))
         msg, payload = draw(well_formed(job, mtype))
         for name in ("step", "round"):
             if name in msg:
@@ -490,6 +495,13 @@ def phantoms(draw, cluster: Cluster) -> list[tuple[list[bytes], dict | None]]:
             expect = {"type": "block", "qid": msg["qid"]}
         elif mtype == "meta_query":
             expect = {"type": "meta", "qid": msg["qid"]}
+        elif mtype == "decode":  # a rebuilding node's request that a node gather and decode one frame
+            msg["frame"] = draw(st.sampled_from([0, 0, 1, 1 << 40]))
+            if draw(st.booleans()):  # one that fits: the block of node src, from the other two blocks
+                src = msg["src"]
+                number = cluster.layout.block_number(cluster.group.position(src), msg["stripe"])
+                msg.update(number=number, sources=[b for b in range(NODES) if b != number])
+            expect = {"type": "decoded", "qid": msg["qid"]}
         elif mtype in ("rank_query", "rank_fetch"):  # a rank restoring elsewhere: rank 0 exists, 1 and 2 do not
             if mtype == "rank_fetch":
                 msg["frame"] = draw(st.sampled_from([0, 0, 1, 1 << 40]))
@@ -516,15 +528,19 @@ def phantoms(draw, cluster: Cluster) -> list[tuple[list[bytes], dict | None]]:
 def test_messages_about_what_does_not_exist_get_errors_or_are_ignored(cluster, node, data):
     batch = data.draw(phantoms(cluster))
     link = cluster.link(node)
+    queries = {m["qid"]: (m, e) for _, m, e in batch if e is not None}
     try:
         for frames, _, _ in batch:
             link.send(frames)
         state, answers = link.barrier()
+        # a decode is answered once its sources came from the other holders: maybe after the barrier
+        if {q for q, (m, _) in queries.items() if m["type"] == "decode"} - {m["qid"] for m, _ in answers}:
+            time.sleep(1.0)
+            answers += link.barrier()[1]
     finally:
         link.close()
     assert state["recoverable"] == cluster.step
     _, record = cluster.segment(node, "par", cluster.step)
-    queries = {m["qid"]: (m, e) for _, m, e in batch if e is not None}
     got = {}
     for msg, payload in answers:
         assert msg["qid"] in queries, f"an answer to nothing: {msg!r:.300}"
@@ -556,6 +572,14 @@ def test_messages_about_what_does_not_exist_get_errors_or_are_ignored(cluster, n
                 assert payload == want and msg["hash"] == chunk_checksum(want)
             else:
                 assert msg["error"] and payload == b"", msg
+        elif msg["type"] == "decoded":
+            event(f"decode {msg['error'][:60] if msg['error'] else 'served'}")
+            if msg["error"]:
+                assert payload == b"" and msg["bad"] in range(-1, NODES), msg
+            else:  # what node src holds there, decoded from the two other blocks
+                assert query["step"] == cluster.step and query["src"] != node
+                want = cluster.expected_block(query["src"], query["step"], query["number"], query["frame"])
+                assert payload == want and msg["hash"] == chunk_checksum(want), msg
         elif msg["type"] == "meta":
             event(f"meta {'given' if msg['meta'] else 'none'}")
             assert (msg["meta"] is not None) == (query["step"] == cluster.step), msg
@@ -805,4 +829,5 @@ def test_a_node_lost_after_the_attacks_is_rebuilt_bit_for_bit(cluster):
     rebuild = wait_for(lambda: (cluster.status(node)["cluster"]["last_rebuild"] or {}).get("rebuilt_data")
                        and cluster.status(node)["cluster"]["last_rebuild"], 30, "node 1's rebuild")
     assert rebuild["ok"] and rebuild["step"] == cluster.step and rebuild["rebuilt_parity"]
+    assert rebuild["decoded_frames"] > 0  # its peers decoded its frames for it
     cluster.assert_restores()
