@@ -30,6 +30,8 @@ def _launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flush-interval", type=float, default=300.0, metavar="S",
                    help="... or S seconds after the last flush began (default 300; 0: by steps only)")
     p.add_argument("--flush-keep", type=int, default=2, metavar="K", help="flushed versions kept per node (default 2)")
+    p.add_argument("--peer-timeout", type=float, metavar="S", help="seconds of silence after which a peer, or the "
+                   "coordinator, is declared lost (default: the config's, 10)")
     p.add_argument("--foreground", action="store_true", default=True,
                    help="stay in the foreground until Ctrl-C (the default and only mode)")
 
@@ -51,6 +53,8 @@ def _launch_cmd(args: argparse.Namespace) -> int:
     if args.flush_dir:
         extra.update(flush_dir=str(Path(args.flush_dir).expanduser().absolute()), flush_every=args.flush_every,
                      flush_interval=args.flush_interval, flush_keep=args.flush_keep)
+    if args.peer_timeout is not None:
+        extra["peer_timeout"] = args.peer_timeout
     return launch(args.nodes, args.parity, Path(args.dir), job=args.job, group_size=args.group_size,
                   memory_budget=args.memory_budget, base_port=args.base_port, extra=extra or None)
 
