@@ -115,14 +115,15 @@ class Leadership:
         rid = r.round_id if r is not None and r.complete and r.step == done else 0
         node.to_coordinator("report", ready=node.ready, recoverable=cat.recoverable, epoch=node.epoch, done=done,
                             round=rid, latest=node.latest_step, finished=cat.run_finished(),
-                            lost=node.lost_error is not None, fresh=fresh)
+                            lost=node.lost_error is not None, disk=node.disk.disk_wait is not None, fresh=fresh)
 
     @staticmethod
     def report_of(m: dict) -> Report | None:
         """The report in a ``report`` message (None: the node is not ready yet)."""
         if not m["ready"]:
             return None
-        return Report(m["epoch"], m["recoverable"], m["done"], m["round"], m["latest"], m["finished"], m["lost"])
+        return Report(m["epoch"], m["recoverable"], m["done"], m["round"], m["latest"], m["finished"], m["lost"],
+                      m["disk"])
 
     # ---- taking over --------------------------------------------------------------------------
     def tick(self) -> None:

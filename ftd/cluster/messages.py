@@ -52,13 +52,13 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "lost": {"step": (_STEP, True), "nodes": (_INTS, True), "error": (_STR, True)},
     # a coordinator's heartbeat to a node it had nothing else to tell; a new coordinator's question, and
     # a node's answer (also sent unasked to a new term's coordinator): what it knows (``terms``, ``takeover``);
-    # done/round: the round it finished and waits to hear about (-1: none); fresh: its daemon started
-    # since it last heard a coordinator
+    # done/round: the round it finished and waits to hear about (-1: none); disk: it waits for a decision
+    # about the restore from disk; fresh: its daemon started since it last heard a coordinator
     "beat": {},
     "report_query": {},
     "report": {"ready": (_BOOL, True), "recoverable": (_STEP, True), "epoch": (_I, True), "done": (_STEP, True),
                "round": (_I, True), "latest": (_STEP, True), "finished": (_BOOL, True), "lost": (_BOOL, True),
-               "fresh": (_BOOL, True)},
+               "disk": (_BOOL, True), "fresh": (_BOOL, True)},
     # the fallback restore from disk (coordinator <-> nodes)
     "disk_offer": {"epoch": (_I, True), "recoverable": (_STEP, True), "steps": (_INTS, True), "need": (_BOOL, True)},
     "disk_query": {},

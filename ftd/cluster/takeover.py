@@ -29,6 +29,7 @@ class Report:
     latest: int = -1
     finished: bool = False
     lost: bool = False       # it cannot restore the cluster's step (a peer or itself could not be rebuilt)
+    disk: bool = False       # it waits for a decision about the restore from disk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Decision:
     latest: dict[int, int]
     finished: set[int]
     lost: set[int]
+    disk: bool               # a restore from disk was under way: decided again, from the nodes' offers
 
 
 class Gather:
@@ -96,7 +98,8 @@ class Gather:
             recoverable = unsure
         return Decision(epoch, recoverable, declared, {n: r.latest for n, r in self.reports.items()},
                         {n for n, r in self.reports.items() if r.finished},
-                        {n for n, r in top.items() if r.lost and r.recoverable < recoverable})
+                        {n for n, r in top.items() if r.lost and r.recoverable < recoverable},
+                        any(r.disk for r in self.reports.values()))
 
 
 class Takeover:
@@ -135,7 +138,12 @@ class Takeover:
         c.last_event = f"term {c.term}: coordinating; " + (
             f"step {d.recoverable} declared recoverable (every node finished its round)" if d.declared
             else f"recoverable step {d.recoverable} (epoch {d.epoch})")
-        c._sync()
+        if d.disk and (d.recoverable < 0 or d.lost):
+            # memory cannot give a step and a restore from disk was under way: decide it again (a node
+            # that loaded its part already stops offering, so every node is asked)
+            c.disk_decision.restart(f"term {c.term}: a restore from disk was under way when the coordinator changed")
+        else:  # (a node that only wondered about the disk offers again and is told memory has the step)
+            c._sync()
 
     def status(self) -> dict:
         return {"waiting_for": self.gather.waiting_for(), "reported": sorted(self.gather.reports)}

@@ -191,3 +191,31 @@ def test_gather_alone():
     assert g.unsure() == 5 and g.decide(100.0) is None
     g.on_report(1, Report(2, 4))
     assert g.unsure() is None and g.decide(1.0) is None and g.decide(2.0).recoverable == 4
+
+
+def test_a_restore_from_disk_under_way_is_decided_again_by_the_new_coordinator():
+    c, _ = coordinator()
+    c.on_report(0, Report(0, 7, lost=True, disk=True))   # node 0 could not be rebuilt: the cluster goes to disk
+    c.on_report(1, Report(0, 4, lost=True, disk=True))   # (its peers heard so: they hold 4 only)
+    c.on_report(2, Report(0, 4, lost=True, disk=True))
+    c.on_report(3, Report(0, 4, lost=True, disk=True))
+    assert not c.gathering and c.disk is not None
+    (query,) = [o for o in c.take() if o.mtype == "disk_query"]
+    assert query.dests == (0, 1, 2, 3)                    # every node, including those that loaded already
+    for n in range(4):
+        c.on_disk_offer(n, 0, 4, [6, 4], need=n == 0)
+    (load,) = [o for o in c.take() if o.mtype == "disk_load"]
+    assert load.fields == {"epoch": 1, "step": 6}
+    for n in range(4):
+        c.on_disk_loaded(n, 1, 6, True, "")
+    assert (c.epoch, c.recoverable) == (1, 6) and c.disk is None
+
+
+def test_a_node_that_only_wondered_about_the_disk_is_not_sent_to_it_when_memory_has_the_step():
+    c, _ = coordinator()
+    for n in range(4):
+        c.on_report(n, Report(0, 7, disk=n == 2))
+    assert not c.gathering and c.disk is None and c.recoverable == 7
+    c.take()
+    c.on_disk_offer(2, 0, -1, [3], need=False)            # it offers again (every 2 s): memory has step 7
+    assert [o.mtype for o in c.take()] == ["disk_none", "sync"]
