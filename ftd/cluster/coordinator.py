@@ -317,7 +317,7 @@ class Coordinator:
 
     # ---- the restore from disk (decided in ``disk_decision``) -----------------------------------
     def on_disk_offer(self, src: int, epoch: int, recoverable: int, steps: list[int], need: bool) -> None:
-        self.disk_decision.on_offer(src, epoch, recoverable, steps, need)
+        (self.takeover or self.disk_decision).on_offer(src, epoch, recoverable, steps, need)  # held while it gathers
 
     def on_disk_loaded(self, src: int, epoch: int, step: int, ok: bool, error: str) -> None:
         self.disk_decision.on_loaded(src, epoch, step, ok, error)

@@ -81,7 +81,7 @@ class Leadership:
             self._follow(f"node {msg['src']} is in term {msg['term']}")
             return False
         return c is not None and c.term == self.terms.term and (
-            not c.gathering or msg["type"] in ("report", "hello"))
+            not c.gathering or msg["type"] in ("report", "hello", "disk_offer"))
 
     def _refuse_stale(self, msg: dict) -> None:
         node = self.node

@@ -4,7 +4,8 @@ A coordinator that takes over (``terms``), and node 0's at start-up, asks every 
 ``report`` (its epoch, recoverable step, the round it finished and waits to hear about, newest
 step, run finished, whether it is lost) and acts on nothing else until ``Gather.decide`` says what
 the cluster knows. Composed into ``coordinator.Coordinator`` (``c``) like ``disk_decision``: call
-``on_report`` for each report (and each hello meanwhile), ``tick()`` from the coordinator's tick.
+``on_report`` for each report (and each hello meanwhile), ``on_offer`` for a disk offer meanwhile
+(held, and handed to ``disk_decision`` once the coordinator acts), ``tick()`` from its tick.
 """
 from __future__ import annotations
 
@@ -51,11 +52,12 @@ class Gather:
     recoverable, and never lowers its own but in a new epoch). A step X above that is the old
     coordinator's last round if some nodes finished it and wait to hear: X was recoverable only if
     every node finished that round, so it is declared if all N report so. If some node did not
-    finish it, X never was recoverable and the silent nodes need not be waited for (after
-    ``wait`` seconds for late answers; no node can hold a newer recoverable step than all others, as
-    it adopted it from the same coordinator's sync, which the others heard or are waiting for). If every node that answered finished it but some did not
-    answer, nobody can know: the coordinator waits for them (the old coordinator may have declared X
-    and told only the silent ones); no round could complete without them anyway.
+    finish it, X never was recoverable and the silent nodes need not be waited for (after ``wait``
+    seconds for late answers: a silent node cannot hold a newer recoverable step than the others,
+    as it adopted it from the sync of a round they all finished). If every node that answered
+    finished it but some did not answer, nobody can know: the coordinator waits for them (the old
+    coordinator may have declared X and told only the silent ones); no round could complete without
+    them anyway.
     """
 
     def __init__(self, nodes: int, started: float, wait: float):
@@ -108,6 +110,7 @@ class Takeover:
     def __init__(self, c: "Coordinator"):
         self.c = c
         self.gather = Gather(len(c.nodes), c.clock(), min(c.peer_timeout, GATHER_WAIT * c.resend))
+        self.offers: dict[int, tuple] = {}  # disk offers that came meanwhile (the newest of each node)
 
     def start(self) -> None:
         self.c.last_event = f"term {self.c.term}: gathering the nodes' reports"
@@ -116,6 +119,9 @@ class Takeover:
     def on_report(self, src: int, report: Report | None) -> None:
         self.gather.on_report(src, report)
         self.settle()
+
+    def on_offer(self, src: int, *offer) -> None:
+        self.offers[src] = offer
 
     def tick(self, now: float) -> None:
         self.settle()
@@ -142,8 +148,10 @@ class Takeover:
             # memory cannot give a step and a restore from disk was under way: decide it again (a node
             # that loaded its part already stops offering, so every node is asked)
             c.disk_decision.restart(f"term {c.term}: a restore from disk was under way when the coordinator changed")
-        else:  # (a node that only wondered about the disk offers again and is told memory has the step)
+        else:  # (a node that only wondered about the disk is told memory has the step, if it has)
             c._sync()
+        for src, offer in self.offers.items():
+            c.disk_decision.on_offer(src, *offer)
 
     def status(self) -> dict:
         return {"waiting_for": self.gather.waiting_for(), "reported": sorted(self.gather.reports)}

@@ -219,3 +219,13 @@ def test_a_node_that_only_wondered_about_the_disk_is_not_sent_to_it_when_memory_
     c.take()
     c.on_disk_offer(2, 0, -1, [3], need=False)            # it offers again (every 2 s): memory has step 7
     assert [o.mtype for o in c.take()] == ["disk_none", "sync"]
+
+
+def test_disk_offers_that_come_while_gathering_are_decided_once_it_acts():
+    c, _ = coordinator()
+    for n in range(4):                                    # every node started empty (a power cut, say)
+        c.on_disk_offer(n, 0, -1, [6, 4], need=False)
+        assert c.gathering and not [o for o in c.take() if o.mtype in ("disk_load", "disk_none")]
+        c.on_hello(n, -1)
+    (load,) = [o for o in c.take() if o.mtype == "disk_load"]
+    assert load.fields == {"epoch": 1, "step": 6}
