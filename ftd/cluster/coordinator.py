@@ -41,7 +41,7 @@ in ``status()`` until it speaks again. Training never waits for any of this; pro
 with a newer step once the node answers (or its replacement has rebuilt).
 
 Call order (the coordinating node's loop): ``start()`` once; for every message of its term from
-node N, ``heard_from(N)``, then (while ``gathering`` only for ``report`` and ``hello``) the ``on_<type>``
+node N, ``heard_from(N)``, then (while ``gathering`` only reports, hellos, disk offers) the ``on_<type>``
 handler; ``tick()`` every loop turn; after each, ``take()`` the messages to send (``Outgoing``; the
 caller adds the term). Every node hears from it every ``resend`` s (a ``beat`` if nothing else).
 """
