@@ -66,6 +66,10 @@ def finish(c: LocalCluster, ref, resumed_at: int, label: str, took: float) -> No
     assert c.status(0)["cluster"]["coordinator"] is None
     table = c.ftd("status", "--dir", str(c.dir))
     assert table.returncode == 0 and "coordinator: node 1, term 1" in table.stdout, table.stdout
+    for n, says in ((1, "coordinator: node 1, term 1 (this node)"), (0, "coordinator: node 1, term 1, heard")):
+        text = c.ftd("status", "--config", c.config(n))
+        assert text.returncode == 0 and says in text.stdout, text.stdout + text.stderr
+    assert "coordinating: " in c.ftd("status", "--config", c.config(1)).stdout
     print(f"\n[figure] {label}: node 1 coordinated {took:.1f} s after node 0 was lost (peer_timeout "
           f"{PEER_TIMEOUT:g} s); with node 0 back, the trainers restarted: a newer step recoverable "
           f"{protected:.1f} s after they started")
