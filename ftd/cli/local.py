@@ -33,6 +33,8 @@ def _launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protect-bandwidth", default="0", metavar="RATE",
                    help="bytes per second each node's peer links may send, e.g. 200MB/s (default 0: unlimited)")
     p.add_argument("--frame-size", metavar="SIZE", help="bytes per peer message of chunk data (default 4MiB)")
+    p.add_argument("--peer-timeout", type=float, metavar="S", help="seconds of silence after which a peer, or the "
+                   "coordinator, is declared lost (default: the config's, 10)")
     p.add_argument("--foreground", action="store_true", default=True,
                    help="stay in the foreground until Ctrl-C (the default and only mode)")
 
@@ -58,6 +60,8 @@ def _launch_cmd(args: argparse.Namespace) -> int:
         extra["protect_bandwidth"] = args.protect_bandwidth
     if args.frame_size:
         extra["frame_size"] = args.frame_size
+    if args.peer_timeout is not None:
+        extra["peer_timeout"] = args.peer_timeout
     return launch(args.nodes, args.parity, Path(args.dir), job=args.job, group_size=args.group_size,
                   memory_budget=args.memory_budget, base_port=args.base_port, extra=extra or None)
 

@@ -118,9 +118,16 @@ def _cluster_lines(cl: dict) -> list[str]:
         lines.append(f"   peer send rate: {format_size(bw['send_rate_bytes_per_second'])}/s (peak "
                      f"{format_size(bw['peak_send_rate_bytes_per_second'])}/s), budget {budget}, "
                      f"{bw['waits']} wait(s) for it")
+    who = cl.get("coordination")
+    if who:
+        heard = "" if who["here"] else f", heard {who['heard_seconds_ago']:.1f} s ago"
+        lines.append(f"   coordinator: node {who['node']}, term {who['term']}{' (this node)' if who['here'] else heard}"
+                     + (f"; {who['stale_refused']} message(s) of an older term refused" if who["stale_refused"] else ""))
     co = cl.get("coordinator")
     if co:
-        lines.append(f"   coordinator: {co['phase']}, target step {co['target']}, rounds done {co['rounds_done']}, "
+        phase = (f"gathering the nodes' reports (waiting for {co['gathering']['waiting_for']})" if co.get("gathering")
+                 else co["phase"])
+        lines.append(f"   coordinating: {phase}, target step {co['target']}, rounds done {co['rounds_done']}, "
                      f"abandoned {co['rounds_abandoned']}; {co['last_event']}")
     return lines
 
@@ -143,7 +150,7 @@ def _cluster_status(args: argparse.Namespace) -> int:
         print(f"ftd status: {e}", file=sys.stderr)
         return 2
     rows: dict[int, dict[int, str]] = {}
-    nodes = []
+    nodes, views = [], {}
     for member in cluster["members"]:
         n = member["node_rank"]
         nodes.append(n)
@@ -152,6 +159,8 @@ def _cluster_status(args: argparse.Namespace) -> int:
         if cl is None:
             rows.setdefault(-1, {})[n] = "DOWN"
             continue
+        if cl.get("coordination"):
+            views[n] = (cl["coordination"]["node"], cl["coordination"]["term"])
         for v in cl.get("versions", []):
             rows.setdefault(v["step"], {})[n] = ("recoverable" if v["recoverable"] else "protected" if v["protected"]
                                                  else "local" if v["local"] else "parity-only")
@@ -162,6 +171,11 @@ def _cluster_status(args: argparse.Namespace) -> int:
     for step in sorted(rows, reverse=True):
         label = "daemon" if step < 0 else str(step)
         print(f"{label:<9}" + "".join(f"{rows[step].get(n, '-'):<15}" for n in nodes))
+    if len(set(views.values())) == 1:
+        ((node, term),) = set(views.values())
+        print(f"coordinator: node {node}, term {term} (every node up follows it)")
+    elif views:  # a takeover under way: who follows whom
+        print("coordinator: " + "; ".join(f"node {n} follows node {c} (term {t})" for n, (c, t) in sorted(views.items())))
     return 0
 
 

@@ -1,6 +1,7 @@
 """Which step the cluster protects next, and when it becomes recoverable. Pure state machine.
 
-One daemon (node 0) runs it. A round goes:
+One daemon at a time runs it: node 0 in term 0, then one that took over (``terms``: every message to or
+from it carries its term, stale ones are refused); it first gathers the nodes' reports (``takeover``). A round:
 
 1. *collect*: every node is told a target step T (``sync``); each node pins the first step >= T
    that all its ranks committed, refuses new snapshots while it holds that pin, and reports it
@@ -39,9 +40,10 @@ dead): a round waiting for it is abandoned at once instead of after ``timeout``,
 in ``status()`` until it speaks again. Training never waits for any of this; protection resumes
 with a newer step once the node answers (or its replacement has rebuilt).
 
-Call order (node 0's loop): ``start()`` once; for every message from node N, ``heard_from(N)`` and then
-the ``on_<type>`` handler of its type; ``tick()`` every loop turn; after each of these, ``take()`` the
-messages it wants sent (``Outgoing``: destinations, type, fields). Nothing here does I/O.
+Call order (the coordinating node's loop): ``start()`` once; for every message of its term from
+node N, ``heard_from(N)``, then (while ``gathering`` only reports, hellos, disk offers) the ``on_<type>``
+handler; ``tick()`` every loop turn; after each, ``take()`` the messages to send (``Outgoing``; the
+caller adds the term). Every node hears from it every ``resend`` s (a ``beat`` if nothing else).
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ from typing import Callable
 
 from ftd.cluster.disk_decision import DiskDecision, DiskRecovery
 from ftd.cluster.stripes import Grouping
+from ftd.cluster.takeover import Report, Takeover
 from ftd.durable.policy import FlushPolicy
 
 COLLECT, PROTECT = "collect", "protect"
@@ -80,8 +83,9 @@ class Coordinator:
     def __init__(self, grouping: Grouping, *, timeout: float = 120.0, resend: float = 1.0, peer_timeout: float = 10.0,
                  clock: Callable[[], float] = time.monotonic,
                  new_round_id: Callable[[], int] = lambda: random.getrandbits(52),
-                 flush_policy: FlushPolicy | None = None):
+                 flush_policy: FlushPolicy | None = None, term: int = 0, gather: bool = False):
         self.grouping = grouping
+        self.term = term                    # ``terms``: this coordinator's term, in every message it sends
         self.nodes = tuple(range(grouping.nodes))
         self.timeout, self.resend, self.clock, self.new_round_id = timeout, resend, clock, new_round_id
         self.peer_timeout = peer_timeout
@@ -106,6 +110,8 @@ class Coordinator:
         self.disk_decision = DiskDecision(self)
         self._outbox: list[Outgoing] = []
         self._last_send = clock()
+        self._sent_to: dict[int, float] = {}  # last message to each node (a beat goes to those not told lately)
+        self.takeover = Takeover(self) if gather else None
 
     # ---- outputs ------------------------------------------------------------------------------
     def take(self) -> list[Outgoing]:
@@ -116,7 +122,9 @@ class Coordinator:
         dests = tuple(dests)
         if dests:
             self._outbox.append(Outgoing(dests, mtype, fields))
-        self._last_send = self.clock()
+        now = self._last_send = self.clock()
+        for d in dests:
+            self._sent_to[d] = now
 
     def _sync(self, dests=None) -> None:
         extra = {"finished": True} if self.run_finished else {}
@@ -135,8 +143,26 @@ class Coordinator:
         """Every node reported that all its ranks finished the run (a rerun starts afresh)."""
         return len(self.finished) == len(self.nodes)
 
+    @property
+    def gathering(self) -> bool:  # collecting the nodes' reports (``takeover``): nothing else is acted on
+        return self.takeover is not None
+
     def start(self) -> None:
-        self._sync()
+        if self.takeover is not None:
+            self.takeover.start()
+        else:
+            self._sync()
+
+    def on_report(self, src: int, report: Report | None, fresh: bool = False) -> None:
+        """Node ``src`` says what it knows (``None``: not ready yet). After the gathering, from a node new to
+        this term: ``fresh`` (its daemon started since it last heard a coordinator) counts as a hello."""
+        if self.takeover is not None:
+            self.takeover.on_report(src, report)
+        elif report is not None:
+            if fresh:
+                self.on_hello(src, report.recoverable, report.epoch)
+            elif self._learn(report.epoch, report.recoverable):
+                self.latest[src] = max(self.latest.get(src, -1), report.latest)
 
     # ---- inputs -------------------------------------------------------------------------------
     def heard_from(self, src: int) -> None:
@@ -156,7 +182,7 @@ class Coordinator:
         """Node ``src`` cannot be rebuilt from its peers' memory (more than m of its group are gone): the
         syncs say so until it says hello again, rebuilt, so that no node keeps refusing restores after
         the cluster is whole again."""
-        if src not in self.lost_nodes:
+        if src not in self.lost_nodes and self.takeover is None:  # (gathering: its report says so)
             self.lost_nodes.add(src)
             self.last_event = f"node {src} cannot be rebuilt from memory"
             self._sync()
@@ -252,6 +278,9 @@ class Coordinator:
 
     def on_hello(self, src: int, recoverable: int, epoch: int = 0) -> None:
         """Node ``src`` (re)started: whatever it had of a round in flight is gone."""
+        if self.takeover is not None:
+            self.takeover.on_report(src, Report(epoch, recoverable))
+            return
         self._learn(epoch, recoverable)
         self.finished.discard(src)
         if src in self.lost_nodes and recoverable >= self.recoverable:
@@ -288,7 +317,7 @@ class Coordinator:
 
     # ---- the restore from disk (decided in ``disk_decision``) -----------------------------------
     def on_disk_offer(self, src: int, epoch: int, recoverable: int, steps: list[int], need: bool) -> None:
-        self.disk_decision.on_offer(src, epoch, recoverable, steps, need)
+        (self.takeover or self.disk_decision).on_offer(src, epoch, recoverable, steps, need)  # held while it gathers
 
     def on_disk_loaded(self, src: int, epoch: int, step: int, ok: bool, error: str) -> None:
         self.disk_decision.on_loaded(src, epoch, step, ok, error)
@@ -296,29 +325,43 @@ class Coordinator:
     def tick(self) -> None:
         """Call often: abandons a round past its timeout, re-sends to nodes that have not answered."""
         now = self.clock()
-        if self.disk is not None:
-            if now - self._last_send >= self.resend:
-                self.disk_decision.resend()
-            return
-        if self.phase == PROTECT and now - self.round.started > self.timeout:
-            missing = sorted(set(self.nodes) - self.round.done)
-            self._abandon(f"protection of step {self.round.step} timed out waiting for nodes {missing}")
-            return
-        if self.phase == PROTECT:
-            silent = self.silent()
-            if silent:
-                self._abandon(f"node(s) {silent} silent for more than {self.peer_timeout:g} s (peer_timeout): "
-                              f"declared lost; protection of step {self.round.step} abandoned")
+        try:
+            if self.takeover is not None:
+                self.takeover.tick(now)
                 return
-        if now - self._last_send < self.resend:
-            return
-        if self.phase == COLLECT:
-            self._sync([n for n in self.nodes if n not in self.candidates])
-        else:
-            r = self.round
-            self._send([n for n in self.nodes if n not in r.done], "protect", round=r.id, step=r.step, sizes=r.sizes)
+            if self.disk is not None:
+                if now - self._last_send >= self.resend:
+                    self.disk_decision.resend()
+                return
+            if self.phase == PROTECT and now - self.round.started > self.timeout:
+                missing = sorted(set(self.nodes) - self.round.done)
+                self._abandon(f"protection of step {self.round.step} timed out waiting for nodes {missing}")
+                return
+            if self.phase == PROTECT:
+                silent = self.silent()
+                if silent:
+                    self._abandon(f"node(s) {silent} silent for more than {self.peer_timeout:g} s (peer_timeout): "
+                                  f"declared lost; protection of step {self.round.step} abandoned")
+                    return
+            if now - self._last_send < self.resend:
+                return
+            if self.phase == COLLECT:
+                self._sync([n for n in self.nodes if n not in self.candidates])
+            else:
+                r = self.round
+                self._send([n for n in self.nodes if n not in r.done], "protect", round=r.id, step=r.step,
+                           sizes=r.sizes)
+        finally:
+            self._beat(now)
 
     # ---- helpers ------------------------------------------------------------------------------
+    def _beat(self, now: float) -> None:
+        """Tell the nodes told nothing for ``resend`` s that it is alive (not by _send: no resend waits for it)."""
+        quiet = tuple(n for n in self.nodes if now - self._sent_to.get(n, -1e18) >= self.resend)
+        if quiet:
+            self._outbox.append(Outgoing(quiet, "beat", {}))
+            self._sent_to.update(dict.fromkeys(quiet, now))
+
     def drop_round(self, reason: str) -> None:
         """Abort the round in flight, if any, and collect candidates afresh."""
         if self.round is not None:
@@ -352,5 +395,6 @@ class Coordinator:
                 "retargets": self.retargets, "lead": self.lead, "last_event": self.last_event,
                 "epoch": self.epoch, "flush_step": self.flush_step, "disk_restores": self.disk_decision.restores,
                 "disk": self.disk_decision.status(), "finished": sorted(self.finished), "resets": self.resets[-5:],
-                "lost": sorted(self.lost_nodes),
-                "silent": self.silent()}
+                "lost": sorted(self.lost_nodes), "term": self.term,
+                "gathering": None if self.takeover is None else self.takeover.status(),
+                "silent": [] if self.takeover else self.silent()}

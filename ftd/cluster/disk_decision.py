@@ -9,7 +9,8 @@ it, that step becomes recoverable in a new epoch (the coordinator's timeline num
 
 Composed into ``coordinator.Coordinator`` (``c``), whose outbox, nodes and timeline it uses; call
 order: ``on_offer`` and ``on_loaded`` for the nodes' messages, ``on_hello`` when a node restarts
-meanwhile, ``resend()`` from the coordinator's tick, ``cancel()`` when a new run replaces it all.
+meanwhile, ``resend()`` from the coordinator's tick, ``cancel()`` when a new run replaces it all,
+``restart()`` when a new coordinator took over in the middle of one (``takeover``).
 """
 from __future__ import annotations
 
@@ -68,6 +69,10 @@ class DiskDecision:
         if d.step is None or src not in d.offers:
             d.offers[src] = [s for s in steps if s not in d.bad.get(src, ())]
             self._decide()
+
+    def restart(self, why: str) -> None:
+        """A new coordinator took over while a restore from disk was under way: ask every node again."""
+        self._start({}, why)
 
     def _start(self, offers: dict[int, list[int]], why: str) -> None:
         c = self.c

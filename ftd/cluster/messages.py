@@ -50,6 +50,15 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     # drops the run of ``epoch`` (the coordinator's timeline the node knew)
     "reset": {"epoch": (_I, True), "reason": (_STR, True)},
     "lost": {"step": (_STEP, True), "nodes": (_INTS, True), "error": (_STR, True)},
+    # a coordinator's heartbeat to a node it had nothing else to tell; a new coordinator's question, and
+    # a node's answer (also sent unasked to a new term's coordinator): what it knows (``terms``, ``takeover``);
+    # done/round: the round it finished and waits to hear about (-1: none); disk: it waits for a decision
+    # about the restore from disk; fresh: its daemon started since it last heard a coordinator
+    "beat": {},
+    "report_query": {},
+    "report": {"ready": (_BOOL, True), "recoverable": (_STEP, True), "epoch": (_I, True), "done": (_STEP, True),
+               "round": (_I, True), "latest": (_STEP, True), "finished": (_BOOL, True), "lost": (_BOOL, True),
+               "disk": (_BOOL, True), "fresh": (_BOOL, True)},
     # the fallback restore from disk (coordinator <-> nodes)
     "disk_offer": {"epoch": (_I, True), "recoverable": (_STEP, True), "steps": (_INTS, True), "need": (_BOOL, True)},
     "disk_query": {},
@@ -90,9 +99,16 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "moved": {"step": (_I, True), "rank": (_NODE, True)},
 }
 _PAYLOAD = {"chunk", "block", "decoded"}
-#: what only the coordinator (node 0) sends: the same from another node is refused, so a confused or
-#: stale peer cannot start a new run, a round or a disk load on its own
-FROM_COORDINATOR = frozenset({"sync", "protect", "protected", "abort", "disk_query", "disk_load", "disk_none"})
+#: what only the coordinator of the current term sends (``terms``: term t's is node t % N): the same from
+#: another node, or of an older term, is refused, so a confused, stale or replaced peer cannot start a new
+#: run, a round or a disk load on its own
+FROM_COORDINATOR = frozenset({"sync", "protect", "protected", "abort", "disk_query", "disk_load", "disk_none",
+                              "beat", "report_query"})
+#: what a node sends to the coordinator of its term (acted on only by that coordinator, in that term)
+TO_COORDINATOR = frozenset({"candidate", "done", "hello", "refuse", "restored", "alive", "reset", "disk_offer",
+                            "disk_loaded", "report"})
+for _type in FROM_COORDINATOR | TO_COORDINATOR:  # every coordination message carries its term
+    SCHEMAS[_type]["term"] = (_I, True)
 _COMMON = ("v", "type", "job", "src")
 
 

@@ -8,7 +8,9 @@ identity in its group) and hands each peer message to its handler through one ta
   - ``moves.RankMoves``: ranks that restore here though another node holds their version (fetches);
   - ``decode_service.DecodeRequests``: frames a rebuilding peer asked this node to gather and decode;
   - ``durable.cluster_restore.ClusterDisk``: the flushes the coordinator marks, the restore from disk;
-  - ``coordinator.Coordinator``, on node 0 only: its messages to itself are delivered in-process.
+  - ``leadership.Leadership``: the term this node follows, and the ``coordinator.Coordinator`` it runs
+    when it coordinates (node 0 in term 0, another node after a takeover): its messages to this
+    node itself are delivered in-process.
 
 Call order (the daemon's loop, one thread, no locks): ``start(ctx)`` once (links, the start-up
 rebuild, the coordinator); then ``on_socket(sock)`` for each waiting peer message and ``tick()`` every
@@ -25,11 +27,11 @@ import zmq
 
 from ftd.cluster import moves
 from ftd.cluster.auth import PeerSecurity
-from ftd.cluster.coordinator import Coordinator
 from ftd.cluster.decode_service import DecodeRequests
 from ftd.cluster.erasure import Codec
+from ftd.cluster.leadership import Leadership
 from ftd.cluster.links import PeerLinks
-from ftd.cluster.messages import FROM_COORDINATOR, PeerMessages
+from ftd.cluster.messages import FROM_COORDINATOR, TO_COORDINATOR, PeerMessages
 from ftd.cluster.parity_store import ParityStore
 from ftd.cluster.recovery import Recovery
 from ftd.cluster.rounds import ProtectionRounds
@@ -38,7 +40,6 @@ from ftd.config import Config
 from ftd.daemon.catalog import Catalog
 from ftd.durable.cluster_restore import ClusterDisk
 from ftd.durable.flusher import Flusher
-from ftd.durable.policy import FlushPolicy
 from ftd.errors import ProtocolError
 from ftd.shm.checksum import chunk_checksum
 
@@ -60,10 +61,6 @@ class ClusterNode:
         self.codec = Codec(self.layout.k, self.layout.m, config.parity_code)
         self.messages = PeerMessages(config.job, self.me, config.nodes, self.layout.g)
         self.security = PeerSecurity.from_key_file(config.peer_key_file)
-        policy = FlushPolicy(config.flush_every, config.flush_interval) if flusher is not None else None
-        self.coordinator = (Coordinator(self.grouping, timeout=config.round_timeout, peer_timeout=config.peer_timeout,
-                                        flush_policy=policy)
-                            if self.me == 0 else None)
         self.links: PeerLinks | None = None
         self.traffic = PeerTraffic()                      # peer messages by type, peer and bytes (status)
         catalog.clustered = True
@@ -86,15 +83,20 @@ class ClusterNode:
         self.moves = moves.RankMoves(self)
         self.decodes = DecodeRequests(self)
         self.disk = ClusterDisk(self, flusher)
+        self.leadership = Leadership(self, flushes=flusher is not None)
         self._handlers = self._handler_table()
+
+    @property
+    def coordinator(self):
+        """The coordinator this node runs (of the term it follows), or None."""
+        return self.leadership.coordinator
 
     # ---- start and stop ---------------------------------------------------------------------
     def start(self, ctx: zmq.Context) -> None:
         self.security.start(ctx)
         self.links = PeerLinks(self.config, ctx, self.security, self.messages, self.traffic)
         self.recovery.start("start-up: checking what the peers hold")
-        if self.coordinator:
-            self.coordinator.start()
+        self.leadership.start()
 
     def sockets(self) -> list[zmq.Socket]:
         return self.links.sockets() if self.links else []
@@ -121,19 +123,22 @@ class ClusterNode:
         return self.links.send(dest, mtype, payload, **fields)
 
     def to_coordinator(self, mtype: str, **fields) -> None:
-        self.send(0, mtype, **fields)
+        """To the coordinator of the term this node follows, in that term."""
+        self.send(self.leadership.leader, mtype, term=self.leadership.terms.term, **fields)
 
     def flush_coordinator(self) -> None:
-        """Deliver what the coordinator (if this node runs it) has to say."""
-        if not self.coordinator:
-            return
+        """Deliver what the coordinator (if this node runs it) has to say, in its term; nothing more
+        once it stepped down (a message to itself can teach it a newer term)."""
         for _ in range(100):  # messages to itself can make it speak again
-            out = self.coordinator.take()
+            c = self.coordinator
+            out = c.take() if c else None
             if not out:
                 return
             for o in out:
                 for d in o.dests:
-                    self.send(d, o.mtype, **o.fields)
+                    if self.coordinator is not c:
+                        return
+                    self.send(d, o.mtype, term=c.term, **o.fields)
 
     def on_socket(self, sock: zmq.Socket) -> None:
         got = self.links.receive(sock)
@@ -149,13 +154,15 @@ class ClusterNode:
         self.flush_coordinator()
 
     def _dispatch(self, envelope, msg: dict, payload) -> None:
-        if msg["type"] in FROM_COORDINATOR and msg["src"] != 0:
-            raise ProtocolError(f"a {msg['type']!r} message comes from the coordinator (node 0), "
-                                f"not from node {msg['src']}")
+        mtype = msg["type"]
+        if mtype in FROM_COORDINATOR and not self.leadership.from_coordinator(msg):
+            return  # stale, or a beat or a report query (answered there)
+        if mtype in TO_COORDINATOR and not self.leadership.from_node(msg):
+            return  # for another coordinator, of another term, or not yet (it gathers)
         if self.coordinator:
             self.coordinator.heard_from(msg["src"])
-        handler = self._handlers.get(msg["type"])
-        if handler is not None:  # a coordinator's message on another node is dropped
+        handler = self._handlers.get(mtype)
+        if handler is not None:
             handler(msg, payload, envelope)
 
     def _handler_table(self) -> dict[str, Handler]:
@@ -182,24 +189,21 @@ class ClusterNode:
             "rank_fetch": lambda m, p, e: self.moves.answer_fetch(m, e),
             "moved": lambda m, p, e: self.moves.on_moved(m["src"], m["step"], m["rank"]),
         }
-        c = self.coordinator
-        if c:  # messages for the coordinator, which runs on this node
-            table.update({
-                "alive": lambda m, p, e: c.on_alive(m["src"], m["latest"], m.get("finished", False)),
-                "candidate": lambda m, p, e: c.on_candidate(m["src"], m["target"], m["step"], m["nbytes"],
-                                                            m["mismatch"], m["recoverable"], m["latest"],
-                                                            m.get("epoch", 0)),
-                "done": lambda m, p, e: c.on_done(m["src"], m["round"], m["step"], m["latest"],
-                                                  m.get("flushing", False)),
-                "hello": lambda m, p, e: c.on_hello(m["src"], m["recoverable"], m.get("epoch", 0)),
-                "refuse": lambda m, p, e: c.on_refuse(m["src"], m["round"], m["reason"]),
-                "restored": lambda m, p, e: c.on_restored(m["src"], m["step"]),
-                "disk_offer": lambda m, p, e: c.on_disk_offer(m["src"], m["epoch"], m["recoverable"], m["steps"],
-                                                              m["need"]),
-                "disk_loaded": lambda m, p, e: c.on_disk_loaded(m["src"], m["epoch"], m["step"], m["ok"],
-                                                                m["error"]),
-                "reset": lambda m, p, e: c.on_reset(m["src"], m["epoch"], m["reason"]),
-            })
+        def co(name: str, *fields: str, **optional) -> Handler:  # late-bound: the coordinator changes
+            return lambda m, p, e: getattr(self.coordinator, name)(
+                m["src"], *(m[f] for f in fields), *(m.get(f, d) for f, d in optional.items()))
+        table.update({  # messages for the coordinator (``leadership`` lets them through only to it)
+            "alive": co("on_alive", "latest", finished=False),
+            "candidate": co("on_candidate", "target", "step", "nbytes", "mismatch", "recoverable", "latest", epoch=0),
+            "done": co("on_done", "round", "step", "latest", flushing=False),
+            "hello": co("on_hello", "recoverable", epoch=0),
+            "refuse": co("on_refuse", "round", "reason"),
+            "restored": co("on_restored", "step"),
+            "disk_offer": co("on_disk_offer", "epoch", "recoverable", "steps", "need"),
+            "disk_loaded": co("on_disk_loaded", "epoch", "step", "ok", "error"),
+            "reset": co("on_reset", "epoch", "reason"),
+            "report": lambda m, p, e: self.coordinator.on_report(m["src"], Leadership.report_of(m), m["fresh"]),
+        })
         return table
 
     def _on_sync(self, m: dict, payload, envelope) -> None:
@@ -217,7 +221,7 @@ class ClusterNode:
 
     def _on_lost(self, src: int, error: str) -> None:
         self.lost_error = error
-        if self.coordinator:
+        if self.coordinator and not self.coordinator.gathering:  # (else its report says so)
             self.coordinator.on_lost(src)
         self.disk.offer_disk(need=True)
 
@@ -248,8 +252,7 @@ class ClusterNode:
         self.rounds.pump()
         self.links.pump()
         self.disk.tick()
-        if self.coordinator:
-            self.coordinator.tick()
+        self.leadership.tick()
         self.flush_coordinator()
 
     # ---- timelines: a restore from disk, or a new run ------------------------------------------------
@@ -350,4 +353,5 @@ class ClusterNode:
             "bandwidth": self.links.budget.status() if self.links else None,
             "hosted_ranks": sorted(r.rank for r in cat.hosted()), "moves": self.moves.status(),
             "coordinator": self.coordinator.status() if self.coordinator else None,
+            "coordination": self.leadership.status(),
         }

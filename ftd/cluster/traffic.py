@@ -24,7 +24,8 @@ COORDINATION, DATA, QUERY = "coordination", "data", "query"
 KIND_OF: dict[str, str] = {
     **{t: COORDINATION for t in ("candidate", "sync", "protect", "done", "protected", "commit", "committed",
                                  "abort", "refuse", "hello", "restored", "alive", "lost", "disk_offer",
-                                 "disk_query", "disk_load", "disk_loaded", "disk_none", "reset", "moved")},
+                                 "disk_query", "disk_load", "disk_loaded", "disk_none", "reset", "moved",
+                                 "beat", "report_query", "report")},
     **{t: DATA for t in ("node_meta", "chunk", "chunk_ack")},
     **{t: QUERY for t in ("state_query", "state", "meta_query", "meta", "fetch", "block", "rank_query",
                           "rank_info", "rank_fetch", "decode", "decoded")},

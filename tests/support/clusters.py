@@ -116,6 +116,15 @@ class LocalCluster:
             time.sleep(0.1)
         raise AssertionError(f"the nodes did not settle on a recoverable step within {timeout}s")
 
+    def round_in_flight(self, newer_than: int, coordinator: int = 0, timeout: float = 60) -> int:
+        """Wait until the coordinator (on node ``coordinator``) protects a step newer than ``newer_than``;
+        returns that step."""
+        def in_flight():
+            co = self.status(coordinator)["cluster"]["coordinator"]
+            return (co["round"]["step"],) if co["phase"] == "protect" and co["round"]["step"] > newer_than else None
+        (step,) = wait_for(in_flight, timeout, f"a protection round of a step newer than {newer_than}")
+        return step
+
     # ---- trainers -----------------------------------------------------------------------------
     def losses(self, node: int) -> Path:
         return self.dir / f"loss{node}"
@@ -134,11 +143,18 @@ class LocalCluster:
     def run_trainers(self, steps: int, step_sleep: float = 0.0, timeout: float = 120,
                      extra: tuple[str, ...] = ()) -> list[int | None]:
         """Run one trainer per node to ``steps``; returns the step each resumed after (None: fresh)."""
-        marks = {n: self._trainer_out(n) for n in range(self.nodes)}
-        procs = [self.start_trainer(n, steps, step_sleep, extra) for n in range(self.nodes)]
-        for n, p in enumerate(procs):
-            assert p.wait(timeout) == 0, f"trainer of node {n} failed:\n{self._trainer_out(n)[len(marks[n]):]}"
-        return [self.resumed(n, since=len(marks[n])) for n in range(self.nodes)]
+        return self.wait_trainers(self.start_trainers(steps, step_sleep, extra), timeout)
+
+    def start_trainers(self, steps: int, step_sleep: float = 0.0, extra: tuple[str, ...] = ()) -> dict:
+        """Start one trainer per node (``wait_trainers`` waits for them)."""
+        marks = {n: len(self._trainer_out(n)) for n in range(self.nodes)}
+        return {n: (self.start_trainer(n, steps, step_sleep, extra), marks[n]) for n in range(self.nodes)}
+
+    def wait_trainers(self, started: dict, timeout: float = 120) -> list[int | None]:
+        """Wait for the trainers ``start_trainers`` started; the step each resumed after (None: fresh)."""
+        for n, (p, mark) in started.items():
+            assert p.wait(timeout) == 0, f"trainer of node {n} failed:\n{self._trainer_out(n)[mark:]}"
+        return [self.resumed(n, since=mark) for n, (_, mark) in started.items()]
 
     def _trainer_out(self, node: int) -> str:
         path = self.dir / f"trainer{node}.out"

@@ -113,11 +113,7 @@ def test_nodes_lost_in_the_middle_of_a_protection(make_cluster, monkeypatch, nod
     first = c.settled(timeout=90)
     for n in range(nodes):
         c.start_trainer(n, 400, step_sleep=0.02)
-
-    def in_flight():
-        co = c.status(0)["cluster"]["coordinator"]
-        return co["phase"] == "protect" and co["round"]["step"] > first
-    wait_for(in_flight, 60, "a protection round of a step newer than the first")
+    c.round_in_flight(first)
     for n in lost:
         c.kill_node(n)        # its trainer and daemon die mid-round
     c.kill_trainers()         # the job's other ranks are restarted too, as torchrun would

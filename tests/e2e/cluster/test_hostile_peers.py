@@ -484,6 +484,8 @@ def phantoms(draw, cluster: Cluster) -> list[tuple[list[bytes], dict | None]]:
                                       "state", "meta", "protect", "sync", "rank_query", "rank_fetch", "moved",
                                       "decode", "decode", "decoded"]))
         msg, payload = draw(well_formed(job, mtype))
+        if "term" in msg:  # the cluster's term (0): replays and forgeries, not a claim of a newer term, which
+            msg["term"] = 0  # any holder of the job key can make (README's threat model)
         for name in ("step", "round"):
             if name in msg:
                 msg[name] = draw({"step": steps, "round": rounds}[name])
@@ -591,13 +593,14 @@ def test_messages_about_what_does_not_exist_get_errors_or_are_ignored(cluster, n
 
 
 @pytest.mark.parametrize("mtype,fields", [
-    ("sync", {"target": 0, "recoverable": -1, "epoch": 1 << 20}),  # "a new run: drop everything"
-    ("disk_load", {"epoch": 1 << 20, "step": 0}),
-    ("abort", {"round": 0, "reason": "forged"}),
+    ("sync", {"target": 0, "recoverable": -1, "epoch": 1 << 20, "term": 0}),  # "a new run: drop everything"
+    ("disk_load", {"epoch": 1 << 20, "step": 0, "term": 0}),
+    ("abort", {"round": 0, "reason": "forged", "term": 0}),
+    ("report_query", {"term": 0}),
 ])
 def test_a_coordinator_message_from_another_node_is_refused(cluster, mtype, fields):
-    """Only node 0 coordinates: a sync, round or disk message in another node's name is refused and
-    counted, and the node keeps what it holds (a sync of a newer epoch would otherwise drop the run)."""
+    """Only node 0 coordinates term 0: a sync, round, disk or report message of that term in another
+    node's name is refused and counted, and the node keeps what it holds (a sync of a newer epoch would otherwise drop the run)."""
     link = cluster.link(1)
     before = cluster.invalid(1)
     try:
@@ -656,7 +659,7 @@ def test_a_chunk_failing_its_checksum_in_a_live_round_is_refused(cluster):
         # half of them come before the round opens (kept until it does), half after
         for frames in bad[:len(bad) // 2]:
             link.send(frames)
-        link.send([header(cluster.job, "protect", src=0, round=rid, step=step, sizes=SIZES)])
+        link.send([header(cluster.job, "protect", src=0, round=rid, step=step, sizes=SIZES, term=0)])
         for frames in bad[len(bad) // 2:]:
             link.send(frames)
         link.barrier()
@@ -717,10 +720,10 @@ def test_a_peer_cannot_make_a_daemon_allocate_beyond_its_budget(cluster):
     refused += 3
     # segments of 16 TiB for a step the node holds: its own size wrong, then only the others'
     huge = [1 << 44] * NODES
-    link.send([header(cluster.job, "protect", src=0, round=77, step=step, sizes=huge)])
+    link.send([header(cluster.job, "protect", src=0, round=77, step=step, sizes=huge, term=0)])
     refused += 1
     huge[node] = SIZES[node]
-    link.send([header(cluster.job, "protect", src=0, round=78, step=step, sizes=huge)])
+    link.send([header(cluster.job, "protect", src=0, round=78, step=step, sizes=huge, term=0)])
     link.barrier(timeout=30)
     assert cluster.invalid(node) - before == refused
     grown, peaked = _rss(proc) - rss0, _peak(proc) - peak0

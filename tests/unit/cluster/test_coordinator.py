@@ -8,15 +8,9 @@ import pytest
 from ftd.cluster.coordinator import COLLECT, PROTECT, Coordinator
 from ftd.cluster.stripes import Grouping
 
+from support.clocks import Clock
+
 pytestmark = pytest.mark.timeout(10)
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
 
 
 def make(nodes=4, m=1, g=None, **kw):

@@ -158,7 +158,8 @@ def test_peer_messages_are_validated_against_the_cluster():
         PeerMessages("job1", 1, 4, 4).decode(PeerMessages("job1", 0, 16, 16).encode(
             "fetch", qid=1, step=1, stripe=9, number=0, frame=0))
     with pytest.raises(ProtocolError, match="unknown"):
-        pm.encode("candidate", target=0, step=0, nbytes=1, mismatch=False, recoverable=-1, latest=0, extra=1)
+        pm.encode("candidate", target=0, step=0, nbytes=1, mismatch=False, recoverable=-1, latest=0, term=0,
+                  extra=1)
 
 
 def test_a_rebuild_refuses_metadata_it_could_not_trust():

@@ -98,7 +98,7 @@ def test_real_links_count_what_crossed_and_not_what_was_refused():
         a, b = links
         payload = np.arange(1024, dtype=np.uint8)
         deadline = time.monotonic() + 10
-        while not a.send(1, "alive", latest=5):   # ZMQ_IMMEDIATE: refused until connected
+        while not a.send(1, "alive", latest=5, term=0):   # ZMQ_IMMEDIATE: refused until connected
             assert time.monotonic() < deadline, "the links never connected"
             time.sleep(0.02)
         refused = a.dropped
@@ -110,7 +110,7 @@ def test_real_links_count_what_crossed_and_not_what_was_refused():
             got.append(b.receive(b.router))
         sent = a.traffic.status()["sent"]
         assert sent["messages"] == 2 and sent["by_peer"] == {"1": {"messages": 2, "bytes": sent["bytes"]}}
-        header = len(PeerMessages("tt", 0, 2, 2).encode("alive", latest=5)[0])
+        header = len(PeerMessages("tt", 0, 2, 2).encode("alive", latest=5, term=0)[0])
         assert sent["by_type"]["alive"] == {"messages": 1, "bytes": header}
         assert sent["by_type"]["chunk"]["bytes"] > 1024 and sent["by_kind"][DATA]["messages"] == 1
         assert b.traffic.status()["received"]["by_type"] == sent["by_type"]
