@@ -153,7 +153,7 @@ def test_real_links_hold_chunks_and_block_answers_to_the_budget():
         a.budget = SendBudget(1_000_000, clock=clock)
         b.budget = SendBudget(1_000_000, clock=clock)
         deadline = time.monotonic() + 10
-        while not a.send(1, "alive", latest=5):   # ZMQ_IMMEDIATE: refused until connected
+        while not a.send(1, "alive", latest=5, term=0):   # ZMQ_IMMEDIATE: refused until connected
             assert time.monotonic() < deadline, "the links never connected"
             time.sleep(0.02)
         refused = a.dropped
@@ -164,7 +164,7 @@ def test_real_links_hold_chunks_and_block_answers_to_the_budget():
         assert a.send(1, "chunk", payload, **chunk)        # the budget had 50 KB: goes, into debt
         assert not a.send(1, "chunk", payload, **chunk)    # in debt: refused, not dropped
         assert a.dropped == refused and a.budget.waits == 1
-        assert a.send(1, "alive", latest=6)                # control messages never wait
+        assert a.send(1, "alive", latest=6, term=0)                # control messages never wait
         block = np.full(200_000, 7, dtype=np.uint8)
         fields = dict(qid=3, length=200_000, hash=0, error="")
         assert b.reply(envelope, 0, "block", block, **fields)    # goes, into debt
