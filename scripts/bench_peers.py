@@ -56,9 +56,9 @@ import torch.distributed as dist
 from bench_fsdp_rank import DcpAsyncSave, FtdSnapshot, NoCheckpoint  # scripts/bench_fsdp_rank.py
 from bench_snapshot import measure_memcpy, warm_up  # scripts/bench_snapshot.py
 from benchstate import (  # scripts/benchstate.py
+    Daemon,
     GiB,
     MiB,
-    Daemon,
     client_for,
     compute_for,
     fmt_size,
@@ -66,7 +66,6 @@ from benchstate import (  # scripts/benchstate.py
     median,
     parse_size,
     state_digest,
-    state_tensors,
     trained_state,
 )
 from benchutil import MALLOC_KEEP, CpuWatch, ftd_revision, ms, prefault, sigterm_to_exit, table, verdict

@@ -131,7 +131,8 @@ def trial(args: argparse.Namespace, index: int) -> dict:
     clock = None
     try:
         cluster.launch()
-        job = TorchrunNodes(cluster.dir, NODES, trainer, env=dict(os.environ, LOGLEVEL="INFO"))  # agent timestamps
+        job = TorchrunNodes(cluster.dir, NODES, trainer, env=dict(os.environ, LOGLEVEL="INFO"),  # agent timestamps
+                            rdzv_conf=args.rdzv_conf)
         for node in range(NODES):
             job.start(f"n{node}", cluster.dir / f"node-{node}.toml", f"127.0.0.{node + 1}")
         clock = LogClock(job)
@@ -242,6 +243,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--step-sleep", type=float, default=0.1)
     p.add_argument("--quick", action="store_true", help="one trial, --dim 128, 30 steps")
+    p.add_argument("--rdzv-conf", default="", help="more of c10d's --rdzv-conf for every agent, e.g. "
+                   "keep_alive_interval=1,keep_alive_max_attempt=3 (a lost agent leaves the rendezvous after 3 s, "
+                   "not torch's default 15 s)")
     p.add_argument("--keep", action="store_true", help="keep each trial's directory (logs) under /tmp")
     p.add_argument("--out", default=str(REPO / "bench-results"))
     args = p.parse_args(argv)
@@ -258,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trial {i + 1} of {args.trials} ...", flush=True)
         results.append(trial(args, i))
     s = summarize(results)
+    print(f"agents' --rdzv-conf: is_host=false{',' + args.rdzv_conf if args.rdzv_conf else ''}")
     print(report(results, s))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -35,8 +35,9 @@ class TorchrunNodes:
     (``-m module args...``), one per simulated node, in ``directory``."""
 
     def __init__(self, directory: Path, nnodes: int, trainer: list[str], *, nproc: int = 1,
-                 max_restarts: int = 3, env: dict | None = None):
+                 max_restarts: int = 3, env: dict | None = None, rdzv_conf: str = ""):
         self.dir, self.nnodes, self.nproc, self.trainer = Path(directory), nnodes, nproc, trainer
+        self.rdzv_conf = ",".join(filter(None, ("is_host=false", rdzv_conf)))  # c10d's --rdzv-conf
         self.max_restarts = max_restarts
         self.env = ftd_env(env)
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "FTD_ENDPOINT", "FTD_CONFIG", "GROUP_RANK"):
@@ -61,7 +62,7 @@ class TorchrunNodes:
         """The agent of simulated node ``name``, its daemon's config ``config``, at address ``addr``."""
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(self.nnodes), "--nproc-per-node",
                str(self.nproc), "--max-restarts", str(self.max_restarts), "--rdzv-backend", "c10d",
-               "--rdzv-endpoint", self.rdzv, "--rdzv-id", "ftd-job", "--rdzv-conf", "is_host=false",
+               "--rdzv-endpoint", self.rdzv, "--rdzv-id", "ftd-job", "--rdzv-conf", self.rdzv_conf,
                "--local-addr", addr, "--monitor-interval", "0.2", *self.trainer]
         env = dict(self.env, FTD_CONFIG=str(config))
         with open(self.log(name), "ab") as out:

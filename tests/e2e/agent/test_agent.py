@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ftd.util.procs import wait_for
+
 from support.jobs import ROOT, SHM
 
 pytestmark = pytest.mark.timeout(90)

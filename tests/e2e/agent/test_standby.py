@@ -14,6 +14,7 @@ import pytest
 from ftd.agent.standby import Standby
 from ftd.util import timeline
 from ftd.util.procs import wait_for
+
 from support.jobs import ROOT
 
 pytestmark = pytest.mark.timeout(90)
