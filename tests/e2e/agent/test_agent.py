@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,18 +19,6 @@ pytestmark = pytest.mark.timeout(90)
 AGENT = [sys.executable, "-m", "ftd.cli", "agent"]
 
 
-@pytest.fixture
-def node_config():
-    directory = Path(tempfile.mkdtemp(prefix="ftda-", dir="/tmp"))  # short: unix socket paths
-    job = f"agent{os.getpid()}{time.monotonic_ns() % 100000}"
-    path = directory / "node.toml"
-    path.write_text(f'job = "{job}"\nnode_rank = 0\nruntime_dir = "{directory}/run"\n'
-                    'memory_budget = "256MiB"\nmemory_reserve = "64MiB"\n')
-    yield path, job
-    subprocess.run(["pkill", "-KILL", "-f", str(directory)], check=False)
-    for p in SHM.glob(f"ftd.{job}.*"):
-        p.unlink()
-    subprocess.run(["rm", "-rf", str(directory)], check=False)
 
 
 def _agent(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -6,9 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
@@ -19,18 +16,6 @@ TRAINER = ["-m", "ftd.examples.fsdp_trainer", "--dim", "32", "--layers", "2", "-
            "--crash-rank", "1", "--crash-at", "4"]
 
 
-@pytest.fixture
-def node_config():
-    directory = Path(tempfile.mkdtemp(prefix="ftdl-", dir="/tmp"))  # short: unix socket paths
-    job = f"launch{os.getpid()}{time.monotonic_ns() % 100000}"
-    path = directory / "node.toml"
-    path.write_text(f'job = "{job}"\nnode_rank = 0\nruntime_dir = "{directory}/run"\n'
-                    'memory_budget = "256MiB"\nmemory_reserve = "64MiB"\n')
-    yield path, job
-    subprocess.run(["pkill", "-KILL", "-f", str(directory)], check=False)
-    for p in SHM.glob(f"ftd.{job}.*"):
-        p.unlink()
-    subprocess.run(["rm", "-rf", str(directory)], check=False)
 
 
 def test_torchrun_under_the_agent_restarts_a_crashed_rank_and_every_rank_resumes_one_step(node_config):
