@@ -19,7 +19,7 @@ step) trains; then, once a step is recoverable:
 
 "Training again" is the moment the first step after the restart is logged (the trainer prints a line
 per step; the benchmark polls the agents' logs every 10 ms), measured from the moment of the kill.
-Where the seconds go comes from the same logs: restart lines ("resuming after step"), ftd's restore
+Where the seconds go comes from the same logs and the workers' timeline marks (``FTD_TIMELINE``): restart lines ("resuming after step"), ftd's restore
 lines (bytes and seconds of each rank's restore, "fetched from node N" for a moved one), and the
 daemons' ``ftd status`` (bytes and seconds of each fetch). Results in ``bench-results/``.
 """
@@ -41,6 +41,7 @@ from benchutil import REPO, ftd_revision, sigterm_to_exit, table
 
 sys.path.insert(0, str(REPO))
 from ftd.local.torchrun_job import TorchrunNodes  # noqa: E402
+from ftd.util import timeline  # noqa: E402
 from ftd.util.procs import wait_for  # noqa: E402
 
 NODES = 3
@@ -50,11 +51,10 @@ _RESTORE = re.compile(r"ftd: rank (\d+) restored step (\d+) from ([^(]*?) \(job 
 UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 
+TIMED = {"imported": "imported", "joined": "pg_joined"}  # the trainer's own marks (ftd/util/timeline.py)
 EVENTS = {  # what the breakdown times, by the first line of each kind after the failure
     "agent_restarts": re.compile(r"will restart worker group|Stopping worker group"),
     "rendezvous_done": re.compile(r"Rendezvous complete for workers"),
-    "imported": re.compile(r"imports done"),
-    "joined": re.compile(r"process group joined"),
     "restored": _RESTORE,
     "resumed": _RESUME,
 }
@@ -94,12 +94,17 @@ class LogClock(threading.Thread):
         return self.seen[restarts]
 
     def breakdown(self, t0: float, t1: float) -> dict[str, float]:
-        """Seconds from t0 to the last (every rank's) line of each kind before t1: when the slowest
-        node got there."""
+        """Seconds from t0 to the last (every rank's) line of each kind before t1, and to the workers'
+        last timeline mark of each kind of ``TIMED``: when the slowest node got there."""
         out: dict[str, float] = {}
         for when, _, kind in self.events:
             if t0 <= when <= t1:
                 out[kind] = max(out.get(kind, 0.0), when - t0)
+        wall0 = time.time() - (time.monotonic() - t0)  # the timeline's clock is the wall clock
+        for event in timeline.read(self.job.dir / "timeline.jsonl"):
+            kind = next((k for k, name in TIMED.items() if name == event["event"]), None)
+            if kind and 0 <= event["t"] - wall0 <= t1 - t0:
+                out[kind] = max(out.get(kind, 0.0), event["t"] - wall0)
         return out
 
 
@@ -131,7 +136,8 @@ def trial(args: argparse.Namespace, index: int) -> dict:
     clock = None
     try:
         cluster.launch()
-        job = TorchrunNodes(cluster.dir, NODES, trainer, env=dict(os.environ, LOGLEVEL="INFO"),  # agent timestamps
+        job = TorchrunNodes(cluster.dir, NODES, trainer,  # agent timestamps; the workers' own marks
+                            env=dict(os.environ, LOGLEVEL="INFO", **{timeline.ENV: str(cluster.dir / "timeline.jsonl")}),
                             rdzv_conf=args.rdzv_conf)
         for node in range(NODES):
             job.start(f"n{node}", cluster.dir / f"node-{node}.toml", f"127.0.0.{node + 1}")

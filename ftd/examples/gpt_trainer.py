@@ -24,7 +24,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -197,17 +196,13 @@ def _train(args, net, optimizer, scheduler, state, client, data, fd: int, first:
 
 
 def main(argv: list[str] | None = None) -> int:
-    mark("imported")  # the timeline of a restart (ftd/util/timeline.py; only under `ftd agent`)
+    mark("imported")  # the timeline of a restart (ftd/util/timeline.py; where $FTD_TIMELINE is set)
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     torch.set_num_threads(1)
-    imported = time.time() - psutil.Process().create_time()
     if world > 1:
         dist.init_process_group("gloo", timeout=timedelta(seconds=args.pg_timeout))
         mark("pg_joined")
-        # where a restart's seconds go under torchrun (scripts/bench_torchrun.py reads this line)
-        print(f"rank {rank} pid {os.getpid()}: imports done {imported:.2f} s, process group joined "
-              f"{time.time() - psutil.Process().create_time():.2f} s after the process started", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
