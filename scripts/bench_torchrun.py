@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """How long from a failure to training again under torchrun's own elastic agent, and what a moved rank costs.
 
-Run it as ``.venv/bin/python scripts/bench_torchrun.py`` (``--trials 2``; ``--quick``: one trial, a
-smaller model, about two minutes).
+Run it as ``.venv/bin/python scripts/bench_torchrun.py`` (``--trials 2``, about 3 minutes; ``--quick``: one trial, a
+smaller model, about 1.5 minutes).
 
 Per trial, on 3 simulated nodes of this machine (``ftd launch``, m = 1; one ``torchrun --rdzv-backend
 c10d`` agent per node at 127.0.0.1-3, ``ftd.local.torchrun_job``, the rendezvous store served apart,
