@@ -12,12 +12,10 @@ hook; one copier thread runs ``_process`` for one job at a time (``copier.Worker
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import sys
 import time
-import weakref
 from typing import Any
 
 import torch
@@ -27,6 +25,7 @@ from ftd.control.locate import find_daemon
 from ftd.errors import DaemonUnavailable, FtdError, SerializationError
 from ftd.shm.checksum import ChunkHasher
 from ftd.shm.layout import Manifest
+from ftd.trainer import at_exit
 from ftd.trainer.capture import StateCapture, identity
 from ftd.trainer.copier import SnapshotJob, Worker, add_copier_totals, copy_and_hash
 from ftd.trainer.discovery import detect_rank_world, local_world, warn_about_launcher
@@ -41,22 +40,8 @@ BEGIN_GRACE_SECONDS = 0.05  # longest an optimizer step waits for the daemon to 
 RESTORE_WAIT_SECONDS = 600.0  # longest restore() waits for a rebuilding cluster daemon
 WAIT_REPORT_SECONDS = 10.0  # while restore() waits, a line this often with the reason
 SLOW_BEGIN_SECONDS = 1.0  # a begin taking longer than this means the daemon is gone or stuck, not busy
-EXIT_TIMEOUT = 10.0  # at interpreter exit, longest wait for the snapshot in flight
 RESUME_POLICIES = ("auto", "never", "must")
-
-_live_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_at_exit() -> None:
-    """A trainer that exits without close(): finish the snapshot in flight and stop the copier thread
-    before the interpreter tears down (a thread still inside torch then aborts the process with
-    "terminate called without an active exception", exit status 134, which launchers count as a failure)."""
-    for client in list(_live_clients):
-        try:
-            client.close(EXIT_TIMEOUT)
-        except Exception as e:  # never turn a clean exit into a failing one
-            log.warning("ftd: closing the client at exit failed: %s", e)
+COPY_MODES = ("background", "foreground")
 
 
 class Client:
@@ -72,10 +57,18 @@ class Client:
       the first step it costs nothing and an unprotected run would cost everything).
     verbose: print one line to stderr per restore (job, step, from memory or disk, bytes, seconds),
       and every few seconds while a restore waits.
+    copy: "background" (default; $FTD_COPY) copies during the next forward/backward, on cores the
+      compute leaves idle (a GPU host); "foreground" copies inside snapshot() with the trainer thread
+      and the copier together, for a host whose cores all compute (CPU training), where a background
+      copy slows every compute thread (README "On a busy host"). Commit stays asynchronous either way.
     """
 
     def __init__(self, endpoint: str | None = None, *, rank: int | None = None, world_size: int | None = None,
-                 capture_rng: bool = True, timeout: float | None = None, strict: bool = True, verbose: bool = True):
+                 capture_rng: bool = True, timeout: float | None = None, strict: bool = True, verbose: bool = True,
+                 copy: str | None = None):
+        self.copy = copy or os.environ.get("FTD_COPY") or "background"
+        if self.copy not in COPY_MODES:
+            raise ValueError(f"copy={self.copy!r} (from {'Client(copy=...)' if copy else '$FTD_COPY'}): use one of {COPY_MODES}")
         self.endpoint, config, self.found_by = find_daemon(endpoint)
         warn_about_launcher()
         detected = detect_rank_world()
@@ -106,7 +99,7 @@ class Client:
                       "hook_wait_seconds": 0.0, "last_copy_seconds": None, "last_step": None}
         self._hasher = ChunkHasher()
         self._worker = Worker(self._process)
-        _live_clients.add(self)
+        at_exit.track(self)
 
     # ---- public API ------------------------------------------------------------------------------
     def snapshot(self, step: int, state: dict) -> None:
@@ -133,6 +126,8 @@ class Client:
             self._note_failure(f"snapshot of step {step} skipped: {e}", step)
         finally:
             self.stats["snapshot_seconds"] += time.perf_counter() - t0
+        if self.copy == "foreground":  # copy now, two threads, while no compute thread competes (a hook wait)
+            self._before_optimizer_step(None, None, None)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the last snapshot is copied and committed (and the buffer of the next one is
@@ -214,7 +209,7 @@ class Client:
             return
         self.wait(timeout)
         self._closed = True
-        _live_clients.discard(self)
+        at_exit.untrack(self)
         self._worker.close(timeout)
         if finished:
             self._mark_finished()

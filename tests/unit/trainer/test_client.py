@@ -118,6 +118,40 @@ def test_pre_step_hook_waits_for_the_copy(thread_daemon):
         assert_same(tensors_of(fresh), expected)
 
 
+def test_foreground_copy_is_done_when_snapshot_returns_with_the_trainer_thread_copying_too(thread_daemon):
+    d = thread_daemon(chunk_size=4096)
+    state = make_state(width=512)
+    with ftd.Client(d.endpoint, copy="foreground") as client:
+        train_step(state)
+        client.snapshot(0, state)                      # sets up the buffers (the first copy may be skipped)
+        assert client.wait(30)
+        client._chunk_delay = 0.005                    # a slow copy: both threads take chunks
+        train_step(state)
+        client.snapshot(1, state)
+        job = client._worker.latest
+        assert job.step == 1 and job.released.is_set()  # the live tensors are copied: they may change now
+        assert client.stats["helped_chunks"] > 0        # ... and the trainer thread did part of it
+        expected = tensors_of(state)
+        waited = client.stats["hook_wait_seconds"]
+        train_step(state)                              # nothing left to wait for at the optimizer step
+        assert client.stats["hook_wait_seconds"] - waited < 0.05
+        assert client.wait(30)
+        fresh = make_state(seed=9, width=512)
+        assert client.restore(fresh) == 1
+        assert_same(tensors_of(fresh), expected)
+
+
+def test_copy_mode_is_checked(thread_daemon, monkeypatch):
+    d = thread_daemon()
+    with pytest.raises(ValueError, match="foreground"):
+        ftd.Client(d.endpoint, copy="sync")
+    monkeypatch.setenv("FTD_COPY", "foreground")
+    with ftd.Client(d.endpoint) as client:
+        assert client.copy == "foreground"
+    monkeypatch.setenv("FTD_COPY", "fast")
+    with pytest.raises(ValueError, match=r"\$FTD_COPY"):
+        ftd.Client(d.endpoint)
+
 def test_parameter_mutated_outside_the_optimizer_tears_the_snapshot_then_is_cloned(thread_daemon, caplog):
     d = thread_daemon(chunk_size=4096)
     state = make_state(width=512)
