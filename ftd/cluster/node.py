@@ -60,7 +60,8 @@ class ClusterNode:
         self.pos = self.group.position(self.me)
         self.codec = Codec(self.layout.k, self.layout.m, config.parity_code)
         self.messages = PeerMessages(config.job, self.me, config.nodes, self.layout.g)
-        self.security = PeerSecurity.from_key_file(config.peer_key_file)
+        self.security = PeerSecurity.from_key_file(config.peer_key_file, config.peer_roster)
+        self.security.check_nodes(config.nodes)
         self.links: PeerLinks | None = None
         self.traffic = PeerTraffic()                      # peer messages by type, peer and bytes (status)
         catalog.clustered = True
@@ -347,7 +348,9 @@ class ClusterNode:
             "rebuilds": self.recovery.rebuilds, "lost_error": self.lost_error, "epoch": self.epoch,
             "run_finished": self.cluster_finished, "new_run_wait": self.new_run_wait,
             "disk_wait": self.disk.disk_wait,
+            "security": self.security.mode,
             "stats": {**self.stats, "sends_dropped": self.links.dropped if self.links else 0,
+                      "impostors_refused": self.links.impostors if self.links else 0,
                       "decodes_served": self.decodes.served},
             "traffic": self.traffic.status(),
             "bandwidth": self.links.budget.status() if self.links else None,
