@@ -8,6 +8,9 @@ waiting in a queue to reach its restarted successor; protocol messages are re-se
 waits for an answer, and chunk frames stay queued in the round until a send succeeds.
 What the links send is held to the node's ``protect_bandwidth`` (``bandwidth.SendBudget``): a chunk
 frame waits in its round, an answer carrying blocks in ``PeerLinks``' own queue (``pump()``).
+With per-node keys (``auth``) a received message is dropped (``impostors``) unless its sender may
+speak for its ``src``: on the ROUTER by the identity of the key it connected with, on a DEALER by
+being the node whose server key that DEALER pinned.
 """
 from __future__ import annotations
 

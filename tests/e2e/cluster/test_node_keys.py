@@ -146,6 +146,9 @@ def test_a_node_key_speaks_only_for_its_node_and_numbers_from_the_future_are_ref
         st0 = c.status(0)["cluster"]
         assert st0["stats"]["implausible_refused"] == 3, st0["stats"]
         assert st0["coordinator"]["target"] < far and st0["epoch"] == 0
+        text = c.ftd("status", "--config", c.config(0)).stdout
+        assert "CURVE (per-node keys)" in text and "refused peer messages: 4 sent as another node than its key's, " \
+            "3 implausible" in text, text
         st2 = wait_for(lambda: (lambda s: s if s["coordination"]["implausible_refused"] else None)(
             c.status(2)["cluster"]), 10, "node 2 to refuse the far term")
         assert st2["coordination"]["term"] == 0 and st2["coordination"]["node"] == 0
