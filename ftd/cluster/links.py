@@ -222,8 +222,10 @@ class PeerQueries:
         with ``first_only``, as soon as at least one came (and whatever else is waiting)."""
         got: dict[int, tuple[dict, object]] = {}
         poller = zmq.Poller()
+        node_of = {}
         for n in set(wanted.values()):
             poller.register(self._sock(n), zmq.POLLIN)
+            node_of[self._sock(n)] = n
         while len(got) < len(wanted) and not (first_only and got):
             if self.stop.is_set():
                 raise FtdError("rebuild stopped: the daemon is shutting down")
@@ -233,15 +235,15 @@ class PeerQueries:
             for sock, _ in poller.poll(int(left * 1000) + 1):
                 frames = sock.recv_multipart(copy=False)
                 while True:
-                    self._take(frames, wanted, got)
+                    self._take(frames, wanted, got, node_of[sock])
                     try:
                         frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
         return got
 
-    def _take(self, frames, wanted: dict[int, int], got: dict) -> None:
-        """Keep one received answer if it is one of ``wanted`` from the node asked."""
+    def _take(self, frames, wanted: dict[int, int], got: dict, node: int) -> None:
+        """Keep one received answer if it is one of ``wanted``, from the node asked, on the socket to it."""
         try:
             msg, payload = self.messages.decode(frames)
         except FtdError as e:
@@ -249,7 +251,7 @@ class PeerQueries:
             return
         self.traffic.received(msg["src"], msg["type"], frame_bytes(frames))
         q = msg.get("qid")
-        if q in wanted and wanted[q] == msg["src"]:
+        if q in wanted and wanted[q] == msg["src"] == node:
             got[q] = (msg, None if payload is None else payload.buffer)
 
     def close(self) -> None:

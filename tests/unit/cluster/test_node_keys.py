@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import stat
+import threading
 import time
 
 import pytest
@@ -15,7 +16,7 @@ from ftd.cli.registry import register
 from ftd.cluster.auth import PeerSecurity, may_speak_for
 from ftd.cluster.keyfiles import (SHARED_IDENTITY, generate_key_file, generate_node_keys, load_key_file,
                                   load_roster)
-from ftd.cluster.links import PeerLinks
+from ftd.cluster.links import PeerLinks, PeerQueries
 from ftd.cluster.messages import PeerMessages
 from ftd.config import Config, load_config
 from ftd.errors import KeyFileError, UsageError
@@ -236,6 +237,26 @@ def test_links_refuse_a_message_whose_src_the_sender_may_not_speak_for(tmp_path)
         zero.router.send_multipart(envelope + liar)
         assert one.dealers[0].poll(5000)
         assert one.receive(one.dealers[0]) is None and one.impostors == 1
+        # a rebuild thread's queries: node 0's answer naming node 2 is not taken for node 2's, nor for its own
+        config1 = Config(job="tk", peers=peers, node_rank=1, memory_budget=1 << 30)
+        queries = PeerQueries(config1, secs[1], PeerMessages("tk", 1, 3, 3), threading.Event())
+        try:
+            qid = queries.ask(0, "state_query")
+            assert zero.router.poll(5000)
+            envelope, asked, _ = zero.receive(zero.router)
+            assert asked["qid"] == qid
+            for src in (2, 0):
+                zero.router.send_multipart(envelope + PeerMessages("tk", src, 3, 3).encode(
+                    "state", qid=qid, recoverable=src, data=[], parity=[], rebuilding=False))
+            got = queries.collect({qid: 2, qid + 1: 0}, time.monotonic() + 2)
+            assert got == {}  # the liar's answer claims node 2 on the socket to node 0; node 0's has the wrong qid
+            qid = queries.ask(0, "state_query")
+            envelope, _, _ = (zero.router.poll(5000), zero.receive(zero.router))[1]
+            zero.router.send_multipart(envelope + PeerMessages("tk", 0, 3, 3).encode(
+                "state", qid=qid, recoverable=7, data=[], parity=[], rebuilding=False))
+            assert queries.collect({qid: 0}, time.monotonic() + 5)[qid][0]["recoverable"] == 7
+        finally:
+            queries.close()
     finally:
         for link in links:
             link.close()
