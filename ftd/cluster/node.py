@@ -63,6 +63,9 @@ class ClusterNode:
         self.messages = PeerMessages(config.job, self.me, config.nodes, self.layout.g)
         self.security = PeerSecurity.from_key_file(config.peer_key_file, config.peer_roster)
         self.security.check_nodes(config.nodes)
+        if self.security.enabled and not self.security.per_node:
+            log.info("peer links use a shared cluster key: any holder may speak as any node; per-node keys "
+                     "(`ftd keygen --dir DIR --nodes %d`) are recommended", config.nodes)
         self.links: PeerLinks | None = None
         self.traffic = PeerTraffic()                      # peer messages by type, peer and bytes (status)
         catalog.clustered = True
