@@ -43,7 +43,11 @@ class Config:
     inflight_bytes: int = 32 << 20  # unacknowledged chunk bytes per peer link
     protect_bandwidth: int = 0      # bytes/s this node's peer links send ("200MB/s"): protection chunks and the
                                     # blocks peers fetch wait for it (cluster/bandwidth.py); 0: unlimited
-    peer_key_file: Path | None = None  # CURVE key of the cluster (`ftd keygen`); None: peer links unauthenticated
+    peer_key_file: Path | None = None  # this node's CURVE key file (`ftd keygen --dir DIR --nodes N`: DIR/node-R.key,
+                                    # recommended; "{node_rank}" in it is replaced) or the job's shared key
+                                    # (`ftd keygen --out FILE`); None: peer links unauthenticated
+    peer_roster: Path | None = None # the job's public keys (DIR/roster.json) for a node key file; default: the
+                                    # roster.json next to it
     insecure_peers: bool = False    # allow unauthenticated peer links to other hosts (never on a shared network)
     round_timeout: float = 120.0    # seconds a protection round may take before it is abandoned
     peer_timeout: float = 10.0      # seconds of silence after which a peer is declared lost (a round in
@@ -79,6 +83,10 @@ class Config:
             raise ConfigError(f"metrics_port must be a TCP port (1-65535), or 0 for no metrics; got {self.metrics_port!r}")
         if self.memory_budget == 0:
             object.__setattr__(self, "memory_budget", psutil.virtual_memory().total // 2)
+        if self.peer_key_file is not None and "{node_rank}" in str(self.peer_key_file):
+            # one config for every node of a job (SLURM, torchrun): each reads its own key file
+            object.__setattr__(self, "peer_key_file", Path(str(self.peer_key_file).replace("{node_rank}",
+                                                                                         str(self.node_rank))))
         self._check_peers()
 
     def _check_peers(self) -> None:
@@ -92,9 +100,9 @@ class Config:
         if remote and self.peer_key_file is None and not self.insecure_peers:
             raise ConfigError(
                 f"peer links leave this host ({remote[0]}), but no peer_key_file is configured: anyone on the "
-                f"network could read or inject snapshot data. Create a key with `ftd keygen --out FILE`, copy it "
-                f"to every node (mode 0600) and set peer_key_file = FILE; or set insecure_peers = true on a "
-                f"private network")
+                f"network could read or inject snapshot data. Create per-node keys with `ftd keygen --dir DIR "
+                f"--nodes {len(self.peers)}`, give node R DIR/node-R.key (mode 0600) and DIR/roster.json, and set "
+                f"peer_key_file = \"DIR/node-{{node_rank}}.key\"; or set insecure_peers = true on a private network")
         if len(set(self.peers)) != len(self.peers):
             raise ConfigError("peers lists an endpoint twice; every node rank needs its own host:port")
         if self.node_rank >= len(self.peers):
@@ -253,7 +261,7 @@ def _value(key: str, value, total: int, where: str):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {key} must be true or false")
         return value
-    if key in ("peer_key_file", "flush_dir"):
+    if key in ("peer_key_file", "peer_roster", "flush_dir"):
         return Path(value).expanduser() if value else None
     return value
 

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from ftd.cli.registry import Command
-from ftd.cluster.auth import generate_key_file
+from ftd.cluster.keyfiles import generate_node_keys
 from ftd.config import ensure_private_dir
 from ftd.local.killnode import kill_node
 from ftd.local.launcher import launch
@@ -20,9 +20,10 @@ def _launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", default="2GiB", metavar="SIZE", help="shared memory per node (default 2GiB)")
     p.add_argument("--base-port", type=int, metavar="P",
                    help="peer ports P..P+G-1 on 127.0.0.1 (default: free ports chosen by the OS)")
-    p.add_argument("--key-file", help="CURVE key file of the cluster (`ftd keygen`); default: no peer authentication")
+    p.add_argument("--key-file", help="CURVE key file shared by every node (`ftd keygen --out`), or a node key file "
+                   "with {node_rank} in its name (`ftd keygen --dir DIR --nodes N`); default: no peer authentication")
     p.add_argument("--secure", action="store_true",
-                   help="authenticate and encrypt the peer links with CURVE, with a new key DIR/cluster.key")
+                   help="authenticate and encrypt the peer links with CURVE, with new per-node keys in DIR/keys")
     p.add_argument("--flush-dir", metavar="DIR", help="flush recoverable versions to DIR/<job>/ in the background, and "
                    "restore from there when memory cannot (default: no flush)")
     p.add_argument("--flush-every", type=int, default=0, metavar="N", help="flush once a step is N past the last "
@@ -49,9 +50,10 @@ def _launch_cmd(args: argparse.Namespace) -> int:
     if args.secure and not key_file:
         directory = Path(args.dir)
         ensure_private_dir(directory)
-        key_file = directory / "cluster.key"
-        if not key_file.exists():
-            generate_key_file(key_file)
+        keys = directory / "keys"
+        if not (keys / "roster.json").exists():
+            generate_node_keys(keys, args.nodes)
+        key_file = keys / "node-{node_rank}.key"
     extra = {"peer_key_file": str(Path(key_file).expanduser().absolute())} if key_file else {}
     if args.flush_dir:
         extra.update(flush_dir=str(Path(args.flush_dir).expanduser().absolute()), flush_every=args.flush_every,

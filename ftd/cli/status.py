@@ -87,7 +87,7 @@ def _flush_lines(fl: dict) -> list[str]:
 def _cluster_lines(cl: dict) -> list[str]:
     lines = [f"cluster: node {cl['node_rank']} of {cl['nodes']}, group {cl['group']} = nodes {cl['group_nodes']} "
              f"(k={cl['k']}, m={cl['m']}, {cl['code']}), peer link {cl['peer_endpoint']}"
-             + (" CURVE" if cl["secure"] else ""),
+             + (f" CURVE ({cl.get('security', 'shared key')})" if cl["secure"] else ""),
              f"   recoverable step: {cl['recoverable'] if cl['recoverable'] >= 0 else 'none yet'}   "
              f"memory: data {format_size(cl['data_bytes'])}, parity {format_size(cl['parity_bytes'])}"]
     for v in cl["versions"]:
@@ -118,6 +118,10 @@ def _cluster_lines(cl: dict) -> list[str]:
         lines.append(f"   peer send rate: {format_size(bw['send_rate_bytes_per_second'])}/s (peak "
                      f"{format_size(bw['peak_send_rate_bytes_per_second'])}/s), budget {budget}, "
                      f"{bw['waits']} wait(s) for it")
+    refused = {what: cl.get("stats", {}).get(key, 0) for what, key in (
+        ("sent as another node than its key's", "impostors_refused"), ("implausible", "implausible_refused"))}
+    if any(refused.values()):
+        lines.append("   refused peer messages: " + ", ".join(f"{n} {what}" for what, n in refused.items() if n))
     who = cl.get("coordination")
     if who:
         heard = "" if who["here"] else f", heard {who['heard_seconds_ago']:.1f} s ago"

@@ -147,4 +147,4 @@ class Leadership:
         t = self.terms
         return {"term": t.term, "node": t.leader, "here": self.coordinator is not None,
                 "heard_seconds_ago": round(t.silence(), 3) if t.leader != self.node.me else 0.0,
-                "stale_refused": t.stale, "takeovers": t.takeovers}
+                "stale_refused": t.stale, "implausible_refused": t.implausible, "takeovers": t.takeovers}

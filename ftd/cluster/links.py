@@ -8,6 +8,9 @@ waiting in a queue to reach its restarted successor; protocol messages are re-se
 waits for an answer, and chunk frames stay queued in the round until a send succeeds.
 What the links send is held to the node's ``protect_bandwidth`` (``bandwidth.SendBudget``): a chunk
 frame waits in its round, an answer carrying blocks in ``PeerLinks``' own queue (``pump()``).
+With per-node keys (``auth``) a received message is dropped (``impostors``) unless its sender may
+speak for its ``src``: on the ROUTER by the identity of the key it connected with, on a DEALER by
+being the node whose server key that DEALER pinned.
 """
 from __future__ import annotations
 
@@ -32,8 +35,9 @@ MAX_PEER_MESSAGE = MAX_FRAME + MAX_HEADER
 ROUTER_QUEUE = 32  # messages the peer ROUTER queues per connection, each way
 
 
-def dealer(ctx: zmq.Context, security: PeerSecurity, endpoint: str, hwm: int = 256,
+def dealer(ctx: zmq.Context, security: PeerSecurity, endpoint: str, node: int, hwm: int = 256,
            immediate: bool = True) -> zmq.Socket:
+    """A DEALER to node rank ``node`` at ``endpoint`` (its server key pinned to that node's, ``auth``)."""
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.IMMEDIATE, int(immediate))
@@ -41,7 +45,7 @@ def dealer(ctx: zmq.Context, security: PeerSecurity, endpoint: str, hwm: int = 2
     s.setsockopt(zmq.RECONNECT_IVL, 100)
     s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     s.setsockopt(zmq.MAXMSGSIZE, MAX_PEER_MESSAGE)
-    security.client(s)
+    security.client(s, node)
     s.connect(endpoint)
     return s
 
@@ -64,7 +68,11 @@ class PeerLinks:
         self.router.setsockopt(zmq.RCVHWM, ROUTER_QUEUE)
         security.server(self.router)
         self.router.bind(config.peer_bind)
-        self.dealers = {n: dealer(ctx, security, ep) for n, ep in enumerate(config.peers) if n != self.me}
+        self.security = security
+        self.dealers = {n: dealer(ctx, security, ep, n) for n, ep in enumerate(config.peers) if n != self.me}
+        self._dealer_node = {s: n for n, s in self.dealers.items()}
+        self.impostors = 0                 # messages refused: the sender's key may not speak for their src
+        self._impostors_logged: set = set()
         self.dropped = 0
         self.budget = SendBudget(config.protect_bandwidth)
         self._deferred: collections.deque = collections.deque()  # answers with blocks waiting for the budget
@@ -130,12 +138,44 @@ class PeerLinks:
         except ProtocolError as e:
             log.warning("dropped an invalid peer message: %s", e)
             return None
+        if self.security.enabled and not self._sender_ok(sock, frames, msg):
+            return None
         self.traffic.received(msg["src"], msg["type"], frame_bytes(frames))
         return envelope, msg, None if payload is None else payload.buffer
+
+    def _sender_ok(self, sock: zmq.Socket, frames: list, msg: dict) -> bool:
+        """Whether the authenticated sender may speak for the message's ``src``: on the ROUTER, the
+        identity its key has (the ZAP handler's User-Id, ``auth``); on a DEALER, the node whose server key
+        it pinned, which must be the ``src``. Refused: counted, logged once per peer and node."""
+        if sock is self.router:
+            identity = _user_id(frames[0])
+            if self.security.may_speak(identity, msg["src"]):
+                return True
+        else:
+            node = self._dealer_node.get(sock)
+            if not self.security.per_node or node == msg["src"]:
+                return True
+            identity = f"the server of node {node}"
+        self.impostors += 1
+        seen = (identity, msg["src"])
+        if seen not in self._impostors_logged and len(self._impostors_logged) < 1024:
+            self._impostors_logged.add(seen)
+            log.warning("refused a %s from a peer authenticated as %r that claims to be node %d: its key may not "
+                        "speak for that node (further ones from it are counted, not logged)",
+                        msg["type"], identity, msg["src"])
+        return False
 
     def close(self) -> None:
         for s in self.sockets():
             s.close(0)
+
+
+def _user_id(frame) -> str | None:
+    """The User-Id the ZAP handler gave the connection a frame came on (None: none, plain TCP)."""
+    try:
+        return frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError):
+        return None
 
 
 def _bulk(payload) -> bool:
@@ -145,7 +185,9 @@ def _bulk(payload) -> bool:
 
 class PeerQueries:
     """Questions to peers and their answers (``state_query``, ``meta_query``, ``fetch``), each with a
-    query id so that late or duplicated answers are told apart. For one thread."""
+    query id so that late or duplicated answers are told apart. For one thread. An answer is kept
+    only from the node asked, on the socket to it: with per-node keys that socket pinned the node's
+    server key (``auth``), so the answer is authenticated as that node's."""
 
     def __init__(self, config: Config, security: PeerSecurity, messages: PeerMessages,
                  stop: threading.Event, traffic: PeerTraffic | None = None):
@@ -159,7 +201,8 @@ class PeerQueries:
     def _sock(self, node: int) -> zmq.Socket:
         if node not in self._socks:
             # queue until connected: a rebuild asks right away, and a dropped first question costs a retry
-            self._socks[node] = dealer(self._ctx, self._security, self.config.peers[node], hwm=4096, immediate=False)
+            self._socks[node] = dealer(self._ctx, self._security, self.config.peers[node], node, hwm=4096,
+                                       immediate=False)
         return self._socks[node]
 
     def ask(self, peer: int, mtype: str, **fields) -> int:
@@ -179,8 +222,10 @@ class PeerQueries:
         with ``first_only``, as soon as at least one came (and whatever else is waiting)."""
         got: dict[int, tuple[dict, object]] = {}
         poller = zmq.Poller()
+        node_of = {}
         for n in set(wanted.values()):
             poller.register(self._sock(n), zmq.POLLIN)
+            node_of[self._sock(n)] = n
         while len(got) < len(wanted) and not (first_only and got):
             if self.stop.is_set():
                 raise FtdError("rebuild stopped: the daemon is shutting down")
@@ -190,15 +235,15 @@ class PeerQueries:
             for sock, _ in poller.poll(int(left * 1000) + 1):
                 frames = sock.recv_multipart(copy=False)
                 while True:
-                    self._take(frames, wanted, got)
+                    self._take(frames, wanted, got, node_of[sock])
                     try:
                         frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
         return got
 
-    def _take(self, frames, wanted: dict[int, int], got: dict) -> None:
-        """Keep one received answer if it is one of ``wanted`` from the node asked."""
+    def _take(self, frames, wanted: dict[int, int], got: dict, node: int) -> None:
+        """Keep one received answer if it is one of ``wanted``, from the node asked, on the socket to it."""
         try:
             msg, payload = self.messages.decode(frames)
         except FtdError as e:
@@ -206,7 +251,7 @@ class PeerQueries:
             return
         self.traffic.received(msg["src"], msg["type"], frame_bytes(frames))
         q = msg.get("qid")
-        if q in wanted and wanted[q] == msg["src"]:
+        if q in wanted and wanted[q] == msg["src"] == node:
             got[q] = (msg, None if payload is None else payload.buffer)
 
     def close(self) -> None:

@@ -33,6 +33,7 @@ from ftd.cluster.leadership import Leadership
 from ftd.cluster.links import PeerLinks
 from ftd.cluster.messages import FROM_COORDINATOR, TO_COORDINATOR, PeerMessages
 from ftd.cluster.parity_store import ParityStore
+from ftd.cluster.plausible import implausible_claim
 from ftd.cluster.recovery import Recovery
 from ftd.cluster.rounds import ProtectionRounds
 from ftd.cluster.traffic import PeerTraffic
@@ -60,7 +61,11 @@ class ClusterNode:
         self.pos = self.group.position(self.me)
         self.codec = Codec(self.layout.k, self.layout.m, config.parity_code)
         self.messages = PeerMessages(config.job, self.me, config.nodes, self.layout.g)
-        self.security = PeerSecurity.from_key_file(config.peer_key_file)
+        self.security = PeerSecurity.from_key_file(config.peer_key_file, config.peer_roster)
+        self.security.check_nodes(config.nodes)
+        if self.security.enabled and not self.security.per_node:
+            log.info("peer links use a shared cluster key: any holder may speak as any node; per-node keys "
+                     "(`ftd keygen --dir DIR --nodes %d`) are recommended", config.nodes)
         self.links: PeerLinks | None = None
         self.traffic = PeerTraffic()                      # peer messages by type, peer and bytes (status)
         catalog.clustered = True
@@ -75,9 +80,10 @@ class ClusterNode:
         self.lost_error: str | None = None
         self.latest_step = -1                             # newest step a trainer asked to snapshot
         self.stats = {"rounds_done": 0, "rounds_aborted": 0, "bytes_sent": 0, "bytes_received": 0,
-                      "last_round_seconds": None, "invalid_messages": 0,
+                      "last_round_seconds": None, "invalid_messages": 0, "implausible_refused": 0,
                       # commit of a step by the node's last rank -> that step recoverable on every node
                       "protection_lag": {"count": 0, "total_seconds": 0.0, "max_seconds": 0.0, "last_seconds": None}}
+        self._implausible_logged: set[tuple[int, str]] = set()
         self.rounds = ProtectionRounds(self)
         self.recovery = Recovery(self)
         self.moves = moves.RankMoves(self)
@@ -159,11 +165,24 @@ class ClusterNode:
             return  # stale, or a beat or a report query (answered there)
         if mtype in TO_COORDINATOR and not self.leadership.from_node(msg):
             return  # for another coordinator, of another term, or not yet (it gathers)
+        if mtype in TO_COORDINATOR and msg["src"] != self.me:  # (its own node is the coordinator's yardstick)
+            why = implausible_claim(msg, self.coordinator)
+            if why is not None:
+                self._refuse_implausible(msg, why)
+                return
         if self.coordinator:
             self.coordinator.heard_from(msg["src"])
         handler = self._handlers.get(mtype)
         if handler is not None:
             handler(msg, payload, envelope)
+
+    def _refuse_implausible(self, msg: dict, why: str) -> None:
+        """Counted; logged the first time per node and type (a liar repeats itself every second)."""
+        self.stats["implausible_refused"] += 1
+        seen = self._implausible_logged
+        level = logging.WARNING if (msg["src"], msg["type"]) not in seen else logging.DEBUG
+        seen.add((msg["src"], msg["type"]))
+        log.log(level, "refused an implausible %s from node %d (not acted on): %s", msg["type"], msg["src"], why)
 
     def _handler_table(self) -> dict[str, Handler]:
         """Peer message type -> what this node does with it."""
@@ -347,7 +366,9 @@ class ClusterNode:
             "rebuilds": self.recovery.rebuilds, "lost_error": self.lost_error, "epoch": self.epoch,
             "run_finished": self.cluster_finished, "new_run_wait": self.new_run_wait,
             "disk_wait": self.disk.disk_wait,
+            "security": self.security.mode,
             "stats": {**self.stats, "sends_dropped": self.links.dropped if self.links else 0,
+                      "impostors_refused": self.links.impostors if self.links else 0,
                       "decodes_served": self.decodes.served},
             "traffic": self.traffic.status(),
             "bandwidth": self.links.budget.status() if self.links else None,

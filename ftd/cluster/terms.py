@@ -4,7 +4,8 @@ A *term* numbers the cluster's coordinators: term t is coordinated by node ``t %
 names its coordinator and two nodes that take over at once never pick the same one. The cluster
 starts in term 0 (node 0). Every coordinator message carries its term, and so does every node's
 message to the coordinator. A node follows the highest term it has seen (from either kind of
-message); a coordinator message of an older term is *stale*: refused, counted, and answered with
+message) unless it is too far ahead to be believed (``plausible``: refused as a forgery); a
+coordinator message of an older term is *stale*: refused, counted, and answered with
 the node's term, so that an old coordinator still running (it was frozen, or partitioned) learns it
 was replaced and stops. A coordinator message of the current term from any other node than the
 term's coordinator is refused as forged.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ftd.cluster.plausible import implausible_term
 from ftd.errors import ProtocolError
 
 STALE, NEWER, CURRENT = "stale", "newer", "current"
@@ -40,6 +42,7 @@ class Terms:
         self.term = 0
         self.heard = clock()       # last message from the term's coordinator
         self.stale = 0             # coordinator (or coordination) messages of an older term, refused
+        self.implausible = 0       # ... of a term too far ahead to be believed (``plausible``), refused
         self.takeovers: list[dict] = []
 
     def leader_of(self, term: int) -> int:
@@ -50,6 +53,10 @@ class Terms:
         return self.leader_of(self.term)
 
     def _see(self, term: int) -> str:
+        why = implausible_term(term, self.term, self.nodes)
+        if why is not None:
+            self.implausible += 1
+            raise ProtocolError(why)
         if term < self.term:
             self.stale += 1
             return STALE

@@ -252,7 +252,7 @@ def run(config: Config, clear_on_stop: bool = False) -> int:
     if config.clustered:
         grouping = config.grouping()
         group = grouping.group_for(config.node_rank)
-        print(f"ftd daemon: peer link {config.peer_endpoint} ({'CURVE' if config.peer_key_file else 'unauthenticated'}); "
+        print(f"ftd daemon: peer link {config.peer_endpoint} ({f'CURVE, key {config.peer_key_file}' if config.peer_key_file else 'unauthenticated'}); "
               f"group {group.index} = nodes {list(group.nodes)}, k={grouping.k} data + m={grouping.m} parity "
               f"({config.parity_code})", flush=True)
         if config.insecure_peers and not config.peer_key_file:

@@ -18,8 +18,8 @@ After each batch a `state_query` on the same link works as a barrier (a link del
 the test checks that every query got the right answer, every malformed message was counted
 (``invalid_messages``), the daemons still serve, the recoverable step did not move, a new protection
 round still completes, memory stayed bounded, and at the end that every node restores its snapshot
-bit for bit, also after a node is lost and rebuilt from the others' parity. With ``--secure``
-(CURVE) a client without the cluster key gets nothing through at all.
+bit for bit, also after a node is lost and rebuilt from the others' parity. With a shared
+CURVE key a client without it gets nothing through at all (per-node keys: test_node_keys.py).
 """
 from __future__ import annotations
 
@@ -766,18 +766,21 @@ def test_a_peer_that_asks_and_never_reads_the_answers_costs_a_bounded_amount(clu
 
 
 def test_with_curve_a_client_without_the_key_gets_nothing_through(tmp_path):
-    """A --secure cluster: a plain client, one with its own key pair that knows the cluster's public
-    key, and one with another cluster's key send well-formed queries and garbage to a daemon's peer
-    socket: no answer, nothing counted, nothing logged; a client with the cluster key is answered.
-    (tests/test_peerauth.py covers the sockets alone; this is the daemon as launched.)"""
-    c = LocalCluster(2, 1, ("--secure",))
+    """A cluster with one shared key (`ftd keygen --out`, ``--key-file``): a plain client, one with its
+    own key pair that knows the cluster's public key, and one with another cluster's key send
+    well-formed queries and garbage to a daemon's peer socket: no answer, nothing counted, nothing
+    logged; a client with the cluster key is answered. (tests/unit/cluster/test_auth.py covers the
+    sockets alone; this is the daemon as launched. Per-node keys: tests/e2e/cluster/test_node_keys.py.)"""
+    from ftd.cluster.auth import generate_key_file
+    shared = tmp_path / "cluster.key"
+    generate_key_file(shared)
+    c = LocalCluster(2, 1, ("--key-file", str(shared)))
     ctx = zmq.Context()
     try:
         wait_for(lambda: all(c.ping(n) for n in range(2)), 30, "the daemons to be ready")
-        assert c.status(1)["cluster"]["secure"]
-        key = load_key_file(c.dir / "cluster.key")
+        assert c.status(1)["cluster"]["secure"] and c.status(1)["cluster"]["security"] == "shared key"
+        key = load_key_file(shared)
         other = tmp_path / "other.key"
-        from ftd.cluster.auth import generate_key_file
         generate_key_file(other)
         pub, sec = zmq.curve_keypair()
 
