@@ -33,6 +33,7 @@ class Config:
     memory_reserve: int = 1 << 30   # never allocate below this much memory available to the system
     chunk_size: int = 4 << 20       # checksum (and later transfer) unit
     request_timeout: float = 10.0   # seconds a client waits for a reply
+    replica_snapshots: bool = False  # DDP's replicated state: each rank snapshots 1/R (trainer/replicas.py)
     # ---- peers (erasure coding across nodes); no peers: a standalone node, as in issue 2 ----
     peers: tuple[str, ...] = ()     # peer endpoint ("tcp://host:port") of every node rank, index = node rank
     parity: int = 1                 # m: parity blocks per stripe; groups have g = k + m nodes
@@ -249,7 +250,7 @@ def _value(key: str, value, total: int, where: str):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: peers must be a list of tcp://host:port strings")
         return tuple(value)
-    if key in ("insecure_peers", "rebuild_decoders"):
+    if key in ("insecure_peers", "rebuild_decoders", "replica_snapshots"):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {key} must be true or false")
         return value

@@ -1,0 +1,149 @@
+"""Restoring a version that holds only this rank's slice of the replicated state: the full state put
+together from the R versions of the same step of its replica set, every byte checked.
+
+``full_manifest`` gives the layout of the whole state (from the version's ``replica`` entry) before
+any byte is read, so the usual checks (``restore.check_fits``, ``readback.plan``) run on it as on any
+version. ``assemble`` then asks the daemon for every other replica's version of the step
+(``replica_version``: on this node straight from shared memory; in a cluster, from another node,
+fetched and checked by the daemon while this waits), verifies each source's chunks against its own
+manifest, and copies the per-rank tensors from this rank's version and each replica's slice into one
+private buffer, whose chunks are then checksummed for the ordinary read path (``readback``).
+
+Nothing silent: a replica whose version of the step is missing, or whose slices do not fit this
+rank's (another replica set, another cut, other tensors), is an FtdError naming the rank and step.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from ftd.errors import FtdError
+from ftd.shm import slices
+from ftd.shm.checksum import bad_chunks, checksums
+from ftd.shm.layout import Manifest, plan_layout
+from ftd.trainer.arena import Arena
+from ftd.trainer.replicas import FORMAT, ReplicaMismatch
+
+log = logging.getLogger(__name__)
+
+WAIT_SECONDS = 600.0  # longest a restore waits for a replica's version to be fetched from another node
+REPORT_EVERY = 10.0
+
+
+def is_sliced(manifest: Manifest) -> bool:
+    return isinstance(manifest.tree, dict) and isinstance(manifest.tree.get("replica"), dict)
+
+
+def _info(manifest: Manifest, what: str) -> dict:
+    info = manifest.tree.get("replica")
+    ok = (isinstance(info, dict) and info.get("format") == FORMAT and isinstance(info.get("tensors"), list)
+          and isinstance(info.get("bounds"), list) and isinstance(info.get("ranks"), list)
+          and isinstance(info.get("pos"), int) and 0 <= info["pos"] < len(info["ranks"]) == len(info["bounds"]))
+    if not ok:
+        raise FtdError(f"{what} has a malformed replica entry (format {FORMAT} expected)")
+    return info
+
+
+def full_manifest(manifest: Manifest, what: str) -> Manifest:
+    """The manifest of the whole state (its layout and skeleton; checksums filled in by ``assemble``)."""
+    info = _info(manifest, what)
+    layout = plan_layout([(e[0], tuple(e[1])) for e in info["tensors"]])
+    tree = {k: v for k, v in manifest.tree.items() if k != "replica"}
+    return Manifest(layout, manifest.chunk_size, (), tree)
+
+
+def _check_same_cut(mine: dict, theirs: dict, j: int, who: str) -> None:
+    def replicated(info: dict) -> list:
+        return [e[:3] for e in info["tensors"] if e[2] >= 0]
+    differ = [name for name, a, b in (
+        ("replica set", mine["ranks"], theirs["ranks"]), ("position", j, theirs["pos"]),
+        ("cut of the replicated bytes", mine["bounds"], theirs["bounds"]),
+        ("replicated tensors (dtype, shape, offset)", replicated(mine), replicated(theirs))) if a != b]
+    if differ:
+        raise ReplicaMismatch(f"{who}'s slice does not fit this rank's: its {', '.join(differ)} differ(s) (this rank: "
+                              f"set {mine['ranks']}, position {mine['pos']}); the replicas' snapshots of this step are "
+                              f"not one replica set's. Start afresh (restore(state, resume='never')) or set "
+                              f"replica_snapshots = false")
+
+
+def _copy_pieces(dst: torch.Tensor, full: Manifest, src: Arena, manifest: Manifest, info: dict,
+                 per_rank: bool) -> None:
+    """Copy ``src``'s replicated pieces (and, with ``per_rank``, its per-rank tensors) into ``dst``."""
+    lo, hi = info["bounds"][info["pos"]]
+    for k, (dtype, shape, offset, slot) in enumerate(info["tensors"]):
+        if slot < 0 or slot >= len(manifest.layout.slots):
+            continue
+        s, f = manifest.layout.slots[slot], full.layout.slots[k]
+        if offset < 0:
+            if per_rank:
+                dst[f.offset:f.end].copy_(src.tensor[s.offset:s.end])
+            continue
+        cut = slices.piece(offset, f.nbytes, lo, hi)
+        if cut is None or cut[1] - cut[0] != s.nbytes:
+            raise FtdError(f"replica slot {slot} holds {s.nbytes} bytes, the cut says {cut}")
+        dst[f.offset + cut[0]:f.offset + cut[1]].copy_(src.tensor[s.offset:s.end])
+
+
+def _verified(arena: Arena, manifest: Manifest) -> bool:
+    n = manifest.layout.nbytes
+    return arena.mapping.size >= n and not bad_chunks(arena.view, n, manifest.chunk_size, manifest.checksums)
+
+
+def _replica_version(conn, rank: int, step: int, world: int, who: str) -> dict:
+    """The daemon's answer naming ``rank``'s version of ``step``; waits while it is fetched."""
+    started = reported = time.monotonic()
+    while True:
+        try:
+            reply = conn.call("replica_version", rank=rank, step=step, world=world)
+        except FtdError as e:
+            raise FtdError(f"{who} cannot restore step {step}: {e}") from None
+        if "wait" not in reply:
+            return reply
+        now = time.monotonic()
+        if now - started > WAIT_SECONDS:
+            raise FtdError(f"{who} gave up after {WAIT_SECONDS:.0f} s waiting for rank {rank}'s slice of step {step}: "
+                           f"{reply['wait']}")
+        if now - reported >= REPORT_EVERY:
+            log.info("ftd: %s waits for rank %d's slice of step %d: %s", who, rank, step, reply["wait"])
+            reported = now
+        time.sleep(0.2)
+
+
+def assemble(conn, own: Arena, manifest: Manifest, full: Manifest, step: int, rank: int, world: int):
+    """(full manifest with checksums, a buffer holding the whole state) of a sliced version; None if
+    this rank's own version fails its checksums (the caller reports it), "repairing" if a replica's does
+    (reported here: ask again)."""
+    who = f"rank {rank}"
+    info = _info(manifest, f"{who}'s version of step {step}")
+    if not _verified(own, manifest):
+        return None
+    buf = torch.empty(full.layout.nbytes, dtype=torch.uint8)
+    _copy_pieces(buf, full, own, manifest, info, per_rank=True)
+    for j, other in enumerate(info["ranks"]):
+        if j == info["pos"]:
+            continue
+        reply = _replica_version(conn, other, step, world, who)
+        theirs = Manifest.from_json(reply["manifest"])
+        _check_same_cut(info, _info(theirs, f"rank {other}'s version of step {step}"), j, f"rank {other}")
+        arena = Arena(Path(reply["shm_dir"]) / Path(reply["buffer"]).name)
+        try:
+            if not _verified(arena, theirs):
+                log.warning("ftd: rank %d's version of step %d (a replica's slice) fails its checksums", other, step)
+                if reply.get("origin", "memory") == "memory":
+                    answer = conn.call("corrupt", rank=other, buffer=reply["buffer"], step=step)
+                    return "repairing" if answer.get("repairing") else None
+                conn.call("replica_release", rank=other, step=step)
+                return "repairing"
+            _copy_pieces(buf, full, arena, theirs, _info(theirs, "?"), per_rank=False)
+        finally:
+            arena.close()
+        if reply.get("origin", "memory") != "memory":
+            conn.call("replica_release", rank=other, step=step)
+    view = memoryview(buf.numpy()).cast("B") if buf.numel() else memoryview(b"")
+    sums = tuple(checksums(view, full.layout.nbytes, full.chunk_size))
+    holder = SimpleNamespace(tensor=buf, view=view, mapping=SimpleNamespace(size=full.layout.nbytes))
+    return Manifest(full.layout, full.chunk_size, sums, full.tree), holder
