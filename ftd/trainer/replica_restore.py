@@ -38,6 +38,11 @@ def is_sliced(manifest: Manifest) -> bool:
     return isinstance(manifest.tree, dict) and isinstance(manifest.tree.get("replica"), dict)
 
 
+def replica_ranks(version: dict) -> list:
+    """The replica set of a sliced version as the daemon offered it (its manifest's JSON)."""
+    return version["manifest"]["tree"]["replica"]["ranks"]
+
+
 def _info(manifest: Manifest, what: str) -> dict:
     info = manifest.tree.get("replica")
     ok = (isinstance(info, dict) and info.get("format") == FORMAT and isinstance(info.get("tensors"), list)

@@ -174,7 +174,9 @@ def tensor_paths(skeleton: Any, count: int) -> list[str]:
                 for v in x.values():
                     walk(v, path)
 
-    walk(skeleton, "")
+    for key, sub in (skeleton.get("state") or {}).items():  # written as the user wrote them: state['model']...
+        walk(sub, f"state[{key!r}]")
+    walk(skeleton.get("rng"), "the RNG states")
     return out
 
 
