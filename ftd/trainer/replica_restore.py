@@ -7,7 +7,7 @@ version. ``assemble`` then asks the daemon for every other replica's version of 
 (``replica_version``: on this node straight from shared memory; in a cluster, from another node,
 fetched and checked by the daemon while this waits), verifies each source's chunks against its own
 manifest, and copies the per-rank tensors from this rank's version and each replica's slice into one
-private buffer, whose chunks are then checksummed for the ordinary read path (``readback``).
+private buffer, which the ordinary read path (``readback``) then loads without checking it again.
 
 Nothing silent: a replica whose version of the step is missing, or whose slices do not fit this
 rank's (another replica set, another cut, other tensors), is an FtdError naming the rank and step.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,8 +24,10 @@ import torch
 
 from ftd.errors import FtdError
 from ftd.shm import slices
-from ftd.shm.checksum import bad_chunks, checksums
-from ftd.shm.layout import Manifest, plan_layout
+from ftd.shm import segments
+from ftd.shm.checksum import chunk_checksum
+from ftd.shm.layout import Manifest, chunk_count, plan_layout
+from ftd.trainer import readback
 from ftd.trainer.arena import Arena
 from ftd.trainer.replicas import FORMAT, ReplicaMismatch
 
@@ -75,27 +78,60 @@ def _check_same_cut(mine: dict, theirs: dict, j: int, who: str) -> None:
                               f"replica_snapshots = false")
 
 
+COPY_SLICE = 16 << 20  # bytes per copy task: a large tensor's copy spread over the restore's threads
+
+
 def _copy_pieces(dst: torch.Tensor, full: Manifest, src: Arena, manifest: Manifest, info: dict,
                  per_rank: bool) -> None:
     """Copy ``src``'s replicated pieces (and, with ``per_rank``, its per-rank tensors) into ``dst``."""
     lo, hi = info["bounds"][info["pos"]]
+    tasks = []
     for k, (dtype, shape, offset, slot) in enumerate(info["tensors"]):
         if slot < 0 or slot >= len(manifest.layout.slots):
             continue
         s, f = manifest.layout.slots[slot], full.layout.slots[k]
         if offset < 0:
             if per_rank:
-                dst[f.offset:f.end].copy_(src.tensor[s.offset:s.end])
+                tasks.append((f.offset, s.offset, s.nbytes))
             continue
         cut = slices.piece(offset, f.nbytes, lo, hi)
         if cut is None or cut[1] - cut[0] != s.nbytes:
             raise FtdError(f"replica slot {slot} holds {s.nbytes} bytes, the cut says {cut}")
-        dst[f.offset + cut[0]:f.offset + cut[1]].copy_(src.tensor[s.offset:s.end])
+        tasks.append((f.offset + cut[0], s.offset, s.nbytes))
+    spans = [(d + a, o + a, min(COPY_SLICE, n - a)) for d, o, n in tasks for a in range(0, n, COPY_SLICE)]
+
+    def copy(span: tuple[int, int, int]) -> None:
+        d, o, n = span
+        dst[d:d + n].copy_(src.tensor[o:o + n])
+
+    threads = max(1, min(readback.restore_threads(), len(spans)))
+    if threads == 1:
+        list(map(copy, spans))
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="ftd-replica-copy") as pool:
+            list(pool.map(copy, spans))
 
 
 def _verified(arena: Arena, manifest: Manifest) -> bool:
+    """Every chunk of ``arena`` matches its checksum; on ``restore_threads()`` threads (xxh3 and the
+    page-table population release the GIL)."""
     n = manifest.layout.nbytes
-    return arena.mapping.size >= n and not bad_chunks(arena.view, n, manifest.chunk_size, manifest.checksums)
+    if arena.mapping.size < n or len(manifest.checksums) != chunk_count(n, manifest.chunk_size):
+        return False
+    base = arena.tensor.data_ptr() if n else 0
+
+    def good(c: int) -> bool:
+        lo, hi = c * manifest.chunk_size, min(n, (c + 1) * manifest.chunk_size)
+        if hi > lo:
+            segments.populate(base + lo, hi - lo, write=False)
+        return chunk_checksum(arena.view[lo:hi]) == manifest.checksums[c]
+
+    chunks = range(len(manifest.checksums))
+    threads = max(1, min(readback.restore_threads(), len(chunks)))
+    if threads == 1:
+        return all(map(good, chunks))
+    with ThreadPoolExecutor(threads, thread_name_prefix="ftd-replica-check") as pool:
+        return all(pool.map(good, chunks))
 
 
 def _replica_version(conn, rank: int, step: int, world: int, who: str) -> dict:
@@ -127,6 +163,8 @@ def assemble(conn, own: Arena, manifest: Manifest, full: Manifest, step: int, ra
     if not _verified(own, manifest):
         return None
     buf = torch.empty(full.layout.nbytes, dtype=torch.uint8)
+    if buf.numel():  # its pages in one call, not a fault per page inside the copies
+        segments.populate(buf.data_ptr(), buf.numel(), write=True)
     _copy_pieces(buf, full, own, manifest, info, per_rank=True)
     for j, other in enumerate(info["ranks"]):
         if j == info["pos"]:
@@ -149,6 +187,7 @@ def assemble(conn, own: Arena, manifest: Manifest, full: Manifest, step: int, ra
         if reply.get("origin", "memory") != "memory":
             conn.call("replica_release", rank=other, step=step)
     view = memoryview(buf.numpy()).cast("B") if buf.numel() else memoryview(b"")
-    sums = tuple(checksums(view, full.layout.nbytes, full.chunk_size))
     holder = SimpleNamespace(tensor=buf, view=view, mapping=SimpleNamespace(size=full.layout.nbytes))
+    # every byte of it came from a checked source: the caller reads it with checked=True (no checksums)
+    sums = (0,) * chunk_count(full.layout.nbytes, full.chunk_size)
     return Manifest(full.layout, full.chunk_size, sums, full.tree), holder

@@ -1,10 +1,12 @@
 """Replica-aware snapshots, the trainer's side: which tensors are replicated across which ranks, and
 the slice of them this rank copies.
 
-Replicated (the same bytes on every rank of a replica set): the parameters and buffers of a module
-wrapped in ``DistributedDataParallel`` and their optimizer state, across the DDP process group; or,
-with ``Client(replicas=group)``, every tensor of the modules and optimizers of the state, across
-``group``. Everything else (RNG states, plain data, a loose tensor) stays per rank. The decision is
+Replicated (the same bytes on every rank of a replica set): the parameters of a module wrapped in
+``DistributedDataParallel`` and their optimizer state, across the DDP process group; or, with
+``Client(replicas=group)``, the parameters of the state's modules and their optimizer state, across
+``group``. Everything else stays per rank: RNG states, plain data, a loose tensor, and module buffers
+(DDP broadcasts rank 0's buffers at each forward, but after it each rank's BatchNorm statistics are its
+own batch's: a restore that mixed the ranks' slices of them would not be the uninterrupted run's). The decision is
 made once per layout (``ReplicaDecision``) and shown in ``ftd status``.
 
 A sliced version carries ``tree["replica"]``: the replica set, this rank's position, the cut of the
@@ -86,8 +88,8 @@ def decide(state: dict, explicit: Any, detect: bool, rank: int, optimizers: list
     ``find_ddp``, or a cache of it."""
     modules = [v for v in state.values() if isinstance(v, torch.nn.Module)]
     if explicit is not None:
-        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
-        params = {id(p) for m in modules for p in m.parameters()}
+        tensors = [p for m in modules for p in m.parameters()]
+        params = {id(p) for p in tensors}
         rs = ReplicaSet(_group_ranks(explicit), -1, "replicas=", explicit)
     elif detect:
         wrappers = find(modules)
@@ -98,8 +100,9 @@ def decide(state: dict, explicit: Any, detect: bool, rank: int, optimizers: list
             raise FtdError("the state holds modules wrapped in DistributedDataParallel over different process "
                            "groups; ftd slices replicated state across one group: pass Client(replicas=group), "
                            "or set replica_snapshots = false")
-        tensors = [t for w in wrappers for t in (*w.module.parameters(), *w.module.buffers())]
-        params = {id(p) for w in wrappers for p in w.module.parameters()}
+        # (parameters DDP was told to ignore are not synchronised: they stay per rank)
+        tensors = [p for w in wrappers for p in w.module.parameters() if not getattr(p, "_ddp_ignored", False)]
+        params = {id(p) for p in tensors}
         rs = ReplicaSet(_group_ranks(wrappers[0].process_group), -1, "DistributedDataParallel",
                         wrappers[0].process_group)
     else:

@@ -71,7 +71,7 @@ def restore_versions(conn, reply: dict, state: dict, rank: int, capture_rng: boo
                 if got == "repairing":
                     return REPAIRING
                 manifest, source = got if got is not None else (manifest, None)
-            tensors = read_verified(source, manifest, where, step, rank) if source is not None else None
+            tensors = read_verified(source, manifest, where, step, rank, sliced) if source is not None else None
             if tensors is None:
                 answer = conn.call("corrupt", rank=rank, buffer=name, step=step)
                 if answer.get("repairing"):
@@ -211,7 +211,7 @@ def check_fits(manifest: Manifest, state: dict, *, job: str, step: int, strict: 
 
 
 def read_verified(arena: Arena, manifest: Manifest, where: readback.Plan, step: int,
-                  rank: int) -> dict[int, torch.Tensor] | None:
+                  rank: int, checked: bool = False) -> dict[int, torch.Tensor] | None:
     """Every tensor of a snapshot (``readback.read``: live, view or fresh, per ``where``), every chunk
     checked before any live tensor is written. None, after a warning and with the live state
     untouched, if a chunk fails its checksum."""
@@ -222,7 +222,7 @@ def read_verified(arena: Arena, manifest: Manifest, where: readback.Plan, step: 
         log.warning("ftd: snapshot buffer is smaller than its manifest says; discarding it")
         return None
     try:
-        return readback.read(arena, manifest, where)
+        return readback.read(arena, manifest, where, checked=checked)
     except readback.BadChunk as bad:
         more = f" (and {bad.count - 1} more)" if bad.count > 1 else ""
         log.warning("ftd: snapshot of step %d (rank %d) fails its checksum in chunk %d (bytes %d-%d)%s; "

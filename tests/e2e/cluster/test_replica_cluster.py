@@ -1,5 +1,6 @@
-"""Replica-aware snapshots across nodes: 2 nodes x 1 DDP rank (m = 1), each rank's version holding only
-its half of the replicated state, so every restore fetches the other half from the other node.
+"""Replica-aware snapshots across nodes: 2 nodes x 1 DDP rank and 2 nodes x 2 local ranks (m = 1), each
+rank's version holding only its 1/R of the replicated state, so every restore fetches the other node's
+slices (and, with 2 local ranks, reads the local replica's from shared memory).
 
 One run of the GPT example, interrupted twice: a worker SIGKILL (both ranks restart on their nodes),
 then the loss of node 1 (daemon, trainer and shared memory; its daemon restarts empty and rebuilds its
@@ -24,15 +25,18 @@ from support.losses import read_losses
 pytestmark = pytest.mark.timeout(600)
 
 STEPS = 14
-WORLD = 2
 MODEL = ["--layers", "1", "--dim", "64", "--heads", "2", "--context", "16", "--batch", "4", "--steps", str(STEPS),
          "--pg-timeout", "20"]
 RESUMED = re.compile(r"rank (\d+) pid \d+: resuming after step (\d+)")
 
 
+NODES = 2
+WORLD = 2  # set per test: NODES * local ranks
+
+
 @pytest.fixture
 def cluster():
-    c = LocalCluster(WORLD, 1, ("--replica-snapshots",))
+    c = LocalCluster(NODES, 1, ("--replica-snapshots",))
     yield c
     left = c.close()
     assert not left, f"shared memory left behind: {left}"
@@ -41,9 +45,11 @@ def cluster():
 def start(c: LocalCluster, out, phase: str, *extra: str, ftd: bool = True) -> list[subprocess.Popen]:
     port = str(free_ports(1)[0])
     procs = []
+    local = WORLD // NODES
     for rank in range(WORLD):
-        env = dict(ENV, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, FTD_ENDPOINT=c.endpoints[rank])
+        env = dict(ENV, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank % local),
+                   LOCAL_WORLD_SIZE=str(local), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   FTD_ENDPOINT=c.endpoints[rank // local])
         with open(out / f"{phase}-rank{rank}.log", "ab") as log:
             procs.append(c._popen([sys.executable, "-m", "ftd.examples.gpt_trainer", "--out", str(out), *MODEL,
                                    *extra, *([] if ftd else ["--no-ftd"])], env=env, stdout=log,
@@ -73,7 +79,10 @@ def resumed_steps(out, phase: str) -> dict[int, int]:
     return got
 
 
-def test_ddp_across_nodes_restores_bit_exact_from_slices_after_worker_crash_and_node_loss(cluster, tmp_path):
+@pytest.mark.parametrize("local", [1, 2], ids=["2x1", "2x2"])
+def test_ddp_across_nodes_restores_bit_exact_from_slices_after_worker_crash_and_node_loss(cluster, tmp_path, local,
+                                                                                          monkeypatch):
+    monkeypatch.setitem(globals(), "WORLD", NODES * local)
     c = cluster
     ref, run = tmp_path / "ref", tmp_path / "run"
     ref.mkdir()
@@ -85,8 +94,8 @@ def test_ddp_across_nodes_restores_bit_exact_from_slices_after_worker_crash_and_
     wait_for(lambda: reached(run, 4) and min(c.recoverable()) >= 2, 120, "a recoverable step >= 2")
     st = c.status(0)
     info = next(r for r in st["ranks"] if r["rank"] == 0)["replica"]
-    assert info["ranks"] == [0, 1] and info["pos"] == 0, info
-    first[1].send_signal(signal.SIGKILL)  # a worker crash: the other rank fails in gloo
+    assert info["ranks"] == list(range(WORLD)) and info["pos"] == 0, info
+    first[-1].send_signal(signal.SIGKILL)  # a worker crash: the other ranks fail in gloo
     stop_all(first)
 
     second = start(c, run, "second", "--step-sleep", "0.4")
@@ -94,11 +103,11 @@ def test_ddp_across_nodes_restores_bit_exact_from_slices_after_worker_crash_and_
     after_crash = resumed_steps(run, "second")
     assert len(set(after_crash.values())) == 1, after_crash
     fetched = c.status(0)["replica_versions"]["fetched_bytes"]
-    assert fetched > 0, "rank 0's restore did not fetch rank 1's slice from node 1"
+    assert fetched > 0, "rank 0's restore did not fetch node 1's slices"
     wait_for(lambda: min(c.recoverable()) > after_crash[0] + 1 or any(p.poll() is not None for p in second), 120,
              "a newer recoverable step")
     assert all(p.poll() is None for p in second), "a rank ended before the node loss"
-    c.kill_node(1)  # node 1's daemon, its trainer (rank 1) and its shared memory
+    c.kill_node(1)  # node 1's daemon, its trainers and its shared memory
     stop_all(second)
     c.restart_daemon(1)
     r = c.recover(1)

@@ -76,6 +76,10 @@ def test_ddp_ranks_restore_bit_exact_from_replica_slices_on_one_node(job, tmp_pa
              120, "rank 1 to report step 4")
     assert first[1].poll() is None, (run / "first-rank1.log").read_text()
     mid = status(sliced)
+    text = subprocess.run([sys.executable, "-m", "ftd.cli", "status", "--config", str(sliced.config_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=30).stdout
+    assert "replica 1 of ranks [0, 1] (DistributedDataParallel): holds" in text, text
+    (tmp_path / "status.txt").write_text(text)
     first[1].send_signal(signal.SIGKILL)
     first[1].wait()
     killed_after = max(s for s, _ in read_losses(run / "losses-rank1.txt"))
