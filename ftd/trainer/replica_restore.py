@@ -154,6 +154,20 @@ def _replica_version(conn, rank: int, step: int, world: int, who: str) -> dict:
         time.sleep(0.2)
 
 
+def _map_replica(conn, rank: int, step: int, world: int, who: str) -> tuple[dict, Arena]:
+    """The daemon's answer for ``rank``'s version of ``step``, and its buffer mapped. A fetched copy that
+    another local rank's restore released meanwhile is simply asked for again (fetched again)."""
+    for attempt in range(3):
+        reply = _replica_version(conn, rank, step, world, who)
+        try:
+            return reply, Arena(Path(reply["shm_dir"]) / Path(reply["buffer"]).name)
+        except FileNotFoundError:
+            if attempt == 2:
+                raise FtdError(f"{who} cannot restore step {step}: rank {rank}'s version vanished three times "
+                               f"while it was being read (is the cluster moving on?)") from None
+    raise AssertionError("unreachable")
+
+
 def assemble(conn, own: Arena, manifest: Manifest, full: Manifest, step: int, rank: int, world: int):
     """(full manifest with checksums, a buffer holding the whole state) of a sliced version; None if
     this rank's own version fails its checksums (the caller reports it), "repairing" if a replica's does
@@ -169,11 +183,10 @@ def assemble(conn, own: Arena, manifest: Manifest, full: Manifest, step: int, ra
     for j, other in enumerate(info["ranks"]):
         if j == info["pos"]:
             continue
-        reply = _replica_version(conn, other, step, world, who)
-        theirs = Manifest.from_json(reply["manifest"])
-        _check_same_cut(info, _info(theirs, f"rank {other}'s version of step {step}"), j, f"rank {other}")
-        arena = Arena(Path(reply["shm_dir"]) / Path(reply["buffer"]).name)
+        reply, arena = _map_replica(conn, other, step, world, who)
         try:
+            theirs = Manifest.from_json(reply["manifest"])
+            _check_same_cut(info, _info(theirs, f"rank {other}'s version of step {step}"), j, f"rank {other}")
             if not _verified(arena, theirs):
                 log.warning("ftd: rank %d's version of step %d (a replica's slice) fails its checksums", other, step)
                 if reply.get("origin", "memory") == "memory":
