@@ -1,4 +1,4 @@
-"""Replica-aware snapshots across nodes: 2 nodes x 1 DDP rank and 2 nodes x 2 local ranks (m = 1), each
+"""Replica-aware snapshots across nodes: 2 and 4 nodes x 1 DDP rank, 2 nodes x 2 local ranks (m = 1), each
 rank's version holding only its 1/R of the replicated state, so every restore fetches the other node's
 slices (and, with 2 local ranks, reads the local replica's from shared memory).
 
@@ -30,15 +30,20 @@ MODEL = ["--layers", "1", "--dim", "64", "--heads", "2", "--context", "16", "--b
 RESUMED = re.compile(r"rank (\d+) pid \d+: resuming after step (\d+)")
 
 
-NODES = 2
+NODES = 2  # set per test
 WORLD = 2  # set per test: NODES * local ranks
 
 
 @pytest.fixture
-def cluster():
-    c = LocalCluster(NODES, 1, ("--replica-snapshots",))
-    yield c
-    left = c.close()
+def make_cluster():
+    made: list[LocalCluster] = []
+
+    def make(nodes: int) -> LocalCluster:
+        made.append(LocalCluster(nodes, 1, ("--replica-snapshots",)))
+        return made[-1]
+
+    yield make
+    left = [name for c in made for name in c.close()]
     assert not left, f"shared memory left behind: {left}"
 
 
@@ -79,11 +84,12 @@ def resumed_steps(out, phase: str) -> dict[int, int]:
     return got
 
 
-@pytest.mark.parametrize("local", [1, 2], ids=["2x1", "2x2"])
-def test_ddp_across_nodes_restores_bit_exact_from_slices_after_worker_crash_and_node_loss(cluster, tmp_path, local,
-                                                                                          monkeypatch):
-    monkeypatch.setitem(globals(), "WORLD", NODES * local)
-    c = cluster
+@pytest.mark.parametrize("nodes,local", [(2, 1), (2, 2), (4, 1)], ids=["2x1", "2x2", "4x1"])
+def test_ddp_across_nodes_restores_bit_exact_from_slices_after_worker_crash_and_node_loss(make_cluster, tmp_path,
+                                                                                          nodes, local, monkeypatch):
+    monkeypatch.setitem(globals(), "NODES", nodes)
+    monkeypatch.setitem(globals(), "WORLD", nodes * local)
+    c = make_cluster(nodes)
     ref, run = tmp_path / "ref", tmp_path / "run"
     ref.mkdir()
     run.mkdir()
