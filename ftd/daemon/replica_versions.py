@@ -105,8 +105,9 @@ class ReplicaVersions:
         return {}
 
     def status(self) -> dict:
-        return {"held": [{"rank": r, "step": s, "from": f.source, "bytes": f.nbytes} for (r, s), f in self.fetched.items()],
-                "fetching": [f"rank {r}, step {s}" for r, s in sorted(self._running)], "fetched_bytes": self.fetched_bytes}
+        held = [{"rank": r, "step": s, "from": f.source, "bytes": f.nbytes} for (r, s), f in self.fetched.items()]
+        return {"held": held, "fetching": [f"rank {r}, step {s}" for r, s in sorted(self._running)],
+                "fetched_bytes": self.fetched_bytes}
 
     def close(self) -> None:
         self._stop.set()

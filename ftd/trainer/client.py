@@ -102,10 +102,10 @@ class Client:
         self._told_wait = False
         self._restored = False  # a restore got an answer from the daemon
         self._closed = False
-        self.stats = {"snapshots": 0, "committed": 0, "failed": 0, "skipped_busy": 0, "skipped_setup": 0, "last_step": None,
+        self.stats = {"snapshots": 0, "committed": 0, "failed": 0, "skipped_busy": 0, "skipped_setup": 0,
                       "skipped_protecting": 0, "snapshot_seconds": 0.0, "helped_chunks": 0, "help_cpu": 0.0,
-                      "hook_wait_seconds": 0.0, "last_copy_seconds": None, "replicas": None}
-        self._capture.replicas = ReplicaPolicy(replicas, self._conn, config.replica_snapshots, self.rank, self.stats)
+                      "hook_wait_seconds": 0.0, "last_copy_seconds": None, "last_step": None, "replicas": None}
+        self._capture.replicas = ReplicaPolicy(replicas, config.replica_snapshots, self.rank, self.stats)
         self._hasher = ChunkHasher()
         self._worker = Worker(self._process)
         _live_clients.add(self)
@@ -348,7 +348,7 @@ class Client:
         job.released.set()
         job.copy_seconds = time.perf_counter() - t0
         if torn:
-            self._capture.learned_clone.update(job.origins[i] if job.origins else identity(job.sources[i]) for i in torn)
+            self._capture.learned_clone.update((job.origins or list(map(identity, job.sources)))[i] for i in torn)
             return self._fail(job, f"snapshot of step {job.step} discarded: {len(torn)} tensor(s) changed in place "
                                    "while being copied (outside optimizer.step()); from now on they are cloned at "
                                    "snapshot() time instead", abort=name)

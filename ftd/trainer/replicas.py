@@ -238,10 +238,10 @@ class ReplicaPolicy:
     """The client's replica decision, made again whenever the state's tensors change (the optimizer's
     first step adds its moments): which tensors are replicated, checked across the set (``check_agreement``)
     before the first snapshot of each new layout. DDP detection is on where the daemon's config says
-    ``replica_snapshots = true`` (asked once; the client's own config until the daemon answers)."""
+    ``replica_snapshots = true`` (``detect``)."""
 
-    def __init__(self, explicit: Any, conn: Any, configured: bool, rank: int, stats: dict):
-        self.explicit, self.conn, self.configured, self.rank, self.stats = explicit, conn, configured, rank, stats
+    def __init__(self, explicit: Any, configured: bool, rank: int, stats: dict):
+        self.explicit, self.configured, self.rank, self.stats = explicit, configured, rank, stats
         self.daemon_setting: bool | None = None
         self._checked: tuple | None = None  # the (signature, mask) last agreed on
         self._found: tuple[tuple, list] = ((), [])  # (module ids, their DDP wrappers): one scan per state
@@ -253,17 +253,17 @@ class ReplicaPolicy:
         return self._found[1]
 
     def detect(self) -> bool:
+        """Decided once and kept (the ranks must not switch at different snapshots: the agreement check
+        is a collective): the daemon's config as the restore's reply gave it, else (no restore before
+        the first snapshot) this process's config. Never asks the daemon from the trainer thread."""
         if self.daemon_setting is None:
-            try:
-                self.daemon_setting = bool(self.conn.call("ping").get("replica_snapshots", self.configured))
-            except FtdError:
-                return self.configured
+            self.daemon_setting = self.configured
         return self.daemon_setting
 
     def may_slice(self, reply: dict) -> bool:
         """At restore (``reply``: the daemon's answer): whether the next snapshots may be sliced (then the
         full-size buffers are not prepared ahead: the first sliced snapshot sets up its smaller ones)."""
-        if "replica_snapshots" in reply:
+        if "replica_snapshots" in reply and self.daemon_setting is None:
             self.daemon_setting = bool(reply["replica_snapshots"])
         import torch.distributed as dist
         return self.explicit is not None or (self.detect() and dist.is_available() and dist.is_initialized()

@@ -87,7 +87,7 @@ def restore_versions(conn, reply: dict, state: dict, rank: int, capture_rng: boo
         where = (f"the version flushed to disk ({origin.partition(':')[2] or 'flush_dir'})" if from_disk
                  else "memory" if origin == "memory" else f"memory, {origin}")  # "fetched from node N": it moved
         if sliced:
-            where += f", replicated state put together from {len(replica_restore.replica_ranks(version))} replicas' slices"
+            where += f", replicated state put together from {len(replica_restore.replica_ranks(version))} slices"
         line = (f"ftd: rank {rank} restored step {step} from {where} (job {job!r}, node {reply.get('node_rank', 0)}): "
                 f"{format_size(manifest.layout.nbytes)} in {time.perf_counter() - t0:.2f} s")
         if verbose:

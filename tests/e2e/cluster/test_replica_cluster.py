@@ -19,7 +19,6 @@ import pytest
 from ftd.util.procs import free_ports, wait_for
 
 from support.clusters import ENV, LocalCluster
-from support.jobs import ROOT
 from support.losses import read_losses
 
 pytestmark = pytest.mark.timeout(600)
