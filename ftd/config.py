@@ -33,6 +33,7 @@ class Config:
     memory_reserve: int = 1 << 30   # never allocate below this much memory available to the system
     chunk_size: int = 4 << 20       # checksum (and later transfer) unit
     request_timeout: float = 10.0   # seconds a client waits for a reply
+    replica_snapshots: bool = False  # DDP's replicated state: each rank snapshots 1/R (trainer/replicas.py)
     # ---- peers (erasure coding across nodes); no peers: a standalone node, as in issue 2 ----
     peers: tuple[str, ...] = ()     # peer endpoint ("tcp://host:port") of every node rank, index = node rank
     parity: int = 1                 # m: parity blocks per stripe; groups have g = k + m nodes
@@ -81,6 +82,9 @@ class Config:
             raise ConfigError(f"flush_keep must keep at least 1 flushed version, got {self.flush_keep}")
         if not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be a TCP port (1-65535), or 0 for no metrics; got {self.metrics_port!r}")
+        if self.replica_snapshots and self.flush_dir is not None:
+            raise ConfigError("replica_snapshots = true cannot go with flush_dir yet: the flush does not write versions "
+                              "that hold one replica's slice of the replicated state; drop one of the two")
         if self.memory_budget == 0:
             object.__setattr__(self, "memory_budget", psutil.virtual_memory().total // 2)
         if self.peer_key_file is not None and "{node_rank}" in str(self.peer_key_file):
@@ -257,7 +261,7 @@ def _value(key: str, value, total: int, where: str):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: peers must be a list of tcp://host:port strings")
         return tuple(value)
-    if key in ("insecure_peers", "rebuild_decoders"):
+    if key in ("insecure_peers", "rebuild_decoders", "replica_snapshots"):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {key} must be true or false")
         return value

@@ -123,6 +123,8 @@ def run_trial(mode: str, args: argparse.Namespace, endpoint: str, work: Path, i:
         env["FTD_COPY"] = "foreground"
     if args.malloc == "keep":  # see --malloc: the same allocator behaviour in every mode
         env.update(MALLOC_KEEP)
+    if args.omp_wait == "passive":  # see --omp-wait
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "FTD_JOB", "FTD_NODE_RANK"):
         env.pop(key, None)
     subprocess.run([sys.executable, __file__, "--trial", mode, "--width", str(args.width), "--batch", str(args.batch),
@@ -163,7 +165,7 @@ def summarize(trials: dict[str, list[dict]]) -> dict:
 def report(s: dict, args: argparse.Namespace, state_bytes: int, torch_threads: int) -> list[str]:
     lines = [f"{state_bytes / 2**20:.0f} MiB of model + AdamW state, {args.trials} trials x {args.steps} steps "
              f"per mode, interleaved; {s['cores']} cores, {torch_threads} torch threads, malloc {args.malloc}, "
-             f"{args.hogs} busy-loop processes beside"]
+             f"{args.hogs} busy-loop processes beside, OpenMP wait {args.omp_wait}"]
     rows = [[f"step time, {m}"] + [ms(s["step"][m][k]) for k in ("p50", "p90", "max")] for m in MODES]
     rows += [[f"blocked per snapshot, {m}"] + [ms(s["blocked"][m][k]) for k in ("p50", "p90", "max")]
              for m in MODES if m != "none"]
@@ -207,6 +209,11 @@ def main() -> int:
                         "returned to the OS and faulted in again each step; default: glibc as it comes, where "
                         "on this VM a step of the trainer re-faults about 40,000 pages and a process with "
                         "ftd's threads far fewer, which makes the no-checkpoint baseline the slow one")
+    p.add_argument("--omp-wait", choices=("default", "passive"), default="default",
+                   help="passive: every trial runs with OMP_WAIT_POLICY=PASSIVE, so torch's OpenMP threads sleep "
+                        "at a barrier instead of spinning; on a host shared with other work (--hogs) a thread "
+                        "spinning for a descheduled sibling burns the core the sibling needs, which made the "
+                        "no-checkpoint baseline 2-5x slower here")
     p.add_argument("--hogs", type=int, default=0,
                    help="busy-loop processes kept running beside the trials: a host shared with other work")
     p.add_argument("--out", default=str(REPO / "bench-results"))

@@ -59,6 +59,10 @@ def _status(args: argparse.Namespace) -> int:
         print(f"   versions: {versions}{writing}")
         print(f"   last snapshot: copy {_ms(r['last_copy_seconds'])}, trainer blocked {_ms(r['last_blocked_seconds'])}, "
               f"committed {_age(r['last_commit_at'])}")
+        if "replica" in r:  # replica-aware snapshots: what ftd decided (README "Replica-aware snapshots")
+            rep = r["replica"]
+            print(f"   replica {rep['pos']} of ranks {rep['ranks']} ({rep['source']}): holds "
+                  f"{format_size(rep['slice_bytes'])} of {format_size(rep['replicated_bytes'])} replicated")
     if st.get("cluster"):
         print("\n".join(_cluster_lines(st["cluster"])))
     if st.get("flush"):

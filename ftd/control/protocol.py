@@ -44,6 +44,9 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "corrupt": {"rank": (_RANK, True), "buffer": (_STR, True), "step": (_INT, True)},
     "recover": {},
     "versions": {},   # read-only: every rank's complete versions (for `ftd export`)
+    # another rank's version of a step, for a restore that puts replicated state together from its slices
+    "replica_version": {"rank": (_RANK, True), "step": (_INT, True), "world": (_POS, False)},
+    "replica_release": {"rank": (_RANK, True), "step": (_INT, True)},
 }
 
 

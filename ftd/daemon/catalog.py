@@ -349,6 +349,7 @@ class Catalog(ClusterCatalog):
                 **({"departed_after": r.until} if r.until is not None else {}),
                 **({"arrived_at": r.since} if r.since >= 0 else {}),
                 **({"fetched": [b.step for b in r.complete() if b.foreign]} if any(b.foreign for b in r.buffers) else {}),
+                **replica_slice(r.complete()),
             })
         return {"budget": self.budget, "used": self.used, "ranks": ranks}
 
@@ -361,3 +362,14 @@ class Catalog(ClusterCatalog):
         if forget:
             self.ranks.clear()
             self.local_world = 0
+
+
+def replica_slice(complete: list[Buffer]) -> dict:
+    """What ``ftd status`` shows of a rank's newest version that holds only its slice of replicated state
+    (``ftd.trainer.replicas``): its replica set, its position, and its slice of the replicated bytes."""
+    info = complete[0].manifest.get("tree", {}).get("replica") if complete and complete[0].manifest else None
+    if not isinstance(info, dict):
+        return {}
+    lo, hi = info["bounds"][info["pos"]]
+    return {"replica": {"ranks": info["ranks"], "pos": info["pos"], "source": info["source"],
+                        "slice_bytes": hi - lo, "replicated_bytes": info["stream"]}}

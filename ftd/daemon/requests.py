@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from ftd.control import protocol
+from ftd.daemon.replica_versions import ReplicaVersions
 from ftd.daemon.world_change import WorldChange
 from ftd.errors import ProtocolError, Refused
 
@@ -37,7 +38,10 @@ class RequestHandler:
             "commit": self.commit, "abort": self.abort, "restore": self.restore, "corrupt": self.corrupt,
             "recover": self.recover, "versions": self.versions, "finish": self.finish, "clear": self.clear,
             "detach": self.detach,
+            "replica_version": lambda **f: {**self.replicas.answer(**f), **self._where()},
+            "replica_release": lambda **f: self.replicas.release(**f),
         }
+        self.replicas = ReplicaVersions(daemon)  # other ranks' versions, for a restore from replica slices
 
     @functools.cached_property
     def world_change(self) -> WorldChange:
@@ -93,10 +97,11 @@ class RequestHandler:
         """What a client needs to map buffers: sent with register, restore and versions."""
         c = self.daemon.config
         return dict(shm_dir=str(c.shm_dir), chunk_size=c.chunk_size, node_rank=c.node_rank, job=c.job,
-                    nodes=max(1, c.nodes))
+                    nodes=max(1, c.nodes), replica_snapshots=c.replica_snapshots)
 
     def ping(self) -> dict:
-        return dict(node_rank=self.daemon.config.node_rank, job=self.daemon.config.job, pid=os.getpid())
+        c = self.daemon.config
+        return dict(node_rank=c.node_rank, job=c.job, pid=os.getpid(), replica_snapshots=c.replica_snapshots)
 
     def status(self) -> dict:
         return self.daemon.status()

@@ -126,7 +126,7 @@ class Daemon:
             r["alive"] = bool(r["pid"]) and process_alive(r["pid"])
         st.update(job=self.config.job, node_rank=self.config.node_rank, endpoint=self.config.endpoint,
                   pid=os.getpid(), uptime=time.time() - self.started_at, shm_dir=str(self.config.shm_dir),
-                  invalid_requests=self.invalid_requests)
+                  invalid_requests=self.invalid_requests, replica_versions=self.requests.replicas.status())
         if self.node is not None:
             st["cluster"] = self.node.status()
             st["used"] += st["cluster"]["parity_bytes"]
@@ -203,6 +203,7 @@ class Daemon:
         keep = bool(self.kept_at_stop)
         if self.node is not None:
             self.node.close(keep=keep)
+        self.requests.replicas.close()  # versions fetched for a replica's restore: never adopted, always dropped
         if keep:
             held = sum(len(r.complete()) for r in self.catalog.ranks.values())
             log.warning("stopping while trainers run (%s): kept %d version(s) in shared memory, which the next "

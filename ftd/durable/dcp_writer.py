@@ -108,6 +108,11 @@ def split_state(tensors: list[torch.Tensor], manifest: Manifest) -> tuple[dict, 
     tensor, dataclasses dicts of their fields (DCP would pickle an array, a tuple, a Generator or a
     dataclass whole)."""
     tree = manifest.tree
+    if isinstance(tree, dict) and "replica" in tree:
+        raise FtdError("this version holds only its rank's slice of the replicated state (replica_snapshots, or "
+                       "Client(replicas=)); writing sliced versions to disk (flush, `ftd export`) is not supported "
+                       "yet: set replica_snapshots = false (and drop Client(replicas=)) in a job that flushes or "
+                       "exports")
 
     def on_dtensor(node: dict, shard: torch.Tensor, live, where: str):
         partial = [p for p in node.get("placements", []) if p.startswith("Partial")]

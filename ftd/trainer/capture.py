@@ -101,6 +101,7 @@ class StateCapture:
         self.on_optimizer = on_optimizer
         self.layout: Layout | None = None  # the last snapshot's arena layout, reused while shapes stay
         self.learned_clone: set[tuple] = set()   # live tensors caught being mutated outside optimizer.step()
+        self.replicas = None  # a ``replicas.ReplicaPolicy``: snapshot only this rank's slice of replicated state
 
     def capture(self, step: int, state: dict) -> SnapshotJob:
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
@@ -128,10 +129,18 @@ class StateCapture:
             else:
                 sources.append(t.clone())  # may change before the next optimizer step: capture it now
                 versions.append(None)
-        signature = tuple((statecodec.dtype_name(t.dtype), tuple(t.shape)) for t in tensors)
+        sliced = self.replicas.apply(state, optimizers, skeleton, tensors, sources, versions) if self.replicas else None
+        origins = None
+        if sliced is not None:  # replicated tensors: only this rank's slice of their bytes (``replicas``)
+            sources, versions, origins = sliced.sources, sliced.versions, sliced.origins
+            skeleton["replica"] = sliced.info
+            signature = tuple(sliced.specs)
+        else:
+            signature = tuple((statecodec.dtype_name(t.dtype), tuple(t.shape)) for t in tensors)
         if self.layout is None or self.layout.signature != signature:
             self.layout = plan_layout(signature)
         job = SnapshotJob(step, skeleton, self.layout, sources, versions)
+        job.origins = origins
         if any(t.is_cuda for t in sources):
             job.ready_event = torch.cuda.Event()
             job.ready_event.record()

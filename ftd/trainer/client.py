@@ -1,14 +1,12 @@
 """The trainer hook: ``ftd.Client``. See README for the five lines a trainer needs.
 
-``snapshot()`` captures the state (``capture``: state_dict()s, RNG states; clones of what may change
-before the next optimizer step) and hands the rest to a background copy job (``copier``), which asks
-the daemon for a buffer (``session``), copies and checksums into it, and commits. Tensors owned by an
-optimizer only change inside ``optimizer.step()``, so a step pre-hook waits there, and only if their
-copy is still running. ``restore()`` loads the newest version every rank of the node holds (the
-cluster's recoverable step in a cluster), verifying every chunk's checksum (``restore``).
-
-Threads: the trainer thread calls ``snapshot``/``restore``/``wait``/``close`` and runs the pre-step
-hook; one copier thread runs ``_process`` for one job at a time (``copier.Worker``).
+``snapshot()`` captures the state (``capture``: state_dict()s, RNG states; clones of what may change before the
+next optimizer step) and hands the rest to a background copy job (``copier``), which asks the daemon for a buffer
+(``session``), copies and checksums into it, and commits. Tensors owned by an optimizer only change inside
+``optimizer.step()``, so a step pre-hook waits there, and only if their copy is still running. ``restore()`` loads
+the newest version every rank of the node holds (the cluster's recoverable step in a cluster), verifying every
+chunk's checksum (``restore``). Threads: the trainer thread calls ``snapshot``/``restore``/``wait``/``close`` and
+runs the pre-step hook; one copier thread runs ``_process`` for one job at a time (``copier.Worker``).
 """
 from __future__ import annotations
 
@@ -29,6 +27,7 @@ from ftd.trainer import at_exit
 from ftd.trainer.capture import StateCapture, identity
 from ftd.trainer.copier import SnapshotJob, Worker, add_copier_totals, copy_and_hash
 from ftd.trainer.discovery import detect_rank_world, local_world, warn_about_launcher
+from ftd.trainer.replicas import ReplicaPolicy
 from ftd.trainer.reshard import restore_resharded
 from ftd.trainer.restore import REPAIRING, restore_versions
 from ftd.trainer.session import Busy, DaemonSession
@@ -61,11 +60,12 @@ class Client:
       compute leaves idle (a GPU host); "foreground" copies inside snapshot() with the trainer thread
       and the copier together, for a host whose cores all compute (CPU training), where a background
       copy slows every compute thread (README "On a busy host"). Commit stays asynchronous either way.
+    replicas: a process group replicating the state's modules and optimizers: each rank snapshots 1/R (replicas.py).
     """
 
     def __init__(self, endpoint: str | None = None, *, rank: int | None = None, world_size: int | None = None,
                  capture_rng: bool = True, timeout: float | None = None, strict: bool = True, verbose: bool = True,
-                 copy: str | None = None):
+                 copy: str | None = None, replicas: Any = None):
         self.copy = copy or os.environ.get("FTD_COPY") or "background"
         if self.copy not in COPY_MODES:
             raise ValueError(f"copy={self.copy!r} (from {'Client(copy=...)' if copy else '$FTD_COPY'}): use one of {COPY_MODES}")
@@ -96,7 +96,8 @@ class Client:
         self._closed = False
         self.stats = {"snapshots": 0, "committed": 0, "failed": 0, "skipped_busy": 0, "skipped_setup": 0,
                       "skipped_protecting": 0, "snapshot_seconds": 0.0, "helped_chunks": 0, "help_cpu": 0.0,
-                      "hook_wait_seconds": 0.0, "last_copy_seconds": None, "last_step": None}
+                      "hook_wait_seconds": 0.0, "last_copy_seconds": None, "last_step": None, "replicas": None}
+        self._capture.replicas = ReplicaPolicy(replicas, config.replica_snapshots, self.rank, self.stats)
         self._hasher = ChunkHasher()
         self._worker = Worker(self._process)
         at_exit.track(self)
@@ -175,14 +176,14 @@ class Client:
                     return restore_resharded(reply["reshard"], state, self.rank, self.world_size, self.capture_rng,
                                              strict=strict, verbose=self.verbose, job=reply.get("job", "?"))
                 step = restore_versions(self._conn, reply, state, self.rank, self.capture_rng, strict=strict,
-                                        verbose=self.verbose,
+                                        verbose=self.verbose, world=self.world_size,
                                         arena_for=lambda name, shm: self._session.arena(name, shm, reserve=False))
                 if step is not REPAIRING:
                     if step is None and resume == "must":
                         raise FtdError(f"resume='must', but job {reply.get('job')!r} holds no snapshot of rank "
                                        f"{self.rank} on node {reply.get('node_rank', 0)} ({self.endpoint}); was the "
                                        f"job name or the node the same as in the run to resume?")
-                    if not reply.get("held_by"):  # the rank is this process's: set up its first snapshot's buffers
+                    if not reply.get("held_by") and not self._capture.replicas.may_slice(reply):  # set up its buffers
                         self._session.prepare(state, self.capture_rng)
                     return step
                 reason = "the daemon repairs a corrupt chunk from its peers"
@@ -242,8 +243,7 @@ class Client:
             pass  # the daemon is gone: nothing holds the rank there anyway
 
     def _say(self, line: str) -> None:
-        if self.verbose:
-            print(line, file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True) if self.verbose else None
 
     def __enter__(self) -> "Client":
         return self
@@ -342,7 +342,7 @@ class Client:
         job.released.set()
         job.copy_seconds = time.perf_counter() - t0
         if torn:
-            self._capture.learned_clone.update(identity(job.sources[i]) for i in torn)
+            self._capture.learned_clone.update((job.origins or list(map(identity, job.sources)))[i] for i in torn)
             return self._fail(job, f"snapshot of step {job.step} discarded: {len(torn)} tensor(s) changed in place "
                                    "while being copied (outside optimizer.step()); from now on they are cloned at "
                                    "snapshot() time instead", abort=name)

@@ -50,6 +50,7 @@ class SnapshotJob:
     error: str | None = None
     copy_seconds: float | None = None
     phases: dict = dataclasses.field(default_factory=dict)  # seconds per phase of the copy, for diagnosis
+    origins: list[tuple] | None = None     # identity of each source's base tensor (replica slices are byte views)
 
     def finish(self, ok: bool, error: str | None = None) -> None:
         self.ok, self.error = ok, error

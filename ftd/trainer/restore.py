@@ -27,7 +27,7 @@ import torch
 
 from ftd.errors import FtdError, SerializationError
 from ftd.shm.layout import Manifest
-from ftd.trainer import dtensors, readback, rng, statecodec
+from ftd.trainer import dtensors, readback, replica_restore, rng, statecodec
 from ftd.trainer.arena import Arena, close_in_background
 from ftd.trainer.capture import inner_optimizers, is_stateful
 from ftd.units import format_size
@@ -39,7 +39,7 @@ MAX_LISTED = 8        # differences named in a "does not fit" error
 
 
 def restore_versions(conn, reply: dict, state: dict, rank: int, capture_rng: bool, *, strict: bool = True,
-                     verbose: bool = True, arena_for: Callable[[str, Path], Arena] | None = None):
+                     verbose: bool = True, arena_for: Callable[[str, Path], Arena] | None = None, world: int = 1):
     """The step restored into ``state`` from the versions in a restore ``reply``; None if none is
     usable; REPAIRING if the daemon repairs a corrupt one from its peers. FtdError if the snapshot
     does not fit the live state (other keys, other shapes): nothing is loaded then. ``arena_for(name,
@@ -52,9 +52,11 @@ def restore_versions(conn, reply: dict, state: dict, rank: int, capture_rng: boo
         t0 = time.perf_counter()
         step, name = version["step"], version["buffer"]
         manifest = Manifest.from_json(version["manifest"])
-        check_fits(manifest, state, job=job, step=step, strict=strict, live=live)
+        sliced = replica_restore.is_sliced(manifest)  # this rank's slice of replicated state: put the whole together
+        full = replica_restore.full_manifest(manifest, f"rank {rank}'s version of step {step}") if sliced else manifest
+        check_fits(full, state, job=job, step=step, strict=strict, live=live)
         try:
-            where = readback.plan(manifest, state, live)
+            where = readback.plan(full, state, live)
         except SerializationError as e:  # a DTensor on another mesh: refused before anything is written
             raise FtdError(f"job {job!r}, step {step}: {e}") from None
         try:
@@ -63,7 +65,13 @@ def restore_versions(conn, reply: dict, state: dict, rank: int, capture_rng: boo
             log.warning("ftd: snapshot of step %d vanished before it could be read; trying an older one", step)
             continue
         try:
-            tensors = read_verified(arena, manifest, where, step, rank)
+            source = arena
+            if sliced:
+                got = replica_restore.assemble(conn, arena, manifest, full, step, rank, world)
+                if got == "repairing":
+                    return REPAIRING
+                manifest, source = got if got is not None else (manifest, None)
+            tensors = read_verified(source, manifest, where, step, rank, sliced) if source is not None else None
             if tensors is None:
                 answer = conn.call("corrupt", rank=rank, buffer=name, step=step)
                 if answer.get("repairing"):
@@ -78,6 +86,8 @@ def restore_versions(conn, reply: dict, state: dict, rank: int, capture_rng: boo
         from_disk = origin.startswith("disk")
         where = (f"the version flushed to disk ({origin.partition(':')[2] or 'flush_dir'})" if from_disk
                  else "memory" if origin == "memory" else f"memory, {origin}")  # "fetched from node N": it moved
+        if sliced:
+            where += f", replicated state put together from {len(replica_restore.replica_ranks(version))} slices"
         line = (f"ftd: rank {rank} restored step {step} from {where} (job {job!r}, node {reply.get('node_rank', 0)}): "
                 f"{format_size(manifest.layout.nbytes)} in {time.perf_counter() - t0:.2f} s")
         if verbose:
@@ -201,7 +211,7 @@ def check_fits(manifest: Manifest, state: dict, *, job: str, step: int, strict: 
 
 
 def read_verified(arena: Arena, manifest: Manifest, where: readback.Plan, step: int,
-                  rank: int) -> dict[int, torch.Tensor] | None:
+                  rank: int, checked: bool = False) -> dict[int, torch.Tensor] | None:
     """Every tensor of a snapshot (``readback.read``: live, view or fresh, per ``where``), every chunk
     checked before any live tensor is written. None, after a warning and with the live state
     untouched, if a chunk fails its checksum."""
@@ -212,7 +222,7 @@ def read_verified(arena: Arena, manifest: Manifest, where: readback.Plan, step: 
         log.warning("ftd: snapshot buffer is smaller than its manifest says; discarding it")
         return None
     try:
-        return readback.read(arena, manifest, where)
+        return readback.read(arena, manifest, where, checked=checked)
     except readback.BadChunk as bad:
         more = f" (and {bad.count - 1} more)" if bad.count > 1 else ""
         log.warning("ftd: snapshot of step %d (rank %d) fails its checksum in chunk %d (bytes %d-%d)%s; "

@@ -1,0 +1,125 @@
+"""Replica-aware snapshots on one node: 2 DDP ranks of the GPT example, each snapshotting only its half
+of the replicated parameters and Adam moments (replica_snapshots = true).
+
+An uninterrupted run with whole-rank snapshots (replica_snapshots = false, another daemon) gives the
+reference losses and today's shared-memory bytes; the sliced run's rank 1 is SIGKILLed mid-run, both
+ranks restart, restore the same step (each putting its replicated state together from both ranks'
+slices) and every loss equals the reference's bit for bit. The sliced run's node holds about half of
+today's bytes.
+"""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support.jobs import ROOT
+from support.losses import read_losses
+
+from ftd.util.procs import free_ports, wait_for
+
+pytestmark = pytest.mark.timeout(420)
+
+STEPS = 10
+WORLD = 2
+# dim 384: ~44 MB of replicated state per rank, so the 1 MiB rounding of buffer sizes is small
+MODEL = ["--layers", "2", "--dim", "384", "--heads", "2", "--context", "16", "--batch", "2",
+         "--steps", str(STEPS), "--pg-timeout", "20", "--dropout", "0.1"]
+RESUMING = re.compile(r"rank (\d+) pid \d+: (?:resuming after step (\d+)|starting fresh)")
+ON, OFF = "replica_snapshots = true\n", "replica_snapshots = false\n"
+
+
+def start_ranks(job, daemon, out: Path, phase: str, *extra: str) -> list[subprocess.Popen]:
+    port = str(free_ports(1)[0])
+    procs = []
+    for rank in range(WORLD):
+        env = job.env(daemon, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        with open(out / f"{phase}-rank{rank}.log", "ab") as log:
+            p = subprocess.Popen([sys.executable, "-m", "ftd.examples.gpt_trainer", "--out", str(out), *MODEL, *extra],
+                                 env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        job.procs.append(p)
+        procs.append(p)
+    return procs
+
+
+def finish(procs, out: Path, phase: str, timeout: float = 180) -> None:
+    for rank, p in enumerate(procs):
+        rc = p.wait(timeout)
+        assert rc == 0, f"rank {rank} exited with {rc}:\n{(out / f'{phase}-rank{rank}.log').read_text()}"
+
+
+def status(daemon) -> dict:
+    out = subprocess.run([sys.executable, "-m", "ftd.cli", "status", "--json", "--config", str(daemon.config_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_ddp_ranks_restore_bit_exact_from_replica_slices_on_one_node(job, tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref.mkdir()
+    run.mkdir()
+    whole = job.daemon(0, OFF)
+    finish(start_ranks(job, whole, ref, "ref"), ref, "ref")
+    today = status(whole)
+    assert all("replica" not in r for r in today["ranks"]), "replica_snapshots = false still sliced"
+    whole.stop()
+
+    sliced = job.daemon(1, ON)
+    first = start_ranks(job, sliced, run, "first", "--step-sleep", "0.3")
+    wait_for(lambda: any(s >= 4 for s, _ in read_losses(run / "losses-rank1.txt")) or first[1].poll() is not None,
+             120, "rank 1 to report step 4")
+    assert first[1].poll() is None, (run / "first-rank1.log").read_text()
+    mid = status(sliced)
+    text = subprocess.run([sys.executable, "-m", "ftd.cli", "status", "--config", str(sliced.config_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=30).stdout
+    assert "replica 1 of ranks [0, 1] (DistributedDataParallel): holds" in text, text
+    (tmp_path / "status.txt").write_text(text)
+    first[1].send_signal(signal.SIGKILL)
+    first[1].wait()
+    killed_after = max(s for s, _ in read_losses(run / "losses-rank1.txt"))
+    try:
+        assert first[0].wait(40) != 0, "rank 0 finished although its peer was killed"
+    except subprocess.TimeoutExpired:
+        first[0].kill()
+        first[0].wait()
+    assert killed_after < STEPS - 1, "the run ended before the kill: nothing left to resume"
+
+    # what ftd decided, as `ftd status` shows it: each rank holds its half of the replicated bytes
+    replica = {r["rank"]: r["replica"] for r in mid["ranks"]}
+    assert sorted(replica) == [0, 1], mid
+    for rank, info in replica.items():
+        assert info["ranks"] == [0, 1] and info["pos"] == rank and info["source"] == "DistributedDataParallel"
+    stream = replica[0]["replicated_bytes"]
+    assert replica[0]["slice_bytes"] + replica[1]["slice_bytes"] == stream
+    assert abs(replica[0]["slice_bytes"] - stream / 2) <= 64
+    # per-node shared memory: today's / R, plus each rank's own state (RNG...) and the 1 MiB rounding of buffers
+    full = max(v["bytes"] for r in today["ranks"] for v in r["versions"])
+    per_rank = max(v["bytes"] for r in mid["ranks"] for v in r["versions"]) - stream / 2
+    bound = 1.05 * today["used"] / WORLD + 2 * WORLD * (per_rank + (1 << 20))
+    assert mid["used"] <= bound, f"sliced node holds {mid['used']} bytes, today's {today['used']} (bound {bound:.0f})"
+    assert mid["used"] < 0.6 * today["used"], (mid["used"], today["used"], full)
+
+    second = start_ranks(job, sliced, run, "second")
+    finish(second, run, "second")
+    resumed = {}
+    for rank in range(WORLD):
+        log = (run / f"second-rank{rank}.log").read_text()
+        m = RESUMING.search(log)
+        assert m and int(m.group(1)) == rank and m.group(2) is not None, f"rank {rank} did not resume:\n{log}"
+        resumed[rank] = int(m.group(2))
+    assert len(set(resumed.values())) == 1, f"the ranks resumed after different steps: {resumed}"
+    assert 0 <= resumed[0] <= killed_after
+    for rank in range(WORLD):
+        expected = dict(read_losses(ref / f"losses-rank{rank}.txt"))
+        assert sorted(expected) == list(range(STEPS)), "reference run incomplete"
+        got = read_losses(run / f"losses-rank{rank}.txt")
+        assert {s for s, _ in got} == set(range(STEPS)), f"rank {rank} did not reach every step"
+        for step, value in got:
+            assert value == expected[step], f"rank {rank} step {step}: loss {value} differs from the reference's"
+    assert "Traceback" not in sliced.log()

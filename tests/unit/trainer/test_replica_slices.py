@@ -1,0 +1,72 @@
+"""Replica slices on the trainer side, without processes: each position's sliced sources, put back
+together from the R slices, give every tensor's bytes; slices that do not fit are named."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ftd.errors import ConfigError
+from ftd.config import load_config
+from ftd.shm.layout import Manifest, plan_layout
+from ftd.trainer import replica_restore
+from ftd.trainer.replicas import ReplicaMismatch, ReplicaSet, slice_sources
+
+pytestmark = pytest.mark.timeout(20)
+
+
+def arena_of(sliced) -> SimpleNamespace:
+    """What a committed version of these sources holds (its arena), and its manifest."""
+    layout = plan_layout(sliced.specs)
+    buf = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    for s, src in zip(layout.slots, sliced.sources):
+        buf[s.offset:s.end].copy_(src.reshape(-1).view(torch.uint8))
+    manifest = Manifest(layout, 4096, (), {"state": {}, "replica": sliced.info})
+    return SimpleNamespace(tensor=buf), manifest
+
+
+@pytest.mark.parametrize("replicas", [2, 3, 4])
+def test_the_slices_of_every_replica_put_the_whole_state_back(replicas):
+    torch.manual_seed(0)
+    tensors = [torch.randn(37, 5), torch.arange(3, dtype=torch.int64), torch.randn(()), torch.randn(200).t(),
+               torch.zeros(0), torch.randn(4, 6).t()]  # the last one is not contiguous
+    replicated = [True, False, True, True, True, True]
+    versions = [None] * len(tensors)
+    parts = [slice_sources(ReplicaSet(tuple(range(replicas)), pos, "replicas="), tensors, tensors, versions,
+                           replicated, 64) for pos in range(replicas)]
+    stream = sum(t.numel() * t.element_size() for t, r in zip(tensors, replicated) if r)
+    assert sum(p.info["bounds"][i][1] - p.info["bounds"][i][0] for i, p in enumerate(parts)) == stream
+    full = replica_restore.full_manifest(arena_of(parts[0])[1], "test")
+    out = torch.zeros(full.layout.nbytes, dtype=torch.uint8)
+    for pos, part in enumerate(parts):
+        arena, manifest = arena_of(part)
+        replica_restore._copy_pieces(out, full, arena, manifest, part.info, per_rank=pos == 0)
+    for k, (t, s) in enumerate(zip(tensors, full.layout.slots)):
+        got = out[s.offset:s.end].view(t.dtype).view(t.shape)
+        assert torch.equal(got, t), f"tensor {k}"
+    # a per-rank tensor is whole in its rank's version, a replicated one only in slices
+    assert parts[1].info["tensors"][1][2] == -1 and parts[1].info["tensors"][1][3] >= 0
+
+
+def test_a_slice_of_another_cut_or_set_is_named():
+    tensors = [torch.randn(64)]
+    mine = slice_sources(ReplicaSet((0, 1), 0, "replicas="), tensors, tensors, [None], [True], 64).info
+    theirs = slice_sources(ReplicaSet((0, 1, 2), 1, "replicas="), tensors, tensors, [None], [True], 64).info
+    with pytest.raises(ReplicaMismatch, match="replica set.*cut of the replicated bytes"):
+        replica_restore._check_same_cut(mine, theirs, 1, "rank 1")
+    other = [torch.randn(65)]
+    theirs = slice_sources(ReplicaSet((0, 1), 1, "replicas="), other, other, [None], [True], 64).info
+    with pytest.raises(ReplicaMismatch, match="replicated tensors"):
+        replica_restore._check_same_cut(mine, theirs, 1, "rank 1")
+
+
+def test_the_config_key_and_what_it_cannot_go_with(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('job = "j"\nreplica_snapshots = true\n')
+    assert load_config(cfg).replica_snapshots is True
+    cfg.write_text('job = "j"\nreplica_snapshots = "yes"\n')
+    with pytest.raises(ConfigError, match="replica_snapshots must be true or false"):
+        load_config(cfg)
+    cfg.write_text(f'job = "j"\nreplica_snapshots = true\nflush_dir = "{tmp_path}"\n')
+    with pytest.raises(ConfigError, match="cannot go with flush_dir"):
+        load_config(cfg)
+    assert load_config(None).replica_snapshots is False
