@@ -296,6 +296,8 @@ class Client:
                                        "buffer before the next optimizer step", job.step)
                 return
         if not job.released.is_set():
+            if self._help:
+                job.claimable.wait()  # the copier hands out its chunks a moment after the copy starts
             claims = job.claims
             if claims is not None and self._help:  # help: copy and hash what is left beside the copier, not idle
                 before = ThreadUsage.now()
@@ -369,6 +371,7 @@ class Client:
 
     def _fail(self, job: SnapshotJob, message: str, abort: str | None = None) -> None:
         """End a job that produced no version: free its buffer, warn, then wake whoever waits on it."""
+        job.claimable.set()
         job.released.set()
         if abort is not None:
             self._session.abort(abort, message or "cancelled")

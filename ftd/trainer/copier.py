@@ -45,6 +45,7 @@ class SnapshotJob:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     versions_at_step: list[int] | None = None  # captured by the optimizer pre-step hook
     claims: "ChunkClaims | None" = None        # the chunks of the copy under way, for a helping thread
+    claimable: threading.Event = dataclasses.field(default_factory=threading.Event)  # claims set, or no copy
     cancelled: bool = False
     ok: bool = False
     error: str | None = None
@@ -55,6 +56,7 @@ class SnapshotJob:
     def finish(self, ok: bool, error: str | None = None) -> None:
         self.ok, self.error = ok, error
         self.started.set()
+        self.claimable.set()
         self.released.set()
         self.done.set()
 
@@ -181,6 +183,7 @@ def copy_and_hash(job: SnapshotJob, arena: torch.Tensor, mv: memoryview, chunk_s
 
     claims = ChunkClaims(len(plan), copy_chunk)
     job.claims = claims
+    job.claimable.set()
     before = ThreadUsage.now()
     claims.run()
     copier = ThreadUsage.now().since(before)  # this thread's part: on a core, waiting for one, faults
