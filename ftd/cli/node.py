@@ -21,6 +21,8 @@ def _daemon(args: argparse.Namespace) -> int:
         config = load_config(args.config, node_rank=args.node_rank)
         if args.metrics_port is not None:
             config = dataclasses.replace(config, metrics_port=args.metrics_port)
+        if args.peer_endpoint:
+            config = dataclasses.replace(config, advertise=args.peer_endpoint)
     except ValueError as e:
         print(f"ftd daemon: {e}", file=sys.stderr)
         return 2
@@ -105,6 +107,9 @@ def _daemon_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-rank", type=int, help="this node's rank (overrides the config)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (overrides the config's "
                    "metrics_port; needs ftd[metrics])")
+    p.add_argument("--peer-endpoint", metavar="tcp://HOST:PORT",
+                   help="this node's peer endpoint, when it is not the config's peers[node_rank]: a replacement "
+                        "host under its own address claims the node rank from its peers (also $FTD_PEER_ENDPOINT)")
     p.add_argument("--clear", action="store_true",
                    help="at stop, drop every snapshot, even those of trainers that still run (by default a stop "
                         "keeps them for the next daemon, as after a crash)")

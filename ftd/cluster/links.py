@@ -64,13 +64,28 @@ class PeerLinks:
         self.router.setsockopt(zmq.RCVHWM, ROUTER_QUEUE)
         security.server(self.router)
         self.router.bind(config.peer_bind)
-        self.dealers = {n: dealer(ctx, security, ep) for n, ep in enumerate(config.peers) if n != self.me}
+        self.endpoints = {n: ep for n, ep in enumerate(config.peers) if n != self.me}
+        self.dealers = {n: dealer(ctx, security, ep) for n, ep in self.endpoints.items()}
         self.dropped = 0
         self.budget = SendBudget(config.protect_bandwidth)
         self._deferred: collections.deque = collections.deque()  # answers with blocks waiting for the budget
 
     def sockets(self) -> list[zmq.Socket]:
         return [self.router, *self.dealers.values()]
+
+    def repoint(self, node: int, endpoint: str) -> None:
+        """Node ``node`` answers at ``endpoint`` now (``members``): its DEALER connects there instead
+        (the same socket, so the daemon's poller keeps it; what was queued for the old address is dropped)."""
+        old = self.endpoints.get(node)
+        if node not in self.dealers or old == endpoint:
+            return
+        s = self.dealers[node]
+        try:
+            s.disconnect(old)
+        except zmq.ZMQError:
+            pass  # never connected
+        s.connect(endpoint)
+        self.endpoints[node] = endpoint
 
     def send(self, dest: int, mtype: str, payload=None, **fields) -> bool:
         """Send to node ``dest``; False if it cannot be sent now (peer not connected, queue full, or a

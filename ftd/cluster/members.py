@@ -1,0 +1,269 @@
+"""A node's part in the membership record: learning it, claiming its own rank, admitting others.
+
+Composed into ``cluster.node.ClusterNode``; the rules (record, merge, plausibility, when a claim is
+admitted) are ``membership``'s, this module only sends and receives. A daemon starts from its
+config's ``peers`` (generation 0) and asks every peer for its record (``member_query``); its cluster
+side (the start-up rebuild, the coordinator) starts only once it is *settled*: a peer's record names
+this daemon's endpoint for its rank, or (a daemon at the address its config lists) no peer answered
+within ``ALONE_WAIT`` (the cluster starts). A daemon that is node r at another endpoint than the
+record's (``FTD_PEER_ENDPOINT`` / ``ftd daemon --peer-endpoint``, or a config that lists its new
+address) *claims* rank r from the coordinator of the term its peers follow, and sends nothing else
+until it is admitted; refused for good (the rank's member is alive), it stops (``fatal``).
+
+The coordinator (whoever it is) probes the claimed rank's member (``ping``; any word from it refuses
+the claim), admits the claim after ``peer_timeout`` of silence, answers the claimant and sends the
+new record to every node, which re-points its link to that rank (``PeerLinks.repoint``). Records
+also travel as gossip: every coordinator message carries the version of its record (``mv``), and a
+node whose version differs sends its own (``members`` with ``ask``) and is answered with the
+coordinator's; the higher generation wins per rank. A settled daemon whose own rank the record gives
+to another endpoint has been replaced (it was silent for ``peer_timeout``): it stops.
+
+Call order (the daemon's loop): ``start()`` once the links exist; ``on_message`` for each membership
+message (``messages.MEMBERSHIP``), ``heard(src)`` for every other one, ``on_version`` for a
+coordinator message's ``mv``; ``tick()`` every loop turn.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ftd.cluster.membership import Claims, Membership, MembershipRefused, default_identity
+from ftd.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from ftd.cluster.node import ClusterNode
+
+log = logging.getLogger(__name__)
+
+ASK_EVERY = 0.5     # seconds between a waiting daemon's questions to its peers
+CLAIM_EVERY = 2.0   # ... between its claims to the coordinator
+ALONE_WAIT = 2.0    # a daemon at its listed address that no peer answered for this long starts with its config
+PING_EVERY = 0.5    # the coordinator's probes of a claimed rank's member
+GOSSIP_EVERY = 1.0  # at most one record sent to the coordinator per this many seconds
+
+
+class Members:
+    def __init__(self, node: "ClusterNode"):
+        self.node = node
+        cfg = node.config
+        self.me = node.me
+        self.record = Membership.from_peers(cfg.peers)
+        self.endpoint = cfg.peer_endpoint       # where this daemon answers (its config's, or FTD_PEER_ENDPOINT)
+        self.identity = default_identity(self.me)
+        self.listed = self.record.endpoint_of(self.me) == self.endpoint  # at the address the config lists
+        self.claims = Claims(cfg.nodes, cfg.peer_timeout, time.monotonic)
+        self.settled = False
+        self.answered = False                   # a peer's record came
+        self.coord_term = 0                     # the highest term a peer said it follows
+        self.fatal: str | None = None           # why this daemon must stop
+        self.waiting = "asking the peers for the cluster's membership record"
+        self.changes: list[dict] = []           # the record's recent changes (status)
+        self._t0 = time.monotonic()
+        self._asked = self._claimed = self._pinged = self._gossiped = self._told_alone = -1e18
+        self._claimants: dict[int, list] = {}   # a pending claim's rank -> the claimant's envelope
+
+    # ---- the waiting daemon's side -------------------------------------------------------------
+    def start(self) -> None:
+        self.tick()
+
+    def _ask(self) -> None:
+        self._asked = time.monotonic()
+        for n in range(self.record.nodes):
+            if n != self.me:
+                self.node.links.send(n, "member_query")
+
+    def _settle(self, why: str) -> None:
+        self.settled, self.waiting = True, None
+        log.info("node %d at %s: %s", self.me, self.endpoint, why)
+
+    def _claim(self, now: float) -> None:
+        leader = self.coord_term % self.record.nodes
+        cur = self.record.members[self.me]
+        self.waiting = (f"claiming node {self.me} (listed at {cur.endpoint}, generation {cur.generation}) for "
+                        f"{self.endpoint}")
+        if leader == self.me:
+            self.waiting += (f": its coordinator of term {self.coord_term} is the node this daemon replaces; "
+                             f"waiting for another node to take over")
+            return
+        self._claimed = now
+        self.waiting += f" from the coordinator, node {leader} (term {self.coord_term})"
+        self.node.links.send(leader, "claim", endpoint=self.endpoint, identity=self.identity, known=cur.generation)
+
+    def _take_record(self, data, coord_term: int) -> Membership | None:
+        """A peer's record: merged into ours (a waiting daemon takes its own rank's entry from it)."""
+        try:
+            theirs = Membership.from_wire(data, self.record.nodes)
+        except ProtocolError as e:
+            log.warning("a membership record refused: %s", e)
+            return None
+        self.answered = True
+        self.coord_term = max(self.coord_term, coord_term)
+        if not self.settled and theirs.generation_of(self.me) >= self.record.generation_of(self.me):
+            mine = list(self.record.members)
+            mine[self.me] = theirs.members[self.me]
+            self.record = Membership(tuple(mine))
+        self._apply(theirs)
+        return theirs
+
+    def _apply(self, theirs: Membership) -> None:
+        try:
+            merged = self.record.merge(theirs)
+        except ProtocolError as e:
+            log.warning("a membership record refused: %s", e)
+            return
+        for c in merged.conflicts:
+            log.warning("membership: a record disagrees with this node's, kept this node's: %s", c)
+        self._set(merged.record, merged.changed, "learned from a peer")
+
+    def _set(self, record: Membership, changed, how: str) -> None:
+        old, self.record = self.record, record
+        for r in changed:
+            m = record.members[r]
+            self.changes = (self.changes + [{"node": r, "endpoint": m.endpoint, "generation": m.generation,
+                                             "was": old.endpoint_of(r), "how": how, "at": time.time()}])[-8:]
+            if r == self.me:
+                if self.settled and m.endpoint != self.endpoint:
+                    self.fatal = (f"node {r} was given to {m.endpoint} (generation {m.generation}) while this daemon, "
+                                  f"at {self.endpoint}, was silent for longer than peer_timeout: it is no longer node "
+                                  f"{r}, and stops (start it again to claim the rank back once that node is gone)")
+                continue
+            log.warning("membership: node %d is at %s now (generation %d, identity %s), was %s (%s)", r, m.endpoint,
+                        m.generation, m.identity, old.endpoint_of(r), how)
+            self.node.links.repoint(r, m.endpoint)
+
+    # ---- messages --------------------------------------------------------------------------------
+    def on_message(self, msg: dict, envelope) -> None:
+        mtype, src, links = msg["type"], msg["src"], self.node.links
+        term = self.node.leadership.terms.term
+        if mtype == "member_query" and envelope is not None:
+            links.reply(envelope, src, "members", members=self.record.to_wire(), coord_term=term)
+        elif mtype == "members":
+            if self._take_record(msg["members"], msg["coord_term"]) is not None and msg.get("ask") and envelope:
+                links.reply(envelope, src, "members", members=self.record.to_wire(), coord_term=term)
+        elif mtype == "ping" and envelope is not None:
+            links.reply(envelope, src, "pong", endpoint=self.endpoint)
+        elif mtype == "pong":
+            if msg["endpoint"] == self.record.endpoint_of(src):
+                self.heard(src)
+        elif mtype == "claim" and envelope is not None:
+            self._on_claim(src, msg, envelope)
+        elif mtype == "claim_answer":
+            self._on_answer(msg)
+
+    def heard(self, src: int) -> None:
+        """A message from node ``src``'s current member: it is alive, a claim of its rank is refused."""
+        claim = self.claims.heard_from(src)
+        if claim is not None:
+            self._refuse(src, claim.endpoint, f"node {src} answers at {self.record.endpoint_of(src)}: a live node is "
+                         f"not replaced (stop it first, or give this daemon another node rank)", retry=False)
+
+    def on_version(self, src: int, version: int) -> None:
+        """A coordinator message said its record's version: if ours differs, compare records."""
+        now = time.monotonic()
+        if version != self.record.version and now - self._gossiped >= GOSSIP_EVERY:
+            self._gossiped = now
+            self.node.links.send(src, "members", members=self.record.to_wire(),
+                                 coord_term=self.node.leadership.terms.term, ask=True)
+
+    def _on_answer(self, msg: dict) -> None:
+        if self.settled:
+            return
+        if msg["ok"]:
+            self._take_record(msg["members"], msg["coord_term"])
+            return
+        self.coord_term = max(self.coord_term, msg["coord_term"])
+        if msg["retry"]:
+            self.waiting = f"claiming node {self.me}: {msg['reason']}"
+            log.info("node %d's claim for %s not decided: %s", self.me, self.endpoint, msg["reason"])
+        else:
+            self.fatal = f"the claim of node {self.me} for {self.endpoint} was refused: {msg['reason']}"
+
+    # ---- the coordinator's side -----------------------------------------------------------------
+    def _coordinates(self) -> bool:
+        return self.settled and self.node.started and self.node.coordinator is not None
+
+    def _on_claim(self, src: int, msg: dict, envelope: list) -> None:
+        links, term = self.node.links, self.node.leadership.terms.term
+        if not self._coordinates():
+            links.reply(envelope, src, "claim_answer", ok=False, retry=True, members=self.record.to_wire(),
+                        coord_term=term, reason=f"node {self.me} does not coordinate (term {term}: node "
+                                                f"{self.node.leadership.leader})")
+            return
+        try:
+            known = self.claims.submit(self.record, src, msg["endpoint"], msg["identity"], msg["known"])
+        except MembershipRefused as e:
+            self._refuse(src, msg["endpoint"], str(e), e.retry, envelope)
+            return
+        if known:
+            links.reply(envelope, src, "claim_answer", ok=True, retry=False, reason="", coord_term=term,
+                        members=self.record.to_wire())
+            return
+        if src not in self._claimants:
+            log.warning("membership: %s claims node %d (now at %s); probing it for %.1f s of silence", msg["endpoint"],
+                        src, self.record.endpoint_of(src), self.claims.peer_timeout)
+        self._claimants[src] = envelope
+
+    def _refuse(self, rank: int, endpoint: str, reason: str, retry: bool, envelope=None) -> None:
+        envelope = envelope or self._claimants.pop(rank, None)
+        if not retry:
+            log.error("membership: the claim of node %d for %s refused: %s", rank, endpoint, reason)
+            self.claims.note_refusal(rank, endpoint, reason, time.time())
+        if envelope is not None:
+            self.node.links.reply(envelope, rank, "claim_answer", ok=False, retry=retry, reason=reason[:500],
+                                  members=self.record.to_wire(), coord_term=self.node.leadership.terms.term)
+
+    def _admit_due(self, now: float) -> None:
+        if self.claims.pending and now - self._pinged >= PING_EVERY:
+            self._pinged = now
+            for r in self.claims.pending:
+                self.node.links.send(r, "ping")
+        for c in self.claims.due():
+            old = self.record.members[c.rank]
+            self._set(self.record.admit(c.rank, c.endpoint, c.identity), [c.rank],
+                      f"admitted by node {self.me}, the coordinator: {old.endpoint} silent for "
+                      f"{self.claims.silence(c.rank):.1f} s")
+            envelope = self._claimants.pop(c.rank, None)
+            term = self.node.leadership.terms.term
+            if envelope is not None:
+                self.node.links.reply(envelope, c.rank, "claim_answer", ok=True, retry=False, reason="",
+                                      coord_term=term, members=self.record.to_wire())
+            for n in range(self.record.nodes):
+                if n not in (self.me, c.rank):
+                    self.node.links.send(n, "members", members=self.record.to_wire(), coord_term=term)
+
+    # ---- loop turn --------------------------------------------------------------------------------
+    def tick(self) -> None:
+        now = time.monotonic()
+        if not self.settled:
+            if self.answered and self.record.endpoint_of(self.me) == self.endpoint:
+                self._settle(f"the peers' record names this endpoint for node {self.me} "
+                             f"(generation {self.record.generation_of(self.me)})")
+            elif not self.answered and self.listed and now - self._t0 >= ALONE_WAIT:
+                self._settle(f"no peer answered within {ALONE_WAIT:g} s: the config's membership record")
+            else:
+                if now - self._asked >= ASK_EVERY:
+                    self._ask()
+                if self.answered and now - self._claimed >= CLAIM_EVERY:
+                    self._claim(now)
+                elif not self.answered and now - self._told_alone >= 10.0 and now - self._t0 >= ALONE_WAIT:
+                    self._told_alone = now
+                    log.warning("node %d at %s (not the %s its config lists): no peer answered yet; waiting for one "
+                                "to learn the record and claim the rank", self.me, self.endpoint,
+                                self.record.endpoint_of(self.me))
+            return
+        if self._coordinates():
+            self._admit_due(now)
+
+    def peer_config(self):
+        """The config with the record's endpoints (for the threads that open links of their own)."""
+        peers = list(self.record.endpoints)
+        peers[self.me] = self.node.config.peers[self.me]
+        return dataclasses.replace(self.node.config, peers=tuple(peers))
+
+    def status(self) -> dict:
+        return {"members": self.record.table(), "version": self.record.version, "settled": self.settled,
+                "waiting": self.waiting, "changes": self.changes[-5:],
+                "claims": {str(r): c.endpoint for r, c in self.claims.pending.items()},
+                "refused": self.claims.refused}

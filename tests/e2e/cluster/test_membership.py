@@ -1,0 +1,110 @@
+"""Membership that can change, with real daemons: a lost node's replacement under an address of its own.
+
+A local cluster (`ftd launch`, 3 nodes, m = 1, peer_timeout 3 s) and one tiny_trainer per node. Node 2
+is lost; its replacement daemon starts empty with the same config and ``FTD_PEER_ENDPOINT`` naming
+another host's address (127.0.0.2, another port): it claims node 2 from the coordinator, which admits
+it once node 2's old address has been silent for peer_timeout; every node re-points its link to node 2,
+the replacement rebuilds node 2's snapshots, every trainer resumes the same step bit for bit, and the
+next rounds protect through the new address. A daemon that claims a rank whose member answers is
+refused and stops: the old node's config coming back at the old address once the replacement runs (a
+stale announcement), and a second daemon for a live node under a new address.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftd.util.procs import free_ports, wait_for
+
+from support.clusters import ENV, LocalCluster, assert_matches_reference, reference_losses
+
+PEER_TIMEOUT = "3"
+STEPS = 100
+
+
+@pytest.fixture
+def cluster():
+    c = LocalCluster(3, 1, ("--peer-timeout", PEER_TIMEOUT))
+    yield c
+    left = c.close()
+    assert not left, f"shared memory left behind: {left}"
+
+
+def members(c: LocalCluster, node: int) -> list[dict]:
+    return c.status(node)["cluster"]["membership"]["members"]
+
+
+def config_apart(c: LocalCluster, node: int, name: str) -> str:
+    """Node ``node``'s config with a runtime and shared-memory directory of its own: a daemon on another host."""
+    home = c.dir / name
+    (home / "shm").mkdir(parents=True)
+    text = Path(c.config(node)).read_text()
+    text = re.sub(r'^runtime_dir = .*$', f'runtime_dir = "{home / "run"}"', text, flags=re.MULTILINE)
+    path = c.dir / f"{name}.toml"
+    path.write_text(text + f'shm_dir = "{home / "shm"}"\n')
+    return str(path)
+
+
+def start_daemon(c: LocalCluster, config: str, log: str, endpoint: str | None = None) -> subprocess.Popen:
+    env = dict(ENV, FTD_PEER_ENDPOINT=endpoint) if endpoint else ENV
+    return c._popen([sys.executable, "-m", "ftd.cli", "daemon", "--config", config], env=env,
+                    stdout=open(c.dir / log, "wb"), stderr=subprocess.STDOUT)
+
+
+def refused(c: LocalCluster, p: subprocess.Popen, log: str) -> str:
+    """The log of a daemon that must stop with status 1 because its claim was refused."""
+    assert p.wait(60) == 1, (c.dir / log).read_text()
+    return (c.dir / log).read_text()
+
+
+@pytest.mark.timeout(150)
+def test_a_replacement_under_its_own_address_takes_the_lost_nodes_place(cluster):
+    c = cluster
+    ref = {n: reference_losses(c.dir, n, STEPS) for n in range(3)}
+    for n in range(3):
+        c.start_trainer(n, STEPS, step_sleep=0.05)
+    wait_for(lambda: c.status(0)["cluster"]["recoverable"] >= 3, 60, "a recoverable step")
+    old = members(c, 0)[2]["endpoint"]
+    c.kill_node(2)            # its daemon and trainer
+    c.kill_trainers()         # the others are restarted too, as torchrun would
+    recoverable = c.status(0)["cluster"]["recoverable"]
+    new = f"tcp://127.0.0.2:{free_ports(1, '127.0.0.2')[0]}"
+    start_daemon(c, c.config(2), "replacement.log", endpoint=new)
+    wait_for(lambda: c.ping(2), 60, "the replacement of node 2 to be admitted and rebuild")
+    r = c.recover(2)
+    assert r.returncode == 0 and f"holds step {recoverable}" in r.stdout, r.stdout + r.stderr
+    for n in range(3):  # every node, the coordinator included, knows node 2 at its new address
+        assert members(c, n)[2] == {"node": 2, "endpoint": new, "generation": 1, "identity": "node-2"}, n
+        assert [m["generation"] for m in members(c, n)[:2]] == [0, 0]
+    assert c.status(2)["cluster"]["peer_endpoint"] == new
+    change = c.status(0)["cluster"]["membership"]["changes"][-1]
+    assert change["node"] == 2 and change["was"] == old and "admitted by node 0" in change["how"]
+    text = c.ftd("status", "--config", c.config(1))
+    assert text.returncode == 0 and f"node 2 at {new} (generation 1)" in text.stdout, text.stdout
+
+    assert c.run_trainers(STEPS, step_sleep=0.01) == [recoverable] * 3
+    assert_matches_reference(c, ref, STEPS)
+    assert c.settled() > recoverable  # rounds went on with node 2 at its new address
+
+    # the lost node's config comes back at the old address: a stale claim, refused while node 2 answers
+    stale = start_daemon(c, config_apart(c, 2, "old-node-2"), "stale.log")
+    assert "a live node is not replaced" in refused(c, stale, "stale.log")
+    assert [members(c, n)[2]["endpoint"] for n in range(3)] == [new] * 3
+    assert c.status(0)["cluster"]["membership"]["refused"][-1]["endpoint"] == old
+
+
+@pytest.mark.timeout(90)
+def test_a_claim_of_a_live_node_is_refused(cluster):
+    c = cluster
+    wait_for(lambda: all(c.ping(n) for n in range(3)), 30, "the cluster to be ready")
+    before = [members(c, n) for n in range(3)]
+    impostor = start_daemon(c, config_apart(c, 1, "impostor"), "impostor.log",
+                            endpoint=f"tcp://127.0.0.3:{free_ports(1, '127.0.0.3')[0]}")
+    log = refused(c, impostor, "impostor.log")
+    assert "node 1 answers at" in log and "a live node is not replaced" in log, log
+    assert [members(c, n) for n in range(3)] == before
+    assert all(c.ping(n) for n in range(3))
