@@ -191,6 +191,10 @@ class Members:
                         coord_term=term, reason=f"node {self.me} does not coordinate (term {term}: node "
                                                 f"{self.node.leadership.leader})")
             return
+        if src == self.me:
+            self._refuse(src, msg["endpoint"], f"node {src} is the coordinator's own node, which answers", False,
+                         envelope)
+            return
         try:
             known = self.claims.submit(self.record, src, msg["endpoint"], msg["identity"], msg["known"])
         except MembershipRefused as e:
