@@ -91,7 +91,7 @@ class Members:
         self.waiting += f" from the coordinator, node {leader} (term {self.coord_term})"
         self.node.links.send(leader, "claim", endpoint=self.endpoint, identity=self.identity, known=cur.generation)
 
-    def _take_record(self, data, coord_term: int) -> Membership | None:
+    def _take_record(self, data, coord_term: int, src: int) -> Membership | None:
         """A peer's record: merged into ours (a waiting daemon takes its own rank's entry from it)."""
         try:
             theirs = Membership.from_wire(data, self.record.nodes)
@@ -104,10 +104,13 @@ class Members:
             mine = list(self.record.members)
             mine[self.me] = theirs.members[self.me]
             self.record = Membership(tuple(mine))
-        self._apply(theirs)
+        self._apply(theirs, src)
         return theirs
 
-    def _apply(self, theirs: Membership) -> None:
+    def _apply(self, theirs: Membership, src: int) -> None:
+        """Merge a peer's record. A change is taken from the coordinator of this node's term, while this
+        node learns the record (not settled), or for a rank whose member this node has not heard from
+        for peer_timeout; any other is refused (a live member is never moved by hearsay)."""
         try:
             merged = self.record.merge(theirs)
         except ProtocolError as e:
@@ -115,7 +118,16 @@ class Members:
             return
         for c in merged.conflicts:
             log.warning("membership: a record disagrees with this node's, kept this node's: %s", c)
-        self._set(merged.record, merged.changed, "learned from a peer")
+        trusted = not self.settled or src == self.node.leadership.leader
+        refused = {r for r in merged.changed if not trusted and r != self.me
+                   and self.claims.silence(r) < self.claims.peer_timeout}
+        for r in sorted(refused):
+            m = merged.record.members[r]
+            log.warning("membership: node %d's record moves node %d to %s (generation %d), but node %d answered here "
+                        "%.1f s ago: refused", src, r, m.endpoint, m.generation, r, self.claims.silence(r))
+        record = Membership(tuple(self.record.members[r] if r in refused else m
+                                  for r, m in enumerate(merged.record.members)))
+        self._set(record, [r for r in merged.changed if r not in refused], f"learned from node {src}")
 
     def _set(self, record: Membership, changed, how: str) -> None:
         old, self.record = self.record, record
@@ -140,7 +152,7 @@ class Members:
         if mtype == "member_query" and envelope is not None:
             links.reply(envelope, src, "members", members=self.record.to_wire(), coord_term=term)
         elif mtype == "members":
-            if self._take_record(msg["members"], msg["coord_term"]) is not None and msg.get("ask") and envelope:
+            if self._take_record(msg["members"], msg["coord_term"], src) is not None and msg.get("ask") and envelope:
                 links.reply(envelope, src, "members", members=self.record.to_wire(), coord_term=term)
         elif mtype == "ping" and envelope is not None:
             links.reply(envelope, src, "pong", endpoint=self.endpoint)
@@ -171,7 +183,7 @@ class Members:
         if self.settled:
             return
         if msg["ok"]:
-            self._take_record(msg["members"], msg["coord_term"])
+            self._take_record(msg["members"], msg["coord_term"], msg["src"])
             return
         self.coord_term = max(self.coord_term, msg["coord_term"])
         if msg["retry"]:

@@ -156,3 +156,15 @@ def test_a_coordinator_message_of_another_version_starts_a_comparison(clock):
     clock.t += 2.0
     m.on_version(0, 0)  # the same version: nothing to compare
     assert len(n.links.sent) == 1
+
+
+def test_hearsay_does_not_move_a_member_this_node_hears(clock):
+    n = node(2, term=0)  # node 0 coordinates
+    m = Members(n)
+    m.settled = True
+    moved = Membership.from_peers(PEERS).admit(1, NEW, "node-1")
+    m.on_message(record_msg(1, moved), None)  # from node 1, not the coordinator, about a member heard just now
+    assert m.record == Membership.from_peers(PEERS) and n.links.endpoints == {}
+    clock.t += 5.0  # node 1's member silent for longer than peer_timeout: the record may be right
+    m.on_message(record_msg(1, moved), None)
+    assert m.record == moved
