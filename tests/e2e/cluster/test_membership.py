@@ -110,3 +110,7 @@ def test_a_claim_of_a_live_node_is_refused(cluster):
     assert "node 1 answers at" in log and "a live node is not replaced" in log, log
     assert [members(c, n) for n in range(3)] == before
     assert all(c.ping(n) for n in range(3))
+    table = c.ftd("status", "--dir", str(c.dir))
+    assert table.returncode == 0 and f"members: node 0 at {before[0][0]['endpoint']} (generation 0)" in table.stdout
+    refusal = c.status(0)["cluster"]["membership"]["refused"][-1]
+    assert refusal["node"] == 1 and "a live node is not replaced" in refusal["reason"]
