@@ -29,7 +29,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from ftd.cluster.membership import Claims, Membership, MembershipRefused, default_identity
+from ftd.cluster.membership import (ENDPOINT, IDENTITY, Claims, Membership, MembershipRefused, SparePool,
+                                    default_identity)
 from ftd.errors import ProtocolError
 
 if TYPE_CHECKING:
@@ -63,6 +64,8 @@ class Members:
         self._t0 = time.monotonic()
         self._asked = self._claimed = self._pinged = self._gossiped = self._told_alone = -1e18
         self._claimants: dict[int, list] = {}   # a pending claim's rank -> the claimant's envelope
+        self.spares = SparePool(time.monotonic)  # the coordinator's: spares that offer themselves
+        self._spare_envelopes: dict[str, list] = {}
 
     # ---- the waiting daemon's side -------------------------------------------------------------
     def start(self) -> None:
@@ -163,6 +166,8 @@ class Members:
             self._on_claim(src, msg, envelope)
         elif mtype == "claim_answer":
             self._on_answer(msg)
+        elif mtype == "spare_offer" and envelope is not None:
+            self._on_spare(msg, envelope)
 
     def heard(self, src: int) -> None:
         """A message from node ``src``'s current member: it is alive, a claim of its rank is refused."""
@@ -221,7 +226,29 @@ class Members:
                         src, self.record.endpoint_of(src), self.claims.peer_timeout)
         self._claimants[src] = envelope
 
+    def _on_spare(self, msg: dict, envelope: list) -> None:
+        """A spare offers itself: kept (while it offers every second) for the next rank lost for peer_timeout."""
+        ident, ep, term = msg["identity"], msg["endpoint"], self.node.leadership.terms.term
+        rank = self.record.rank_at(ep)
+        node, reason = -1, "waiting for a node to be lost for peer_timeout"
+        if rank is not None and self.record.identity_for(rank) == ident:
+            node, reason = rank, ""                       # admitted already (the answer was lost)
+        elif not ENDPOINT.match(ep) or not IDENTITY.match(ident):
+            reason = "a spare's endpoint must be tcp://host:port and its identity 1-64 letters, digits, '.', '_', '-'"
+        elif rank is not None:
+            reason = f"{ep} is node {rank}'s peer endpoint"
+        elif not self._coordinates():
+            reason = f"node {self.me} does not coordinate (term {term}: node {self.node.leadership.leader})"
+        else:
+            if ident not in self.spares.offers:
+                log.info("membership: spare %s at %s offers itself", ident, ep)
+            self.spares.offer(ident, ep)
+            self._spare_envelopes[ident] = envelope
+        self.node.links.reply(envelope, 0, "spare_answer", node=node, reason=reason, coord_term=term,
+                              members=self.record.to_wire())
+
     def _refuse(self, rank: int, endpoint: str, reason: str, retry: bool, envelope=None) -> None:
+        self.spares.done(rank, admitted=False)
         envelope = envelope or self._claimants.pop(rank, None)
         if not retry:
             log.error("membership: the claim of node %d for %s refused: %s", rank, endpoint, reason)
@@ -231,6 +258,17 @@ class Members:
                                   members=self.record.to_wire(), coord_term=self.node.leadership.terms.term)
 
     def _admit_due(self, now: float) -> None:
+        lost = [r for r in range(self.record.nodes) if r != self.me and r not in self.claims.pending
+                and self.claims.silence(r) >= self.claims.peer_timeout]
+        for rank, ident, ep in self.spares.pick(lost) if lost else ():
+            try:
+                self.claims.submit(self.record, rank, ep, ident, self.record.generation_of(rank))
+            except MembershipRefused as e:
+                self.spares.done(rank, admitted=False)
+                log.warning("membership: spare %s cannot take node %d: %s", ident, rank, e)
+                continue
+            log.warning("membership: node %d silent for %.1f s: spare %s (%s) claims it", rank,
+                        self.claims.silence(rank), ident, ep)
         if self.claims.pending and now - self._pinged >= PING_EVERY:
             self._pinged = now
             for r in self.claims.pending:
@@ -242,6 +280,10 @@ class Members:
                       f"{self.claims.silence(c.rank):.1f} s")
             envelope = self._claimants.pop(c.rank, None)
             term = self.node.leadership.terms.term
+            spare = self.spares.done(c.rank, admitted=True)
+            if spare is not None and spare in self._spare_envelopes:
+                self.node.links.reply(self._spare_envelopes.pop(spare), c.rank, "spare_answer", node=c.rank, reason="",
+                                      coord_term=term, members=self.record.to_wire())
             if envelope is not None:
                 self.node.links.reply(envelope, c.rank, "claim_answer", ok=True, retry=False, reason="",
                                       coord_term=term, members=self.record.to_wire())
@@ -282,4 +324,5 @@ class Members:
         return {"members": self.record.table(), "version": self.record.version, "settled": self.settled,
                 "waiting": self.waiting, "changes": self.changes[-5:],
                 "claims": {str(r): c.endpoint for r, c in self.claims.pending.items()},
-                "refused": self.claims.refused}
+                "refused": self.claims.refused,
+                "spares": {i: ep for i, (ep, _) in sorted(self.spares.offers.items())}}

@@ -93,6 +93,16 @@ class Membership:
         """The key identity that may speak for node ``rank`` (``node-<rank>`` unless a spare took it)."""
         return self.members[rank].identity
 
+    def may_send(self, identity: str, msg: dict) -> bool:
+        """Whether a message that came on the key of ``identity`` may speak for its ``src``: the rank's
+        identity in the record; a ``claim`` names the identity it claims with (it is not in the record
+        yet), and a ``member_query`` asks only for what every node may read. For per-node keys to call."""
+        if msg["type"] == "member_query":
+            return True
+        if msg["type"] in ("claim", "spare_offer"):
+            return identity == msg["identity"]
+        return identity == self.identity_for(msg["src"])
+
     def rank_at(self, endpoint: str) -> int | None:
         return next((r for r, m in enumerate(self.members) if m.endpoint == endpoint), None)
 
@@ -234,3 +244,37 @@ class Claims:
 
     def note_refusal(self, rank: int, endpoint: str, reason: str, at: float) -> None:
         self.refused = (self.refused + [{"node": rank, "endpoint": endpoint, "reason": reason[:200], "at": at}])[-5:]
+
+
+class SparePool:
+    """The spares that offer themselves to the coordinator (every second; ``ttl`` without an offer:
+    gone), and which one is in the claim of which rank: one spare per rank, one rank per spare."""
+
+    def __init__(self, clock: Callable[[], float], ttl: float = 3.0):
+        self.clock, self.ttl = clock, ttl
+        self.offers: dict[str, tuple[str, float]] = {}  # identity -> (endpoint, last offer)
+        self.claimed: dict[int, str] = {}               # rank -> the spare in its claim
+
+    def offer(self, identity: str, endpoint: str) -> None:
+        self.offers[identity] = (endpoint, self.clock())
+
+    def pick(self, lost: list[int]) -> list[tuple[int, str, str]]:
+        """(rank, identity, endpoint): a free spare for each of ``lost`` that has none, lowest ranks first."""
+        now = self.clock()
+        self.offers = {i: o for i, o in self.offers.items() if now - o[1] <= self.ttl or i in self.claimed.values()}
+        free = [(i, ep) for i, (ep, _) in sorted(self.offers.items()) if i not in self.claimed.values()]
+        out = []
+        for rank in sorted(r for r in lost if r not in self.claimed):
+            if not free:
+                break
+            identity, endpoint = free.pop(0)
+            self.claimed[rank] = identity
+            out.append((rank, identity, endpoint))
+        return out
+
+    def done(self, rank: int, admitted: bool) -> str | None:
+        """The claim of ``rank`` is over; returns its spare (admitted: it leaves the pool)."""
+        identity = self.claimed.pop(rank, None)
+        if admitted and identity is not None:
+            self.offers.pop(identity, None)
+        return identity

@@ -108,6 +108,10 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
                      "coord_term": (_I, True)},
     "ping": {},
     "pong": {"endpoint": (_STR, True)},
+    # a spare host (no node rank: its src is meaningless, the identity names it) offers itself to the
+    # coordinator every second; node: the rank it was admitted to (-1: none yet)
+    "spare_offer": {"endpoint": (_STR, True), "identity": (_STR, True)},
+    "spare_answer": {"node": (_STEP, True), "reason": (_STR, True), "members": (_META, True), "coord_term": (_I, True)},
 }
 _PAYLOAD = {"chunk", "block", "decoded"}
 #: what only the coordinator of the current term sends (``terms``: term t's is node t % N): the same from
@@ -123,7 +127,8 @@ for _type in FROM_COORDINATOR | TO_COORDINATOR:  # every coordination message ca
 for _type in FROM_COORDINATOR:  # ... and a coordinator's, the version of its membership record (``members``)
     SCHEMAS[_type]["mv"] = (_I, False)
 #: the membership messages: what a daemon not yet admitted to the record sends and acts on
-MEMBERSHIP = frozenset({"member_query", "members", "claim", "claim_answer", "ping", "pong"})
+MEMBERSHIP = frozenset({"member_query", "members", "claim", "claim_answer", "ping", "pong", "spare_offer",
+                        "spare_answer"})
 _COMMON = ("v", "type", "job", "src")
 
 

@@ -26,7 +26,7 @@ KIND_OF: dict[str, str] = {
                                  "abort", "refuse", "hello", "restored", "alive", "lost", "disk_offer",
                                  "disk_query", "disk_load", "disk_loaded", "disk_none", "reset", "moved",
                                  "beat", "report_query", "report", "member_query", "members", "claim",
-                                 "claim_answer", "ping", "pong")},
+                                 "claim_answer", "ping", "pong", "spare_offer", "spare_answer")},
     **{t: DATA for t in ("node_meta", "chunk", "chunk_ack")},
     **{t: QUERY for t in ("state_query", "state", "meta_query", "meta", "fetch", "block", "rank_query",
                           "rank_info", "rank_fetch", "decode", "decoded")},

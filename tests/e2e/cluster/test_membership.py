@@ -99,6 +99,36 @@ def test_a_replacement_under_its_own_address_takes_the_lost_nodes_place(cluster,
     assert c.status(survivor)["cluster"]["membership"]["refused"][-1]["endpoint"] == old
 
 
+@pytest.mark.timeout(150)
+def test_a_spare_takes_the_place_of_a_lost_node(cluster):
+    c = cluster
+    ref = {n: reference_losses(c.dir, n, STEPS) for n in range(3)}
+    ends = {f"spare-{i}": f"tcp://127.0.0.{3 + i}:{free_ports(1, f'127.0.0.{3 + i}')[0]}" for i in range(2)}
+    spares = {name: c._popen([sys.executable, "-m", "ftd.cli", "spare", "--config", c.config(0), "--peer-endpoint",
+                              ep, "--name", name], stdout=open(c.dir / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
+              for name, ep in ends.items()}
+    wait_for(lambda: c.status(0)["cluster"]["membership"]["spares"] == ends, 30, "both spares to offer themselves")
+    for n in range(3):
+        c.start_trainer(n, STEPS, step_sleep=0.05)
+    wait_for(lambda: c.status(0)["cluster"]["recoverable"] >= 3, 60, "a recoverable step")
+    c.kill_node(2)
+    c.kill_trainers()
+    recoverable = c.status(0)["cluster"]["recoverable"]
+    wait_for(lambda: c.ping(2), 60, "a spare to become node 2 and rebuild it")
+    taken = members(c, 0)[2]
+    assert taken["identity"] in ends and taken["endpoint"] == ends[taken["identity"]] and taken["generation"] == 1
+    for n in (1, 2):
+        assert members(c, n)[2] == taken
+    other = next(name for name in ends if name != taken["identity"])
+    assert spares[other].poll() is None and "admitted" not in (c.dir / f"{other}.log").read_text()  # one per rank
+    assert "admitted as node 2" in (c.dir / f"{taken['identity']}.log").read_text()
+    assert c.status(0)["cluster"]["membership"]["spares"] == {other: ends[other]}
+    r = c.recover(2)
+    assert r.returncode == 0 and f"holds step {recoverable}" in r.stdout, r.stdout + r.stderr
+    assert c.run_trainers(STEPS, step_sleep=0.05) == [recoverable] * 3
+    assert_matches_reference(c, ref, STEPS)
+
+
 @pytest.mark.timeout(90)
 def test_a_claim_of_a_live_node_is_refused(cluster):
     c = cluster

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from ftd.cluster.membership import Claims, Member, Membership, MembershipRefused
+from ftd.cluster.membership import Claims, Member, Membership, MembershipRefused, SparePool
 from ftd.errors import ProtocolError
 
 from support.clocks import Clock
@@ -129,3 +129,28 @@ def test_one_claimant_per_rank():
     with pytest.raises(MembershipRefused, match="being claimed by") as e:
         claims.submit(record, 1, "tcp://127.0.0.3:7000", "node-1", 0)
     assert e.value.retry
+
+
+def test_may_send_ties_a_keys_identity_to_the_rank_it_speaks_for():
+    r = Membership.from_peers(PEERS).admit(2, NEW, "spare-0")
+    assert r.may_send("node-1", {"type": "done", "src": 1})
+    assert not r.may_send("node-0", {"type": "done", "src": 1})
+    assert r.may_send("spare-0", {"type": "alive", "src": 2}) and not r.may_send("node-2", {"type": "alive", "src": 2})
+    assert r.may_send("spare-1", {"type": "claim", "src": 0, "identity": "spare-1"})
+    assert not r.may_send("spare-1", {"type": "claim", "src": 0, "identity": "node-0"})
+    assert r.may_send("anyone", {"type": "member_query", "src": 0})
+
+
+def test_one_spare_per_lost_rank_and_one_rank_per_spare():
+    clock = Clock()
+    pool = SparePool(clock)
+    pool.offer("spare-0", "tcp://127.0.0.3:1")
+    pool.offer("spare-1", "tcp://127.0.0.4:1")
+    assert pool.pick([2]) == [(2, "spare-0", "tcp://127.0.0.3:1")]
+    assert pool.pick([2]) == []                       # rank 2 has its spare
+    assert pool.pick([1, 2]) == [(1, "spare-1", "tcp://127.0.0.4:1")]
+    assert pool.pick([0]) == []                       # no free spare left
+    assert pool.done(1, admitted=False) == "spare-1"  # refused: spare-1 is free again
+    clock.t += 5.0                                    # ... but stopped offering itself
+    assert pool.pick([0]) == []
+    assert pool.done(2, admitted=True) == "spare-0" and "spare-0" not in pool.offers
