@@ -168,3 +168,33 @@ def test_hearsay_does_not_move_a_member_this_node_hears(clock):
     clock.t += 5.0  # node 1's member silent for longer than peer_timeout: the record may be right
     m.on_message(record_msg(1, moved), None)
     assert m.record == moved
+
+
+def test_the_coordinator_gives_a_silent_rank_to_one_spare(clock):
+    n = node(0, coordinates=True)
+    m = Members(n)
+    m.settled = True
+    for i in range(2):
+        m.on_message({"type": "spare_offer", "src": 0, "endpoint": f"tcp://127.0.0.{3 + i}:7000",
+                      "identity": f"spare-{i}"}, [f"env{i}"])
+    assert [f["node"] for _, _, t, f in n.links.replies if t == "spare_answer"] == [-1, -1]
+    clock.t += 1.0
+    m.tick()
+    assert not m.claims.pending  # nobody silent yet
+    m.heard(1)
+    clock.t += 3.5  # node 2 silent for peer_timeout (4 s), node 1 heard 3.5 s ago
+    for i in range(2):  # the spares keep offering themselves (an offer lasts 3 s)
+        m.on_message({"type": "spare_offer", "src": 0, "endpoint": f"tcp://127.0.0.{3 + i}:7000",
+                      "identity": f"spare-{i}"}, [f"env{i}"])
+    m.tick()
+    assert list(m.claims.pending) == [2] and m.claims.pending[2].identity == "spare-0"
+    for i in range(2):
+        m.on_message({"type": "spare_offer", "src": 0, "endpoint": f"tcp://127.0.0.{3 + i}:7000",
+                      "identity": f"spare-{i}"}, [f"env{i}"])
+    m.heard(1)
+    clock.t += 2.0  # the probe's time: admitted
+    m.tick()
+    assert m.record.endpoint_of(2) == "tcp://127.0.0.3:7000" and m.record.identity_for(2) == "spare-0"
+    (env, _, _, fields) = [r for r in n.links.replies if r[2] == "spare_answer"][-1]
+    assert env == ["env0"] and fields["node"] == 2
+    assert m.status()["spares"] == {"spare-1": "tcp://127.0.0.4:7000"}
