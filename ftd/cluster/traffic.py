@@ -25,11 +25,13 @@ KIND_OF: dict[str, str] = {
     **{t: COORDINATION for t in ("candidate", "sync", "protect", "done", "protected", "commit", "committed",
                                  "abort", "refuse", "hello", "restored", "alive", "lost", "disk_offer",
                                  "disk_query", "disk_load", "disk_loaded", "disk_none", "reset", "moved",
-                                 "beat", "report_query", "report", "member_query", "members", "claim",
-                                 "claim_answer", "ping", "pong", "spare_offer", "spare_answer")},
+                                 "beat", "report_query", "report")},
     **{t: DATA for t in ("node_meta", "chunk", "chunk_ack")},
     **{t: QUERY for t in ("state_query", "state", "meta_query", "meta", "fetch", "block", "rank_query",
-                          "rank_info", "rank_fetch", "decode", "decoded")},
+                          "rank_info", "rank_fetch", "decode", "decoded",
+                          # membership: questions and answers about the record (``members``)
+                          "member_query", "members", "claim", "claim_answer", "ping", "pong", "spare_offer",
+                          "spare_answer")},
 }
 assert set(KIND_OF) == set(SCHEMAS), "every peer message type needs a kind in traffic.KIND_OF"
 
