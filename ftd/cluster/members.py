@@ -315,10 +315,9 @@ class Members:
             self._admit_due(now)
 
     def peer_config(self):
-        """The config with the record's endpoints (for the threads that open links of their own)."""
-        peers = list(self.record.endpoints)
-        peers[self.me] = self.node.config.peers[self.me]
-        return dataclasses.replace(self.node.config, peers=tuple(peers))
+        """The config with the record's endpoints (for the threads that open links of their own; once
+        settled, the record names this daemon's own endpoint for its rank)."""
+        return dataclasses.replace(self.node.config, peers=self.record.endpoints)
 
     def status(self) -> dict:
         return {"members": self.record.table(), "version": self.record.version, "settled": self.settled,
