@@ -18,6 +18,10 @@ node whose version differs sends its own (``members`` with ``ask``) and is answe
 coordinator's; the higher generation wins per rank. A settled daemon whose own rank the record gives
 to another endpoint has been replaced (it was silent for ``peer_timeout``): it stops.
 
+Spares (``cluster.spare``, no rank) offer themselves to the coordinator every second; for a rank
+silent for ``peer_timeout`` the coordinator files the claim on a free spare's behalf (``SparePool``)
+and, once it is admitted, answers the spare with the rank.
+
 Call order (the daemon's loop): ``start()`` once the links exist; ``on_message`` for each membership
 message (``messages.MEMBERSHIP``), ``heard(src)`` for every other one, ``on_version`` for a
 coordinator message's ``mv``; ``tick()`` every loop turn.

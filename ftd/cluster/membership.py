@@ -13,7 +13,9 @@ conflict: the record keeps its own and says so (only a coordinator admits, one g
 Admission (``Claims``, run by the coordinator, whoever it is): a daemon that is node r at another
 endpoint than the record's *claims* rank r. The coordinator probes rank r's current member (pings)
 and admits the claim only once that member has been silent for ``peer_timeout`` and did not answer
-a probe for ``PROBE`` seconds: a live node is never replaced, its claimant is refused.
+a probe for ``PROBE`` seconds: a live node is never replaced, its claimant is refused. A spare host's
+claim is filed by the coordinator itself, for a rank that has been silent that long (``SparePool``:
+one spare per rank, one rank per spare).
 
 The record of a daemon lives only in memory: a restarted daemon starts from its config's ``peers``
 (generation 0) and re-learns the rest from its peers' answers (``members``), the newer generation
