@@ -36,6 +36,9 @@ class Config:
     replica_snapshots: bool = False  # DDP's replicated state: each rank snapshots 1/R (trainer/replicas.py)
     # ---- peers (erasure coding across nodes); no peers: a standalone node, as in issue 2 ----
     peers: tuple[str, ...] = ()     # peer endpoint ("tcp://host:port") of every node rank, index = node rank
+    advertise: str = ""             # this node's own peer endpoint when it is not peers[node_rank]: a replacement
+                                    # host under its own address ($FTD_PEER_ENDPOINT, `ftd daemon --peer-endpoint`);
+                                    # it claims the rank from its peers (cluster/membership.py)
     parity: int = 1                 # m: parity blocks per stripe; groups have g = k + m nodes
     group_size: int = 0             # g; 0 means all nodes form one group
     group_stride: int = 1           # 1: consecutive ranks form a group; R: ranks r, r+R, ... (racks of R nodes)
@@ -96,11 +99,20 @@ class Config:
     def _check_peers(self) -> None:
         object.__setattr__(self, "peers", tuple(self.peers))
         if not self.peers:
+            if self.advertise:
+                raise ConfigError(f"advertise (FTD_PEER_ENDPOINT) = {self.advertise!r} needs peers (a cluster)")
             return
         for i, ep in enumerate(self.peers):
             if not isinstance(ep, str) or not re.match(r"^tcp://[^\s:/]+:\d{1,5}$", ep):
                 raise ConfigError(f"peers[{i}] = {ep!r} must be a tcp://host:port endpoint")
-        remote = [ep for ep in self.peers if not _is_loopback(ep)]
+        if self.advertise:
+            if not isinstance(self.advertise, str) or not re.match(r"^tcp://[^\s:/]+:\d{1,5}$", self.advertise):
+                raise ConfigError(f"advertise (FTD_PEER_ENDPOINT) = {self.advertise!r} is not tcp://host:port")
+            other = [i for i, ep in enumerate(self.peers) if ep == self.advertise and i != self.node_rank]
+            if other:
+                raise ConfigError(f"advertise (FTD_PEER_ENDPOINT) = {self.advertise} is node {other[0]}'s endpoint in "
+                                  f"peers; a replacement needs an address of its own")
+        remote = [ep for ep in (*self.peers, self.advertise) if ep and not _is_loopback(ep)]
         if remote and self.peer_key_file is None and not self.insecure_peers:
             raise ConfigError(
                 f"peer links leave this host ({remote[0]}), but no peer_key_file is configured: anyone on the "
@@ -152,7 +164,8 @@ class Config:
 
     @property
     def peer_endpoint(self) -> str:
-        return self.peers[self.node_rank]
+        """Where this node's peers reach it: ``advertise`` if set, else its entry in ``peers``."""
+        return self.advertise or self.peers[self.node_rank]
 
     @property
     def peer_bind(self) -> str:
@@ -221,6 +234,8 @@ def load_config(path: str | os.PathLike | None = None, *, node_rank: int | None 
         found = node_rank_from_env()
         if found is not None:
             raw["node_rank"] = found[0]
+    if os.environ.get("FTD_PEER_ENDPOINT", "").strip() and "advertise" not in raw:
+        raw["advertise"] = os.environ["FTD_PEER_ENDPOINT"].strip()  # a replacement host under its own address
     total = psutil.virtual_memory().total
     kwargs: dict = {}
     where = f"config file {path}" if path is not None else "the configuration"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,10 +22,39 @@ def _daemon(args: argparse.Namespace) -> int:
         config = load_config(args.config, node_rank=args.node_rank)
         if args.metrics_port is not None:
             config = dataclasses.replace(config, metrics_port=args.metrics_port)
+        if args.peer_endpoint:
+            config = dataclasses.replace(config, advertise=args.peer_endpoint)
     except ValueError as e:
         print(f"ftd daemon: {e}", file=sys.stderr)
         return 2
     return server.run(config, clear_on_stop=args.clear)
+
+
+def _spare(args: argparse.Namespace) -> int:
+    """Wait as a spare host until the coordinator admits this host to a lost node's rank, then become its daemon."""
+    from ftd.cluster.spare import Spare
+    try:
+        config = load_config(args.config)
+        if not config.clustered:
+            raise ConfigError("a spare needs a cluster config (peers)")
+        config = dataclasses.replace(config, advertise=args.peer_endpoint)  # checks the endpoint
+    except ValueError as e:
+        print(f"ftd spare: {e}", file=sys.stderr)
+        return 2
+    spare = Spare(config, args.peer_endpoint, args.name)
+    print(f"ftd spare: {args.name} at {args.peer_endpoint} waits to take the place of a node of job {config.job!r} "
+          f"lost for peer_timeout ({config.peer_timeout:g} s)", flush=True)
+    try:
+        rank = spare.wait(args.timeout)
+    except FtdError as e:
+        print(f"ftd spare: {e}", file=sys.stderr)
+        return 1
+    finally:
+        spare.close()
+    print(f"ftd spare: admitted as node {rank}; this process becomes its daemon", flush=True)
+    os.execv(sys.executable, [sys.executable, "-m", "ftd.cli", "daemon", "--config", args.config, "--node-rank",
+                              str(rank), "--peer-endpoint", args.peer_endpoint])
+    return 1  # not reached
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -105,9 +135,19 @@ def _daemon_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-rank", type=int, help="this node's rank (overrides the config)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (overrides the config's "
                    "metrics_port; needs ftd[metrics])")
+    p.add_argument("--peer-endpoint", metavar="tcp://HOST:PORT",
+                   help="this node's peer endpoint, when it is not the config's peers[node_rank]: a replacement "
+                        "host under its own address claims the node rank from its peers (also $FTD_PEER_ENDPOINT)")
     p.add_argument("--clear", action="store_true",
                    help="at stop, drop every snapshot, even those of trainers that still run (by default a stop "
                         "keeps them for the next daemon, as after a crash)")
+
+
+def _spare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="the cluster's config (its peers); the node rank comes when admitted")
+    p.add_argument("--peer-endpoint", required=True, metavar="tcp://HOST:PORT", help="where this host's daemon will answer")
+    p.add_argument("--name", default="spare-0", help="the spare's identity (default spare-0; one per spare host)")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds (default: wait for ever)")
 
 
 def _recover_arguments(p: argparse.ArgumentParser) -> None:
@@ -159,6 +199,8 @@ def _clear_arguments(p: argparse.ArgumentParser) -> None:
 
 COMMANDS = [
     Command("daemon", "run the node daemon (snapshot management process)", _daemon_arguments, _daemon),
+    Command("spare", "wait as a spare host until a lost node's rank is given to it, then run its daemon",
+            _spare_arguments, _spare),
     Command("recover", "rebuild a node's snapshots and parity from its peers, and report", _recover_arguments, _recover),
     Command("export", "write a version held in memory as a torch.distributed.checkpoint directory",
             _export_arguments, _export),

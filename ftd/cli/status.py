@@ -126,6 +126,7 @@ def _cluster_lines(cl: dict) -> list[str]:
         ("sent as another node than its key's", "impostors_refused"), ("implausible", "implausible_refused"))}
     if any(refused.values()):
         lines.append("   refused peer messages: " + ", ".join(f"{n} {what}" for what, n in refused.items() if n))
+    lines.extend(_membership_lines(cl.get("membership")))
     who = cl.get("coordination")
     if who:
         heard = "" if who["here"] else f", heard {who['heard_seconds_ago']:.1f} s ago"
@@ -138,6 +139,24 @@ def _cluster_lines(cl: dict) -> list[str]:
         lines.append(f"   coordinating: {phase}, target step {co['target']}, rounds done {co['rounds_done']}, "
                      f"abandoned {co['rounds_abandoned']}; {co['last_event']}")
     return lines
+
+
+def _membership_lines(ms: dict | None) -> list[str]:
+    """The membership record (node rank -> endpoint, generation), and a claim waiting or decided."""
+    if not ms:
+        return []
+    lines = ["   members: " + ", ".join(_member(m) for m in ms["members"])]
+    if ms.get("waiting"):
+        lines.append(f"   joining: {ms['waiting']}")
+    lines += [f"   claim of node {r} by {ep}: waiting for its member's silence" for r, ep in ms.get("claims", {}).items()]
+    lines += [f"   claim of node {x['node']} by {x['endpoint']} refused {_age(x['at'])}: {x['reason']}"
+              for x in ms.get("refused", [])[-2:]]
+    return lines
+
+
+def _member(m: dict) -> str:
+    who = "" if m["identity"] == f"node-{m['node']}" else f", as {m['identity']}"
+    return f"node {m['node']} at {m['endpoint']} (generation {m['generation']}{who})"
 
 
 def _moves_lines(cl: dict) -> list[str]:
@@ -158,7 +177,7 @@ def _cluster_status(args: argparse.Namespace) -> int:
         print(f"ftd status: {e}", file=sys.stderr)
         return 2
     rows: dict[int, dict[int, str]] = {}
-    nodes, views = [], {}
+    nodes, views, record = [], {}, None
     for member in cluster["members"]:
         n = member["node_rank"]
         nodes.append(n)
@@ -169,6 +188,9 @@ def _cluster_status(args: argparse.Namespace) -> int:
             continue
         if cl.get("coordination"):
             views[n] = (cl["coordination"]["node"], cl["coordination"]["term"])
+        ms = cl.get("membership")
+        if ms and (record is None or ms["version"] > record["version"]):
+            record = ms  # the newest record any node holds
         for v in cl.get("versions", []):
             rows.setdefault(v["step"], {})[n] = ("recoverable" if v["recoverable"] else "protected" if v["protected"]
                                                  else "local" if v["local"] else "parity-only")
@@ -179,6 +201,8 @@ def _cluster_status(args: argparse.Namespace) -> int:
     for step in sorted(rows, reverse=True):
         label = "daemon" if step < 0 else str(step)
         print(f"{label:<9}" + "".join(f"{rows[step].get(n, '-'):<15}" for n in nodes))
+    if record:
+        print("members: " + ", ".join(_member(m) for m in record["members"]))
     if len(set(views.values())) == 1:
         ((node, term),) = set(views.values())
         print(f"coordinator: node {node}, term {term} (every node up follows it)")

@@ -22,7 +22,7 @@ import time
 
 import zmq
 
-from ftd.cluster.auth import PeerSecurity
+from ftd.cluster.auth import SHARED_IDENTITY, PeerSecurity
 from ftd.cluster.bandwidth import SendBudget
 from ftd.cluster.messages import MAX_FRAME, MAX_HEADER, PeerMessages
 from ftd.cluster.traffic import PeerTraffic, frame_bytes
@@ -69,16 +69,36 @@ class PeerLinks:
         security.server(self.router)
         self.router.bind(config.peer_bind)
         self.security = security
-        self.dealers = {n: dealer(ctx, security, ep, n) for n, ep in enumerate(config.peers) if n != self.me}
+        self.endpoints = {n: ep for n, ep in enumerate(config.peers) if n != self.me}
+        self.dealers = {n: dealer(ctx, security, ep, n) for n, ep in self.endpoints.items()}
         self._dealer_node = {s: n for n, s in self.dealers.items()}
         self.impostors = 0                 # messages refused: the sender's key may not speak for their src
         self._impostors_logged: set = set()
+        # who may send what: by default a key speaks for its own node rank (auth); a daemon's membership
+        # record replaces it (members: a spare that took a rank speaks for it, a claim for itself)
+        self.may_send = lambda identity, msg: security.may_speak(identity, msg["src"])
         self.dropped = 0
         self.budget = SendBudget(config.protect_bandwidth)
         self._deferred: collections.deque = collections.deque()  # answers with blocks waiting for the budget
 
     def sockets(self) -> list[zmq.Socket]:
         return [self.router, *self.dealers.values()]
+
+    def repoint(self, node: int, endpoint: str) -> None:
+        """Node ``node`` answers at ``endpoint`` now (``members``): its DEALER connects there instead
+        (the same socket, so the daemon's poller keeps it; what was queued for the old address is dropped)."""
+        old = self.endpoints.get(node)
+        if node not in self.dealers or old == endpoint:
+            return
+        s = self.dealers[node]
+        try:
+            s.disconnect(old)
+        except zmq.ZMQError:
+            pass  # never connected
+        if self.security.key is not None:  # the rank's holder may have changed (a spare): pin its key now
+            s.curve_serverkey = self.security.server_key(node)
+        s.connect(endpoint)
+        self.endpoints[node] = endpoint
 
     def send(self, dest: int, mtype: str, payload=None, **fields) -> bool:
         """Send to node ``dest``; False if it cannot be sent now (peer not connected, queue full, or a
@@ -149,7 +169,7 @@ class PeerLinks:
         it pinned, which must be the ``src``. Refused: counted, logged once per peer and node."""
         if sock is self.router:
             identity = _user_id(frames[0])
-            if self.security.may_speak(identity, msg["src"]):
+            if identity == SHARED_IDENTITY or self.may_send(identity, msg):
                 return True
         else:
             node = self._dealer_node.get(sock)

@@ -97,6 +97,21 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "rank_fetch": {"qid": (_I, True), "step": (_I, True), "rank": (_NODE, True), "frame": (_I, True)},
     # the sender restored ``rank`` from the receiver's copy: it trains there now
     "moved": {"step": (_I, True), "rank": (_NODE, True)},
+    # membership (``membership``, ``members``): a daemon asks its peers for their record and is answered
+    # with it (coord_term: the term the answering node follows); ask: answer with yours (gossip); a daemon
+    # that is node ``node`` at another endpoint than the record's claims it from the coordinator, which
+    # probes the current member (ping/pong) before it answers (claim_answer)
+    "member_query": {},
+    "members": {"members": (_META, True), "coord_term": (_I, True), "ask": (_BOOL, False)},
+    "claim": {"endpoint": (_STR, True), "identity": (_STR, True), "known": (_I, True)},
+    "claim_answer": {"ok": (_BOOL, True), "retry": (_BOOL, True), "reason": (_STR, True), "members": (_META, True),
+                     "coord_term": (_I, True)},
+    "ping": {},
+    "pong": {"endpoint": (_STR, True)},
+    # a spare host (no node rank: its src is meaningless, the identity names it) offers itself to the
+    # coordinator every second; node: the rank it was admitted to (-1: none yet)
+    "spare_offer": {"endpoint": (_STR, True), "identity": (_STR, True)},
+    "spare_answer": {"node": (_STEP, True), "reason": (_STR, True), "members": (_META, True), "coord_term": (_I, True)},
 }
 _PAYLOAD = {"chunk", "block", "decoded"}
 #: what only the coordinator of the current term sends (``terms``: term t's is node t % N): the same from
@@ -109,6 +124,11 @@ TO_COORDINATOR = frozenset({"candidate", "done", "hello", "refuse", "restored", 
                             "disk_loaded", "report"})
 for _type in FROM_COORDINATOR | TO_COORDINATOR:  # every coordination message carries its term
     SCHEMAS[_type]["term"] = (_I, True)
+for _type in FROM_COORDINATOR:  # ... and a coordinator's, the version of its membership record (``members``)
+    SCHEMAS[_type]["mv"] = (_I, False)
+#: the membership messages: what a daemon not yet admitted to the record sends and acts on
+MEMBERSHIP = frozenset({"member_query", "members", "claim", "claim_answer", "ping", "pong", "spare_offer",
+                        "spare_answer"})
 _COMMON = ("v", "type", "job", "src")
 
 

@@ -63,7 +63,7 @@ class RankMoves:
         key = (rank, step)
         self._running[key] = (f"rank {rank} restores on node {node.me}, which does not hold its version of step "
                               f"{step}: fetching it from the node that does")
-        args = (node.config, node.security, node.me, node.config.nodes, node.layout.g, rank, step, world)
+        args = (node.members.peer_config(), node.security, node.me, node.config.nodes, node.layout.g, rank, step, world)
 
         def work() -> None:
             try:

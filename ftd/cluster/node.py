@@ -10,10 +10,14 @@ identity in its group) and hands each peer message to its handler through one ta
   - ``durable.cluster_restore.ClusterDisk``: the flushes the coordinator marks, the restore from disk;
   - ``leadership.Leadership``: the term this node follows, and the ``coordinator.Coordinator`` it runs
     when it coordinates (node 0 in term 0, another node after a takeover): its messages to this
-    node itself are delivered in-process.
+    node itself are delivered in-process;
+  - ``members.Members``: the membership record (node rank -> endpoint, generation, identity): this
+    node's claim of its rank when it comes back under another address, and, on the coordinator, the
+    admission of others' claims. Until this node is *settled* in the record, nothing else starts.
 
-Call order (the daemon's loop, one thread, no locks): ``start(ctx)`` once (links, the start-up
-rebuild, the coordinator); then ``on_socket(sock)`` for each waiting peer message and ``tick()`` every
+Call order (the daemon's loop, one thread, no locks): ``start(ctx)`` once (links, the question
+for the membership record; the start-up rebuild and the coordinator start in the first ``tick()``
+after this node is settled in the record); then ``on_socket(sock)`` for each waiting peer message and ``tick()`` every
 loop turn; the control side calls ``maybe_candidate()`` after a commit, ``restore_wait()`` before a
 restore and ``on_restored()`` after it, ``on_corrupt()`` and ``start_recover()``; ``close()`` at exit.
 """
@@ -31,7 +35,14 @@ from ftd.cluster.decode_service import DecodeRequests
 from ftd.cluster.erasure import Codec
 from ftd.cluster.leadership import Leadership
 from ftd.cluster.links import PeerLinks
-from ftd.cluster.messages import FROM_COORDINATOR, TO_COORDINATOR, PeerMessages
+from ftd.cluster.members import Members
+from ftd.cluster.node_status import node_status
+from ftd.cluster.messages import (
+    FROM_COORDINATOR,
+    MEMBERSHIP,
+    TO_COORDINATOR,
+    PeerMessages,
+)
 from ftd.cluster.parity_store import ParityStore
 from ftd.cluster.plausible import implausible_claim
 from ftd.cluster.recovery import Recovery
@@ -90,6 +101,8 @@ class ClusterNode:
         self.decodes = DecodeRequests(self)
         self.disk = ClusterDisk(self, flusher)
         self.leadership = Leadership(self, flushes=flusher is not None)
+        self.members = Members(self)
+        self.started = False                              # settled in the membership record: the rest runs
         self._handlers = self._handler_table()
 
     @property
@@ -101,8 +114,21 @@ class ClusterNode:
     def start(self, ctx: zmq.Context) -> None:
         self.security.start(ctx)
         self.links = PeerLinks(self.config, ctx, self.security, self.messages, self.traffic)
+        # per-node keys: who may speak for a rank, and whose server key a DEALER pins, follow the record
+        self.security.set_identity_for(lambda rank: self.members.record.identity_for(rank))
+        self.links.may_send = lambda identity, msg: self.members.record.may_send(identity, msg)
+        self.members.start()
+
+    def _start_cluster(self) -> None:
+        """This node is settled in the membership record: its start-up rebuild and coordination begin."""
+        self.started = True
         self.recovery.start("start-up: checking what the peers hold")
         self.leadership.start()
+
+    @property
+    def fatal(self) -> str | None:
+        """Why this daemon must stop (its claim of its rank was refused, or another took the rank)."""
+        return self.members.fatal
 
     def sockets(self) -> list[zmq.Socket]:
         return self.links.sockets() if self.links else []
@@ -121,6 +147,8 @@ class ClusterNode:
     # ---- delivery -----------------------------------------------------------------------------
     def send(self, dest: int, mtype: str, payload=None, **fields) -> bool:
         """To node ``dest``; to this node itself (the coordinator's messages to node 0) in-process."""
+        if not self.started and mtype not in MEMBERSHIP:
+            return False  # not (yet) this rank's member: it speaks for nobody
         if dest == self.me:
             msg = {"type": mtype, "src": self.me, **fields}
             self.traffic.in_process(mtype)
@@ -144,7 +172,7 @@ class ClusterNode:
                 for d in o.dests:
                     if self.coordinator is not c:
                         return
-                    self.send(d, o.mtype, term=c.term, **o.fields)
+                    self.send(d, o.mtype, term=c.term, mv=self.members.record.version, **o.fields)
 
     def on_socket(self, sock: zmq.Socket) -> None:
         got = self.links.receive(sock)
@@ -161,6 +189,15 @@ class ClusterNode:
 
     def _dispatch(self, envelope, msg: dict, payload) -> None:
         mtype = msg["type"]
+        if mtype in MEMBERSHIP:
+            self.members.on_message(msg, envelope)
+            return
+        if not self.started:
+            return  # until settled in the membership record (peers ask again)
+        if msg["src"] != self.me:
+            self.members.heard(msg["src"])
+        if mtype in FROM_COORDINATOR and "mv" in msg:
+            self.members.on_version(msg["src"], msg["mv"])
         if mtype in FROM_COORDINATOR and not self.leadership.from_coordinator(msg):
             return  # stale, or a beat or a report query (answered there)
         if mtype in TO_COORDINATOR and not self.leadership.from_node(msg):
@@ -263,6 +300,12 @@ class ClusterNode:
 
     # ---- loop turn ----------------------------------------------------------------------------------
     def tick(self) -> None:
+        self.members.tick()
+        if not self.started:
+            if not self.members.settled:
+                self.links.pump()
+                return
+            self._start_cluster()
         if self.new_run_wait and time.monotonic() - self._new_run_asked > NEW_RUN_ASK_AGAIN:
             self._ask_new_run()  # the coordinator may have restarted or missed it
         self.recovery.tick()
@@ -332,6 +375,8 @@ class ClusterNode:
 
     def restore_wait(self) -> str | None:
         """Why a restore must wait now, or None."""
+        if not self.started:
+            return f"node {self.me} waits to join the cluster: {self.members.waiting}"
         if self.new_run_wait:
             return (f"the cluster starts a new run ({self.new_run_wait}): waiting for every node to drop the "
                     f"previous one")
@@ -344,35 +389,4 @@ class ClusterNode:
         return None
 
     def status(self) -> dict:
-        cat, store = self.catalog, self.store
-        versions = []
-        steps = sorted(set(cat.held_steps()) | set(store.parity), reverse=True)
-        for s in steps:
-            held = cat.buffers_of(s)
-            versions.append({"step": s, "local": bool(held),
-                             "data_bytes": sum(b.manifest["nbytes"] for _, b in held),
-                             "parity_bytes": store.segment_size(store.parity[s][0]) if s in store.parity else 0,
-                             "protected": s in store.parity and (s in self.rounds.group_protected
-                                                                  or s <= cat.recoverable),
-                             "recoverable": s == cat.recoverable})
-        return {
-            "node_rank": self.me, "nodes": self.config.nodes, "group": self.group.index,
-            "group_nodes": list(self.group.nodes), "position": self.pos, "k": self.layout.k, "m": self.layout.m,
-            "code": self.codec.kind, "peer_endpoint": self.config.peer_endpoint,
-            "secure": self.security.enabled, "ready": self.ready, "recoverable": cat.recoverable,
-            "target": cat.target, "versions": versions, "parity_bytes": store.parity_bytes,
-            "data_bytes": cat.used, "round": self.rounds.status(),
-            "rebuilding": self.recovery.rebuilding, "last_rebuild": self.recovery.last_rebuild,
-            "rebuilds": self.recovery.rebuilds, "lost_error": self.lost_error, "epoch": self.epoch,
-            "run_finished": self.cluster_finished, "new_run_wait": self.new_run_wait,
-            "disk_wait": self.disk.disk_wait,
-            "security": self.security.mode,
-            "stats": {**self.stats, "sends_dropped": self.links.dropped if self.links else 0,
-                      "impostors_refused": self.links.impostors if self.links else 0,
-                      "decodes_served": self.decodes.served},
-            "traffic": self.traffic.status(),
-            "bandwidth": self.links.budget.status() if self.links else None,
-            "hosted_ranks": sorted(r.rank for r in cat.hosted()), "moves": self.moves.status(),
-            "coordinator": self.coordinator.status() if self.coordinator else None,
-            "coordination": self.leadership.status(),
-        }
+        return node_status(self)

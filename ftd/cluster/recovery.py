@@ -55,7 +55,7 @@ class Recovery:
         self.rebuilding = why
         holdings = self._holdings()
         log.info("rebuild started (%s)", why)
-        config, security = self.node.config, self.node.security
+        config, security = self.node.members.peer_config(), self.node.security  # the record's endpoints
 
         def work() -> None:
             try:

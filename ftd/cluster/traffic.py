@@ -28,7 +28,10 @@ KIND_OF: dict[str, str] = {
                                  "beat", "report_query", "report")},
     **{t: DATA for t in ("node_meta", "chunk", "chunk_ack")},
     **{t: QUERY for t in ("state_query", "state", "meta_query", "meta", "fetch", "block", "rank_query",
-                          "rank_info", "rank_fetch", "decode", "decoded")},
+                          "rank_info", "rank_fetch", "decode", "decoded",
+                          # membership: questions and answers about the record (``members``)
+                          "member_query", "members", "claim", "claim_answer", "ping", "pong", "spare_offer",
+                          "spare_answer")},
 }
 assert set(KIND_OF) == set(SCHEMAS), "every peer message type needs a kind in traffic.KIND_OF"
 

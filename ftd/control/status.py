@@ -88,6 +88,7 @@ class ClusterStatus:
     lost_error: str | None = None
     round: dict | None = None
     coordinator: dict | None = None
+    membership: dict | None = None          # the record: members (node, endpoint, generation, identity), claims
     stats: dict = dataclasses.field(default_factory=dict)
 
     @classmethod

@@ -163,6 +163,10 @@ class Daemon:
                     self._serve_peers(peer_sockets, events)
                 except Exception:  # the daemon must stay up for its trainers and its peers
                     log.exception("internal error in the cluster side of the daemon")
+                if self.node.fatal:
+                    log.error("%s", self.node.fatal)
+                    print(f"ftd daemon: {self.node.fatal}", file=sys.stderr, flush=True)
+                    self._stop = True
 
     def _serve_peers(self, sockets: list, events: dict) -> None:
         # Drain the peers' messages, but for at most PEER_SLICE seconds: a trainer's begin or commit
@@ -269,4 +273,4 @@ def run(config: Config, clear_on_stop: bool = False) -> int:
                   f"memory for the next daemon", flush=True)
         else:
             print("ftd daemon: stopped; all shared memory released", flush=True)
-    return 0
+    return 1 if daemon.node is not None and daemon.node.fatal else 0

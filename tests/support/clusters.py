@@ -74,11 +74,14 @@ class LocalCluster:
         for n in nodes:
             self.restart_daemon(n)
 
-    def restart_daemon(self, node: int) -> None:
+    def restart_daemon(self, node: int, endpoint: str | None = None, timeout: float = 30) -> None:
+        """Start node ``node``'s daemon again (``endpoint``: under that peer address, FTD_PEER_ENDPOINT, as a
+        replacement host would) and wait until its start-up sync is over."""
         log = open(self.dir / f"node-{node}.restart.log", "ab")
+        env = dict(ENV, FTD_PEER_ENDPOINT=endpoint) if endpoint else ENV
         self._popen([sys.executable, "-m", "ftd.cli", "daemon", "--config", self.config(node)],
-                    stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.ping(node), 30, f"node {node}'s restarted daemon")
+                    stdout=log, stderr=subprocess.STDOUT, env=env)
+        wait_for(lambda: self.ping(node), timeout, f"node {node}'s restarted daemon")
 
     def recover(self, node: int) -> subprocess.CompletedProcess:
         return self.ftd("recover", "--config", self.config(node), "--timeout", "90")

@@ -86,3 +86,21 @@ def test_a_bad_value_in_a_config_file_names_the_file_and_the_key(tmp_path):
             load_config(path)
         assert str(path) in str(e.value) and key in str(e.value), e.value
         assert isinstance(e.value, FtdError) and isinstance(e.value, ValueError)
+
+
+def test_advertise_gives_a_replacement_its_own_peer_endpoint(tmp_path, monkeypatch):
+    peers = ("tcp://127.0.0.1:5000", "tcp://127.0.0.1:5001")
+    c = Config(peers=peers, node_rank=1, advertise="tcp://127.0.0.2:6000")
+    assert c.peer_endpoint == "tcp://127.0.0.2:6000" and c.peer_bind == "tcp://*:6000" and c.peers == peers
+    with pytest.raises(ValueError, match="node 0's endpoint in peers"):
+        Config(peers=peers, node_rank=1, advertise=peers[0])
+    with pytest.raises(ValueError, match="is not tcp://host:port"):
+        Config(peers=peers, node_rank=1, advertise="host:6000")
+    with pytest.raises(ValueError, match="needs peers"):
+        Config(advertise="tcp://127.0.0.2:6000")
+    with pytest.raises(ValueError, match="no peer_key_file"):  # another host: the link must be secured
+        Config(peers=peers, node_rank=1, advertise="tcp://10.1.2.3:6000")
+    path = tmp_path / "c.toml"
+    path.write_text('peers = ["tcp://127.0.0.1:5000", "tcp://127.0.0.1:5001"]\nnode_rank = 1\n')
+    monkeypatch.setenv("FTD_PEER_ENDPOINT", "tcp://127.0.0.3:7000")
+    assert load_config(path).peer_endpoint == "tcp://127.0.0.3:7000"

@@ -3,7 +3,7 @@ simulated node (told apart by ``--local-addr``), each node's daemon from ``ftd l
 gloo snapshotted every step, every loss compared bit for bit (``float.hex()``) with an uninterrupted run.
 
 c10d gives out ranks in the sorted order of the agents' addresses, so when a lost node's replacement
-joins under another address, ranks land on other nodes than the ones holding their snapshots: each
+joins under another address (its agent's, and its daemon's peer endpoint: FTD_PEER_ENDPOINT), ranks land on other nodes than the ones holding their snapshots: each
 such rank's version is fetched from the node that holds it, and every rank restores the same step.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from ftd.local.torchrun_job import TorchrunNodes
-from ftd.util.procs import wait_for
+from ftd.util.procs import free_ports, wait_for
 
 from support.clusters import ENV, LocalCluster
 from support.jobs import ROOT
@@ -64,10 +64,13 @@ def test_ranks_that_c10d_moves_to_other_nodes_restore_from_the_nodes_that_hold_t
         crash_step = job.starts()[-1][2]
         wait_for(lambda: recoverable(cluster) >= crash_step + 6, 150, "a recoverable step 6 past the crash")
         loss_step = recoverable(cluster)
-        # node 1 is lost; its replacement's agent joins under another address, so c10d sorts it last
+        # node 1 is lost; its replacement joins under another address (its daemon's peer endpoint too), so
+        # c10d sorts its agent last
         job.kill("n1")
         cluster.kill_node(1)
-        cluster.restart_daemon(1)  # empty: rebuilds node 1's snapshot (rank 1) from its peers
+        new = f"tcp://127.0.0.4:{free_ports(1, '127.0.0.4')[0]}"
+        cluster.restart_daemon(1, endpoint=new, timeout=90)  # admitted, then rebuilds node 1's snapshot (rank 1)
+        assert [cluster.status(n)["cluster"]["membership"]["members"][1]["endpoint"] for n in range(3)] == [new] * 3
         job.start("n1-new", cluster.config(1), "127.0.0.4")
         codes = job.wait(200)
         assert set(codes.values()) == {0}, codes

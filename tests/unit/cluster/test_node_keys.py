@@ -263,3 +263,55 @@ def test_links_refuse_a_message_whose_src_the_sender_may_not_speak_for(tmp_path)
         for sec, ctx in zip(secs, contexts):
             sec.stop()
             ctx.term()
+
+
+def test_a_spare_that_took_a_rank_speaks_for_it_and_the_old_key_does_not(tmp_path):
+    """Per-node keys and the membership record together, as a daemon plugs them (node.py): once the
+    record gives rank 2 to spare-0, node 0's DEALER to rank 2 re-points to the spare and pins its key,
+    the spare's messages as node 2 are taken and the old node-2 key's are refused."""
+    from ftd.cluster.membership import Membership
+    d = tmp_path / "k"
+    generate_node_keys(d, 3, spares=1)
+    peers = tuple(f"tcp://127.0.0.1:{p}" for p in free_ports(3))
+    spare_at = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    record = Membership.from_peers(peers).admit(2, spare_at, "spare-0")
+    contexts, links = [], []
+    try:
+        for rank, identity, bind in ((0, "node-0", peers), (2, "spare-0", (*peers[:2], spare_at)),
+                                     (2, "node-2", peers)):
+            ctx = zmq.Context()
+            sec = node_security(d, identity)
+            sec.start(ctx)
+            contexts.append((sec, ctx))
+            config = Config(job="tk", peers=bind, node_rank=rank, memory_budget=1 << 30)
+            link = PeerLinks(config, ctx, sec, PeerMessages("tk", rank, 3, 3))
+            if rank == 0:  # node 0 learns the record after its links exist, as a daemon does
+                sec.set_identity_for(record.identity_for)
+                link.may_send = record.may_send
+            links.append(link)
+        zero, spare, old = links
+        zero.repoint(2, spare_at)
+        deadline = time.monotonic() + 10
+        while not zero.send(2, "alive", latest=1, term=0):  # connects only if the spare's key is pinned
+            assert time.monotonic() < deadline, "node 0 never reached the spare under its key"
+            time.sleep(0.02)
+        assert spare.router.poll(5000) and spare.receive(spare.router)[1]["src"] == 0
+        for sender in (spare, old):
+            deadline = time.monotonic() + 10
+            while not sender.send(0, "alive", latest=3, term=0):
+                assert time.monotonic() < deadline, "the links never connected"
+                time.sleep(0.02)
+        got = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and (zero.impostors < 1 or not got):
+            if zero.router.poll(100):
+                m = zero.receive(zero.router)
+                if m is not None:
+                    got.append(m[1]["src"])
+        assert got == [2] and zero.impostors == 1  # the spare's taken as node 2; the old node-2 key's refused
+    finally:
+        for link in links:
+            link.close()
+        for sec, ctx in contexts:
+            sec.stop()
+            ctx.term()
