@@ -24,6 +24,8 @@ def _daemon(args: argparse.Namespace) -> int:
             config = dataclasses.replace(config, metrics_port=args.metrics_port)
         if args.peer_endpoint:
             config = dataclasses.replace(config, advertise=args.peer_endpoint)
+        if args.key_file:
+            config = dataclasses.replace(config, peer_key_file=Path(args.key_file))
     except ValueError as e:
         print(f"ftd daemon: {e}", file=sys.stderr)
         return 2
@@ -38,10 +40,12 @@ def _spare(args: argparse.Namespace) -> int:
         if not config.clustered:
             raise ConfigError("a spare needs a cluster config (peers)")
         config = dataclasses.replace(config, advertise=args.peer_endpoint)  # checks the endpoint
-    except ValueError as e:
+        if args.key_file:
+            config = dataclasses.replace(config, peer_key_file=Path(args.key_file))
+        spare = Spare(config, args.peer_endpoint, args.name)
+    except (ValueError, FtdError) as e:
         print(f"ftd spare: {e}", file=sys.stderr)
         return 2
-    spare = Spare(config, args.peer_endpoint, args.name)
     print(f"ftd spare: {args.name} at {args.peer_endpoint} waits to take the place of a node of job {config.job!r} "
           f"lost for peer_timeout ({config.peer_timeout:g} s)", flush=True)
     try:
@@ -52,8 +56,9 @@ def _spare(args: argparse.Namespace) -> int:
     finally:
         spare.close()
     print(f"ftd spare: admitted as node {rank}; this process becomes its daemon", flush=True)
+    own_key = ["--key-file", str(config.peer_key_file)] if config.peer_key_file else []
     os.execv(sys.executable, [sys.executable, "-m", "ftd.cli", "daemon", "--config", args.config, "--node-rank",
-                              str(rank), "--peer-endpoint", args.peer_endpoint])
+                              str(rank), "--peer-endpoint", args.peer_endpoint, *own_key])
     return 1  # not reached
 
 
@@ -138,6 +143,8 @@ def _daemon_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer-endpoint", metavar="tcp://HOST:PORT",
                    help="this node's peer endpoint, when it is not the config's peers[node_rank]: a replacement "
                         "host under its own address claims the node rank from its peers (also $FTD_PEER_ENDPOINT)")
+    p.add_argument("--key-file", help="this node's CURVE key file (overrides the config's peer_key_file: a spare "
+                                       "admitted to a rank keeps its own key)")
     p.add_argument("--clear", action="store_true",
                    help="at stop, drop every snapshot, even those of trainers that still run (by default a stop "
                         "keeps them for the next daemon, as after a crash)")
@@ -147,6 +154,8 @@ def _spare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="the cluster's config (its peers); the node rank comes when admitted")
     p.add_argument("--peer-endpoint", required=True, metavar="tcp://HOST:PORT", help="where this host's daemon will answer")
     p.add_argument("--name", default="spare-0", help="the spare's identity (default spare-0; one per spare host)")
+    p.add_argument("--key-file", help="with per-node keys: the spare's own key file (DIR/spare-S.key from "
+                                      "`ftd keygen --dir DIR --nodes N --spares S`), kept when it becomes a node")
     p.add_argument("--timeout", type=float, help="give up after this many seconds (default: wait for ever)")
 
 

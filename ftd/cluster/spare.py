@@ -34,8 +34,13 @@ class Spare:
         self.coord_term = 0
         self.reason = "no answer from the cluster yet"
         self.messages = PeerMessages(config.job, 0, config.nodes, config.group_size)  # src 0: a spare has no rank
+        self._security = PeerSecurity.from_key_file(config.peer_key_file, config.peer_roster)
+        own = self._security.key.identity if self._security.key is not None else None
+        if own is not None and own != identity:
+            raise FtdError(f"spare {identity}: the key file {config.peer_key_file} is {own!r}'s; a spare connects with "
+                           f"its own key (`ftd keygen --dir DIR --nodes N --spares S` writes DIR/{identity}.key): "
+                           f"pass --key-file DIR/{identity}.key")
         self._ctx = zmq.Context()
-        self._security = PeerSecurity.from_key_file(config.peer_key_file)
         self._socks: dict[int, tuple[str, zmq.Socket]] = {}
 
     def _sock(self, node: int) -> zmq.Socket:
@@ -44,7 +49,7 @@ class Spare:
         if cur is None or cur[0] != ep:  # the record moved it: connect there
             if cur is not None:
                 cur[1].close(0)
-            cur = self._socks[node] = (ep, dealer(self._ctx, self._security, ep))
+            cur = self._socks[node] = (ep, dealer(self._ctx, self._security, ep, node))
         return cur[1]
 
     def _send(self, node: int, mtype: str, **fields) -> None:

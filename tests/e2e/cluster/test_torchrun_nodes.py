@@ -3,7 +3,8 @@ simulated node (told apart by ``--local-addr``), each node's daemon from ``ftd l
 gloo snapshotted every step, every loss compared bit for bit (``float.hex()``) with an uninterrupted run.
 
 c10d gives out ranks in the sorted order of the agents' addresses, so when a lost node's replacement
-joins under another address (its agent's, and its daemon's peer endpoint: FTD_PEER_ENDPOINT), ranks land on other nodes than the ones holding their snapshots: each
+joins under another address (its agent's, and its daemon's peer endpoint: FTD_PEER_ENDPOINT, or an
+``ftd spare`` that waited for a node to be lost), ranks land on other nodes than the ones holding their snapshots: each
 such rank's version is fetched from the node that holds it, and every rank restores the same step.
 """
 from __future__ import annotations
@@ -50,11 +51,21 @@ def recoverable(cluster) -> int:
     return min((s for s in cluster.recoverable() if s is not None), default=-1)
 
 
-def test_ranks_that_c10d_moves_to_other_nodes_restore_from_the_nodes_that_hold_them(tmp_path, reference):
+@pytest.mark.parametrize("joins", ["replacement", "spare"])
+def test_ranks_that_c10d_moves_to_other_nodes_restore_from_the_nodes_that_hold_them(tmp_path, reference, joins):
+    """joins: "replacement", a daemon started for node 1 after the loss under its own address; "spare",
+    an `ftd spare` waiting before the loss, which the coordinator admits to node 1's rank."""
     cluster = LocalCluster(3, 1)
     out = tmp_path / "out"
     job = TorchrunNodes(tmp_path, 3, [*TRAINER, "--step-sleep", "0.15", "--out", str(out)])
+    new = f"tcp://127.0.0.4:{free_ports(1, '127.0.0.4')[0]}"
     try:
+        if joins == "spare":  # waiting before anything is lost, as a spare host does
+            cluster._popen([sys.executable, "-m", "ftd.cli", "spare", "--config", cluster.config(0), "--peer-endpoint",
+                            new, "--name", "spare-0"], stdout=open(tmp_path / "spare.log", "wb"),
+                           stderr=subprocess.STDOUT)
+            wait_for(lambda: cluster.status(0)["cluster"]["membership"]["spares"] == {"spare-0": new}, 60,
+                     "the spare to offer itself")
         for node in range(3):
             job.start(f"n{node}", cluster.config(node), f"127.0.0.{node + 1}")
         wait_for(lambda: recoverable(cluster) >= 3, 150, "a recoverable step past 3")
@@ -68,9 +79,14 @@ def test_ranks_that_c10d_moves_to_other_nodes_restore_from_the_nodes_that_hold_t
         # c10d sorts its agent last
         job.kill("n1")
         cluster.kill_node(1)
-        new = f"tcp://127.0.0.4:{free_ports(1, '127.0.0.4')[0]}"
-        cluster.restart_daemon(1, endpoint=new, timeout=90)  # admitted, then rebuilds node 1's snapshot (rank 1)
-        assert [cluster.status(n)["cluster"]["membership"]["members"][1]["endpoint"] for n in range(3)] == [new] * 3
+        if joins == "spare":  # admitted once node 1 is silent for peer_timeout, then rebuilds it
+            wait_for(lambda: cluster.ping(1), 120, "the spare to become node 1 and rebuild it")
+            assert "admitted as node 1" in (tmp_path / "spare.log").read_text()
+        else:
+            cluster.restart_daemon(1, endpoint=new, timeout=90)  # admitted, then rebuilds node 1's snapshot (rank 1)
+        members = [cluster.status(n)["cluster"]["membership"]["members"][1] for n in range(3)]
+        assert [m["endpoint"] for m in members] == [new] * 3, members
+        assert {m["identity"] for m in members} == {"spare-0" if joins == "spare" else "node-1"}, members
         job.start("n1-new", cluster.config(1), "127.0.0.4")
         codes = job.wait(200)
         assert set(codes.values()) == {0}, codes
