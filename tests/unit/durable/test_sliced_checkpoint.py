@@ -125,3 +125,12 @@ def test_a_slice_cut_mid_row_is_refused_by_name():
     arena = dcp_writer.arena_tensors(rank[2], manifest)
     with pytest.raises(FtdError, match="sliced mid-row"):
         sliced.full_tensors(arena, Manifest(manifest.layout, CHUNK, manifest.checksums, tree), dcp_writer.Shard)
+
+
+def test_a_resharded_restore_of_a_sliced_flush_is_refused_naming_plain_dcp_load(tmp_path):
+    from ftd.trainer import reshard
+    state, out = trained_state(), tmp_path / "v"
+    dcp_writer.write_version(out, 7, versions(state, 2), job="j", node_rank=0, nodes=1)
+    with pytest.raises(FtdError, match=r"replica-aware snapshots.*not resharded onto 3.*dcp.load"):
+        reshard.restore_resharded({"dir": str(out), "step": 7, "world": 2}, zeroed(state), 0, 3, False,
+                                  strict=True, verbose=False, job="j")
