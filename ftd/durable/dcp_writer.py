@@ -2,7 +2,9 @@
 
 Every rank contributes what it owns: the shards of its DTensors at their global offsets (a shard
 that several replicas hold, under HSDP's replicate dimension say, is written once, by the replica
-at coordinate 0 of those dimensions), and its per-rank values (plain tensors and data: RNG states, a
+at coordinate 0 of those dimensions), its pieces of the replicated tensors if the version is
+sliced (replica-aware snapshots: row chunks, each replicated byte written once across the replica
+set; ``sliced``), and its per-rank values (plain tensors and data: RNG states, a
 data loader position, and with DDP the model and optimizer). Rank 0's per-rank values sit at the top
 level, so that plain ``dcp.load`` of a DDP job finds its model there; rank R's under ``rank-R.``.
 Each rank's records go to ``rank-R/__0_0.distcp``; the node's manifest lists them (as JSON), and the
