@@ -85,9 +85,6 @@ class Config:
             raise ConfigError(f"flush_keep must keep at least 1 flushed version, got {self.flush_keep}")
         if not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be a TCP port (1-65535), or 0 for no metrics; got {self.metrics_port!r}")
-        if self.replica_snapshots and self.flush_dir is not None:
-            raise ConfigError("replica_snapshots = true cannot go with flush_dir yet: the flush does not write versions "
-                              "that hold one replica's slice of the replicated state; drop one of the two")
         if self.memory_budget == 0:
             object.__setattr__(self, "memory_budget", psutil.virtual_memory().total // 2)
         if self.peer_key_file is not None and "{node_rank}" in str(self.peer_key_file):

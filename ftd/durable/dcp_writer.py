@@ -2,7 +2,9 @@
 
 Every rank contributes what it owns: the shards of its DTensors at their global offsets (a shard
 that several replicas hold, under HSDP's replicate dimension say, is written once, by the replica
-at coordinate 0 of those dimensions), and its per-rank values (plain tensors and data: RNG states, a
+at coordinate 0 of those dimensions), its pieces of the replicated tensors if the version is
+sliced (replica-aware snapshots: row chunks, each replicated byte written once across the replica
+set; ``sliced``), and its per-rank values (plain tensors and data: RNG states, a
 data loader position, and with DDP the model and optimizer). Rank 0's per-rank values sit at the top
 level, so that plain ``dcp.load`` of a DDP job finds its model there; rank R's under ``rank-R.``.
 Each rank's records go to ``rank-R/__0_0.distcp``; the node's manifest lists them (as JSON), and the
@@ -42,7 +44,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-from ftd.durable import ondisk
+from ftd.durable import ondisk, sliced
 from ftd.durable.ondisk import FORMAT, IO_SLICE, canonical_checksums, file_checksum, load_rank
 from ftd.errors import FtdError
 from ftd.shm.layout import Manifest
@@ -108,11 +110,8 @@ def split_state(tensors: list[torch.Tensor], manifest: Manifest) -> tuple[dict, 
     tensor, dataclasses dicts of their fields (DCP would pickle an array, a tuple, a Generator or a
     dataclass whole)."""
     tree = manifest.tree
-    if isinstance(tree, dict) and "replica" in tree:
-        raise FtdError("this version holds only its rank's slice of the replicated state (replica_snapshots, or "
-                       "Client(replicas=)); writing sliced versions to disk (flush, `ftd export`) is not supported "
-                       "yet: set replica_snapshots = false (and drop Client(replicas=)) in a job that flushes or "
-                       "exports")
+    if isinstance(tree, dict) and "replica" in tree:  # one replica's slice: its pieces as chunks (``sliced``)
+        tree, tensors = sliced.full_tensors(tensors, manifest, Shard)
 
     def on_dtensor(node: dict, shard: torch.Tensor, live, where: str):
         partial = [p for p in node.get("placements", []) if p.startswith("Partial")]
@@ -131,6 +130,8 @@ def split_state(tensors: list[torch.Tensor], manifest: Manifest) -> tuple[dict, 
 
 def _split(x) -> tuple:
     """(shards, per-rank values, refs) of a nested dict, each keeping the nesting of its own leaves."""
+    if isinstance(x, sliced.Elsewhere):
+        return None, None, None
     if isinstance(x, Shard):
         return x, None, None
     if isinstance(x, _Ref):
@@ -147,7 +148,7 @@ def _split(x) -> tuple:
 
 
 def _storable(x):
-    if isinstance(x, (Shard, _Ref)):
+    if isinstance(x, (Shard, _Ref, sliced.Elsewhere)):
         return x
     if isinstance(x, np.ndarray):
         return torch.from_numpy(x)
@@ -234,7 +235,8 @@ def _slot_index(items: list[dict], state: dict, refs: dict | None, tensors: list
     for fqn, value in flat.items():
         local = value.local if isinstance(value, Shard) else value
         if isinstance(value, Shard) and not local.numel():  # an empty shard: its key, for a resharded restore
-            index[value.node["index"]] = {"fqn": fqn, "offsets": value.node["offsets"]}
+            if "index" in value.node:  # (a sliced version's empty replicated tensor has no slot)
+                index[value.node["index"]] = {"fqn": fqn, "offsets": value.node["offsets"]}
         elif isinstance(local, torch.Tensor) and local.numel() and fqn in where:
             i = slot_of.get(local.data_ptr())
             if i is not None and index[i] is None:

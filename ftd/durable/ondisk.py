@@ -7,8 +7,10 @@ Layout of one version (``ftd export`` and the background flush write the same; `
                                 once all are there: plain ``dcp.load`` reads it at any world size, onto
                                 any mesh, or into an unsharded model
   DIR/rank-<R>/__0_0.distcp     rank R's records: the DTensor shards it writes (a shard several replicas
-                                hold is written by one), and its per-rank values (at the top level of
-                                the checkpoint for rank 0, under ``rank-<R>.`` for the others)
+                                hold is written by one), of a sliced version (replica-aware snapshots)
+                                its row chunks of the replicated tensors (``sliced``), and its per-rank
+                                values (at the top level of the checkpoint for rank 0, under
+                                ``rank-<R>.`` for the others)
   DIR/ftd-export-node<N>.json   the node's manifest, written last: step, job, world, an xxh3-64
                                 checksum of every file, and per rank what ftd needs to load it back
 

@@ -203,7 +203,9 @@ def slice_sources(rs: ReplicaSet, tensors: list[torch.Tensor], sources: list[tor
     sizes = [t.numel() * t.element_size() if r else 0 for t, r in zip(tensors, replicated)]
     offsets = slices.stream_offsets(sizes)
     total = sum(sizes)
-    bounds = slices.partition(total, rs.size, align)
+    rows = [(offsets[k], sizes[k], slices.row_bytes(t.shape, t.element_size()))
+            for k, t in enumerate(tensors) if sizes[k]]
+    bounds = slices.snap_to_rows(slices.partition(total, rs.size, align), rows)  # pieces are whole rows: DCP chunks
     lo, hi = bounds[rs.pos]
     out = Sliced([], [], [], [], {})
     entries = []

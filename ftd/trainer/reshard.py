@@ -134,6 +134,11 @@ def restore_resharded(answer: dict, state: dict, rank: int, world: int, capture_
                     "position) is rank 0's, so its random streams repeat rank 0's", rank, index.world, index.step)
     entry = index.entries[source]
     manifest = Manifest.from_json(entry["manifest"])
+    if isinstance(manifest.tree, dict) and "replica" in manifest.tree:
+        raise FtdError(f"job {job!r}: the flushed version of step {index.step} ({out}) was written from replica-aware "
+                       f"snapshots (replica_snapshots); ftd restores those from disk only at the world size that wrote "
+                       f"them ({index.world} ranks), not resharded onto {world} yet. Plain PyTorch loads it at any "
+                       f"world size: dcp.load(state_dict, checkpoint_id='{out}')")
     check_fits(manifest, state, job=job, step=index.step, strict=strict, whole=True)
     reader = _Reader(index)
     keys = index.slot_keys(source)

@@ -97,7 +97,8 @@ def test_ddp_ranks_restore_bit_exact_from_replica_slices_on_one_node(job, tmp_pa
         assert info["ranks"] == [0, 1] and info["pos"] == rank and info["source"] == "DistributedDataParallel"
     stream = replica[0]["replicated_bytes"]
     assert replica[0]["slice_bytes"] + replica[1]["slice_bytes"] == stream
-    assert abs(replica[0]["slice_bytes"] - stream / 2) <= 64
+    # the cut moves to the nearest row bound (dim 0) of the tensor it falls in: at most half its widest row
+    assert abs(replica[0]["slice_bytes"] - stream / 2) <= 64 + 4 * 4 * 384 // 2
     # per-node shared memory: today's / R, plus each rank's own state (RNG...) and the 1 MiB rounding of buffers
     full = max(v["bytes"] for r in today["ranks"] for v in r["versions"])
     per_rank = max(v["bytes"] for r in mid["ranks"] for v in r["versions"]) - stream / 2

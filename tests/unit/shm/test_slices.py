@@ -37,3 +37,18 @@ def test_the_signature_tells_layouts_apart():
 def test_a_partition_that_makes_no_sense_is_refused():
     with pytest.raises(ValueError):
         slices.partition(10, 0, 64)
+
+
+def test_a_boundary_inside_a_tensor_moves_to_its_nearest_row_bound():
+    # a (10, 4) float32 tensor at stream offset 0 (rows of 16 bytes), a 0-d one at 160, a (3,) at 164
+    tensors = [(0, 160, 16), (160, 4, 4), (164, 12, 4)]
+    got = slices.snap_to_rows(slices.partition(176, 2, 8), tensors)
+    assert got == [(0, 96), (96, 176)]  # 88 is 5.5 rows in: the nearest bound is row 6 (96)
+    assert slices.snap_to_rows([(0, 70), (70, 176)], tensors) == [(0, 64), (64, 176)]
+    assert slices.snap_to_rows([(0, 162), (162, 176)], tensors) == [(0, 164), (164, 176)]  # 0-d: whole
+    for parts in (2, 3, 4, 7):
+        cut = slices.snap_to_rows(slices.partition(176, parts, 4), tensors)
+        assert cut[0][0] == 0 and cut[-1][1] == 176 and all(a[1] == b[0] for a, b in zip(cut, cut[1:]))
+        for lo, _ in cut[1:]:
+            assert any(lo == off + r * row for off, size, row in tensors for r in range(size // row + 1))
+    assert slices.row_bytes((10, 4), 4) == 16 and slices.row_bytes((), 8) == 8 and slices.row_bytes((5,), 2) == 2
