@@ -367,9 +367,14 @@ class Catalog(ClusterCatalog):
 def replica_slice(complete: list[Buffer]) -> dict:
     """What ``ftd status`` shows of a rank's newest version that holds only its slice of replicated state
     (``ftd.trainer.replicas``): its replica set, its position, and its slice of the replicated bytes."""
-    info = complete[0].manifest.get("tree", {}).get("replica") if complete and complete[0].manifest else None
+    manifest = complete[0].manifest if complete else None
+    tree = manifest.get("tree") if isinstance(manifest, dict) else None  # None: a version without a state tree
+    info = tree.get("replica") if isinstance(tree, dict) else None
     if not isinstance(info, dict):
         return {}
-    lo, hi = info["bounds"][info["pos"]]
-    return {"replica": {"ranks": info["ranks"], "pos": info["pos"], "source": info["source"],
-                        "slice_bytes": hi - lo, "replicated_bytes": info["stream"]}}
+    try:  # written by the trainer, not checked at commit: a status must not fail on what it holds
+        lo, hi = info["bounds"][info["pos"]]
+        return {"replica": {"ranks": list(info["ranks"]), "pos": int(info["pos"]), "source": str(info["source"]),
+                            "slice_bytes": int(hi) - int(lo), "replicated_bytes": int(info["stream"])}}
+    except (KeyError, IndexError, TypeError, ValueError):
+        return {"replica": {"error": "the version's replica entry is malformed"}}

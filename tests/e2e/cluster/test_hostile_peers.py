@@ -278,8 +278,9 @@ def _defects(draw, msg: dict, payload):
     elif what == "src":
         msg["src"] = draw(st.integers(NODES, 1 << 70) | st.integers(-(1 << 70), -1)
                           | st.sampled_from(["0", True, None]))
-    elif what == "drop":
-        msg.pop(draw(st.sampled_from(fields + ["v", "type", "job", "src"])))
+    elif what == "drop":  # a required field (an optional one may be left out)
+        required = [f for f in fields if peerproto.SCHEMAS[msg["type"]].get(f, ("", True))[1]]
+        msg.pop(draw(st.sampled_from(required + ["v", "type", "job", "src"])))
     elif what in ("kind", "range") and fields:
         name = draw(st.sampled_from(fields))
         kind = peerproto.SCHEMAS[msg["type"]][name][0]

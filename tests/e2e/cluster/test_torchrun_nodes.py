@@ -51,52 +51,47 @@ def recoverable(cluster) -> int:
     return min((s for s in cluster.recoverable() if s is not None), default=-1)
 
 
-@pytest.mark.parametrize("joins", ["replacement", "spare"])
-def test_ranks_that_c10d_moves_to_other_nodes_restore_from_the_nodes_that_hold_them(tmp_path, reference, joins):
-    """joins: "replacement", a daemon started for node 1 after the loss under its own address; "spare",
-    an `ftd spare` waiting before the loss, which the coordinator admits to node 1's rank."""
+def start_and_crash_a_worker(cluster, job) -> tuple[int, int]:
+    """Start the three agents, SIGKILL a worker (torchrun restarts every worker, each restores on its own
+    node), train on; return (the step resumed after the crash, a recoverable step to lose a node at)."""
+    for node in range(3):
+        job.start(f"n{node}", cluster.config(node), f"127.0.0.{node + 1}")
+    wait_for(lambda: recoverable(cluster) >= 3, 150, "a recoverable step past 3")
+    os.kill(job.worker_pid(1), 9)
+    wait_for(lambda: len([s for s in job.starts() if s[2] is not None]) >= 3, 120, "the restart after the crash")
+    crash_step = job.starts()[-1][2]
+    wait_for(lambda: recoverable(cluster) >= crash_step + 6, 150, "a recoverable step 6 past the crash")
+    return crash_step, recoverable(cluster)
+
+
+def check_restarts(job, crash_step: int, loss_step: int) -> None:
+    """Two restarts of every rank: each at one step for all ranks, the second past the node loss."""
+    restarts = [s for s in job.starts() if s[2] is not None]
+    assert len(restarts) == 6, restarts
+    by_step = {}
+    for node, rank, step in restarts:
+        by_step.setdefault(step, set()).add(rank)
+    assert by_step == {crash_step: {0, 1, 2}, max(by_step): {0, 1, 2}} and max(by_step) >= loss_step, restarts
+
+
+def test_ranks_that_c10d_moves_to_other_nodes_restore_from_the_nodes_that_hold_them(tmp_path, reference):
     cluster = LocalCluster(3, 1)
     out = tmp_path / "out"
     job = TorchrunNodes(tmp_path, 3, [*TRAINER, "--step-sleep", "0.15", "--out", str(out)])
     new = f"tcp://127.0.0.4:{free_ports(1, '127.0.0.4')[0]}"
     try:
-        if joins == "spare":  # waiting before anything is lost, as a spare host does
-            cluster._popen([sys.executable, "-m", "ftd.cli", "spare", "--config", cluster.config(0), "--peer-endpoint",
-                            new, "--name", "spare-0"], stdout=open(tmp_path / "spare.log", "wb"),
-                           stderr=subprocess.STDOUT)
-            wait_for(lambda: cluster.status(0)["cluster"]["membership"]["spares"] == {"spare-0": new}, 60,
-                     "the spare to offer itself")
-        for node in range(3):
-            job.start(f"n{node}", cluster.config(node), f"127.0.0.{node + 1}")
-        wait_for(lambda: recoverable(cluster) >= 3, 150, "a recoverable step past 3")
-        # a worker crash: torchrun restarts every worker, each restores on its own node
-        os.kill(job.worker_pid(1), 9)
-        wait_for(lambda: len([s for s in job.starts() if s[2] is not None]) >= 3, 120, "the restart after the crash")
-        crash_step = job.starts()[-1][2]
-        wait_for(lambda: recoverable(cluster) >= crash_step + 6, 150, "a recoverable step 6 past the crash")
-        loss_step = recoverable(cluster)
+        crash_step, loss_step = start_and_crash_a_worker(cluster, job)
         # node 1 is lost; its replacement joins under another address (its daemon's peer endpoint too), so
         # c10d sorts its agent last
         job.kill("n1")
         cluster.kill_node(1)
-        if joins == "spare":  # admitted once node 1 is silent for peer_timeout, then rebuilds it
-            wait_for(lambda: cluster.ping(1), 120, "the spare to become node 1 and rebuild it")
-            assert "admitted as node 1" in (tmp_path / "spare.log").read_text()
-        else:
-            cluster.restart_daemon(1, endpoint=new, timeout=90)  # admitted, then rebuilds node 1's snapshot (rank 1)
-        members = [cluster.status(n)["cluster"]["membership"]["members"][1] for n in range(3)]
-        assert [m["endpoint"] for m in members] == [new] * 3, members
-        assert {m["identity"] for m in members} == {"spare-0" if joins == "spare" else "node-1"}, members
+        cluster.restart_daemon(1, endpoint=new, timeout=90)  # admitted, then rebuilds node 1's snapshot (rank 1)
+        assert [cluster.status(n)["cluster"]["membership"]["members"][1]["endpoint"] for n in range(3)] == [new] * 3
         job.start("n1-new", cluster.config(1), "127.0.0.4")
         codes = job.wait(200)
         assert set(codes.values()) == {0}, codes
         check_bit_exact(out, reference)
-        restarts = [s for s in job.starts() if s[2] is not None]
-        assert len(restarts) == 6, restarts
-        by_step = {}
-        for node, rank, step in restarts:
-            by_step.setdefault(step, set()).add(rank)
-        assert by_step == {crash_step: {0, 1, 2}, max(by_step): {0, 1, 2}} and max(by_step) >= loss_step, restarts
+        check_restarts(job, crash_step, loss_step)
         moved = [r for r in job.restores() if "fetched from node" in r[3]]
         assert {(node, rank) for node, rank, _, _ in moved} == {("n1-new", 2), ("n2", 1)}, job.restores()
         st = cluster.status(2)["cluster"]
@@ -119,6 +114,45 @@ def test_ranks_that_c10d_moves_to_other_nodes_restore_from_the_nodes_that_hold_t
         assert [(r["rank"], [v["step"] for v in r["versions"]]) for r in st["ranks"]] == [(1, [final])], st["ranks"]
         assert st["cluster"]["recoverable"] == final
     finally:
-        job.close()
-        left = cluster.close()
+        try:
+            job.close()
+        finally:  # the daemons go even if stopping the agents failed (a timeout fired inside it)
+            left = cluster.close()
+    assert not left, left
+
+
+def test_the_coordinators_node_lost_and_a_waiting_spare_takes_its_place(tmp_path, reference):
+    """Node 0 (the coordinator's) is lost: node 1 takes over, admits the `ftd spare` that waited from the
+    start at 127.0.0.4 to rank 0, and the spare rebuilds node 0. c10d sorts the spare's agent last, so
+    every rank lands on another node than its snapshot's: rank 0's own holder is the lost node, its
+    version is fetched once the spare has rebuilt it."""
+    cluster = LocalCluster(3, 1)
+    out = tmp_path / "out"
+    job = TorchrunNodes(tmp_path, 3, [*TRAINER, "--step-sleep", "0.15", "--out", str(out)])
+    new = f"tcp://127.0.0.4:{free_ports(1, '127.0.0.4')[0]}"
+    try:
+        cluster._popen([sys.executable, "-m", "ftd.cli", "spare", "--config", cluster.config(0), "--peer-endpoint",
+                        new, "--name", "spare-0"], stdout=open(tmp_path / "spare.log", "wb"), stderr=subprocess.STDOUT)
+        wait_for(lambda: cluster.status(0)["cluster"]["membership"]["spares"] == {"spare-0": new}, 60,
+                 "the spare to offer itself")
+        crash_step, loss_step = start_and_crash_a_worker(cluster, job)
+        job.kill("n0")
+        cluster.kill_node(0)
+        wait_for(lambda: cluster.ping(0), 150, "the spare to become node 0 and rebuild it")
+        assert "admitted as node 0" in (tmp_path / "spare.log").read_text()
+        members = [cluster.status(n)["cluster"]["membership"]["members"][0] for n in range(3)]
+        assert [(m["endpoint"], m["identity"]) for m in members] == [(new, "spare-0")] * 3, members
+        assert cluster.status(1)["cluster"]["coordination"]["term"] > 0  # node 1 took over
+        job.start("n0-spare", cluster.config(0), "127.0.0.4")
+        codes = job.wait(200)
+        assert set(codes.values()) == {0}, codes
+        check_bit_exact(out, reference)
+        check_restarts(job, crash_step, loss_step)
+        moved = {(node, rank) for node, rank, _, where in job.restores() if "fetched from node" in where}
+        assert moved == {("n1", 0), ("n2", 1), ("n0-spare", 2)}, job.restores()
+    finally:
+        try:
+            job.close()
+        finally:  # the daemons go even if stopping the agents failed (a timeout fired inside it)
+            left = cluster.close()
     assert not left, left
