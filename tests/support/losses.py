@@ -16,10 +16,10 @@ def read_losses(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-def assert_bit_exact(run: Path, reference: Path, steps: int) -> None:
+def assert_bit_exact(run: Path, reference: Path, steps: int, who: str = "the resumed run") -> None:
     ref = dict(read_losses(reference))
     assert sorted(ref) == list(range(steps)), "reference run incomplete"
     got = read_losses(run)
-    assert {s for s, _ in got} == set(range(steps)), "the resumed run did not reach every step"
+    assert {s for s, _ in got} == set(range(steps)), f"{who} did not reach every step"
     for step, value in got:
-        assert value == ref[step], f"step {step}: loss {value} differs from the uninterrupted run's {ref[step]}"
+        assert value == ref[step], f"{who}, step {step}: loss {value} differs from the uninterrupted run's {ref[step]}"

@@ -19,7 +19,7 @@ import pytest
 from ftd.util.procs import free_ports, wait_for
 
 from support.clusters import ENV, LocalCluster
-from support.losses import read_losses
+from support.losses import assert_bit_exact, read_losses
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -125,12 +125,7 @@ def test_ddp_across_nodes_restores_bit_exact_from_slices_after_worker_crash_and_
     assert len(set(after_loss.values())) == 1 and after_loss[0] > after_crash[0], (after_crash, after_loss)
 
     for rank in range(WORLD):
-        expected = dict(read_losses(ref / f"losses-rank{rank}.txt"))
-        assert sorted(expected) == list(range(STEPS)), "reference run incomplete"
-        got = read_losses(run / f"losses-rank{rank}.txt")
-        assert {s for s, _ in got} == set(range(STEPS)), f"rank {rank} did not reach every step"
-        for step, value in got:
-            assert value == expected[step], f"rank {rank} step {step}: loss {value} differs from the reference's"
+        assert_bit_exact(run / f"losses-rank{rank}.txt", ref / f"losses-rank{rank}.txt", STEPS, f"rank {rank}")
 
 
 def resumed_ok(out, phase: str) -> bool:
