@@ -142,3 +142,24 @@ class ThreadDaemon:
         self.daemon.request_stop()
         self.thread.join(10)
         self.daemon.close()
+
+
+def start_gpt_ranks(job, daemon, out: Path, phase: str, world: int, *args: str) -> list:
+    """``world`` gpt_trainer processes on ``daemon``'s node with the environment torchrun would give them
+    (``args``: the model's and the run's options); output to out/<phase>-rank<R>.log. The job's cleanup
+    kills whatever still runs at teardown."""
+    import subprocess
+    import sys
+
+    from ftd.util.procs import free_ports
+    port = str(free_ports(1)[0])
+    procs = []
+    for rank in range(world):
+        env = job.env(daemon, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        with open(out / f"{phase}-rank{rank}.log", "ab") as log:
+            p = subprocess.Popen([sys.executable, "-m", "ftd.examples.gpt_trainer", "--out", str(out), *args],
+                                 env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        job.procs.append(p)
+        procs.append(p)
+    return procs

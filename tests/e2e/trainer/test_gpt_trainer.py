@@ -9,12 +9,11 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
-from ftd.util.procs import free_ports, wait_for
+from ftd.util.procs import wait_for
 
-from support.jobs import ROOT
+from support.jobs import start_gpt_ranks
 from support.losses import read_losses
 
 STEPS = 12
@@ -25,18 +24,7 @@ RESUMING = re.compile(r"rank (\d+) pid \d+: (?:resuming after step (\d+)|startin
 
 
 def start_ranks(job, daemon, out: Path, phase: str, *extra: str) -> list[subprocess.Popen]:
-    """WORLD trainer processes with the environment torchrun would give them; output to out/<phase>-rank<R>.log."""
-    port = str(free_ports(1)[0])
-    procs = []
-    for rank in range(WORLD):
-        env = job.env(daemon, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        with open(out / f"{phase}-rank{rank}.log", "ab") as log:
-            p = subprocess.Popen([sys.executable, "-m", "ftd.examples.gpt_trainer", "--out", str(out), *SMALL, *extra],
-                                 env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        job.procs.append(p)  # the fixture kills whatever is still running at teardown
-        procs.append(p)
-    return procs
+    return start_gpt_ranks(job, daemon, out, phase, WORLD, *SMALL, *extra)
 
 
 def finish(procs: list[subprocess.Popen], out: Path, phase: str, timeout: float = 60) -> None:

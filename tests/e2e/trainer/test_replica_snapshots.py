@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.jobs import ROOT
+from support.jobs import ROOT, start_gpt_ranks
 from support.losses import assert_bit_exact, read_losses
 
-from ftd.util.procs import free_ports, wait_for
+from ftd.util.procs import wait_for
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -34,17 +34,7 @@ ON, OFF = "replica_snapshots = true\n", "replica_snapshots = false\n"
 
 
 def start_ranks(job, daemon, out: Path, phase: str, *extra: str) -> list[subprocess.Popen]:
-    port = str(free_ports(1)[0])
-    procs = []
-    for rank in range(WORLD):
-        env = job.env(daemon, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        with open(out / f"{phase}-rank{rank}.log", "ab") as log:
-            p = subprocess.Popen([sys.executable, "-m", "ftd.examples.gpt_trainer", "--out", str(out), *MODEL, *extra],
-                                 env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        job.procs.append(p)
-        procs.append(p)
-    return procs
+    return start_gpt_ranks(job, daemon, out, phase, WORLD, *MODEL, *extra)
 
 
 def finish(procs, out: Path, phase: str, timeout: float = 180) -> None:
