@@ -110,15 +110,23 @@ def split_state(tensors: list[torch.Tensor], manifest: Manifest) -> tuple[dict, 
     tensor, dataclasses dicts of their fields (DCP would pickle an array, a tuple, a Generator or a
     dataclass whole)."""
     tree = manifest.tree
+    slot_of = None  # a sliced version: tensor index of the whole state -> slot of this rank's arena (or -1)
     if isinstance(tree, dict) and "replica" in tree:  # one replica's slice: its pieces as chunks (``sliced``)
+        slot_of = [e[3] for e in tree["replica"]["tensors"]]
         tree, tensors = sliced.full_tensors(tensors, manifest, Shard)
 
-    def on_dtensor(node: dict, shard: torch.Tensor, live, where: str):
+    def on_dtensor(node: dict, shard, live, where: str):
         partial = [p for p in node.get("placements", []) if p.startswith("Partial")]
         if partial:
             raise FtdError(f"{where} is a DTensor with placement {partial[0]}: its value is the sum of the ranks' "
                            f"shards, not a shard, so it cannot be written as a global checkpoint; redistribute it "
                            f"(Replicate or Shard) before snapshotting, or keep it out of the state")
+        if slot_of is not None:
+            node = sliced.slot_node(node, slot_of)
+        if isinstance(shard, sliced.Elsewhere):
+            return shard
+        if isinstance(shard, Shard):  # this replica's rows of its replicated local shard: written by it alone
+            return Shard(shard.local, sliced.in_global(node, shard.node))
         return Shard(shard, node) if writes_shard(node) else _Ref(node)
 
     full = {key: statecodec.decode(sub, lambda i: tensors[i], on_dtensor=on_dtensor, path=key, generator_states=True)

@@ -35,6 +35,25 @@ def _no_parameters(x: Any) -> Any:
     return x
 
 
+def slot_node(node: dict, slot_of: list[int]) -> dict:
+    """A DTensor node of a sliced version with its ``index`` (of the whole state) made a slot of this
+    rank's arena, as the writer's slot index counts them; without one where the rank holds no slot of it."""
+    out = {k: v for k, v in node.items() if k != "index"}
+    index = node.get("index")
+    if isinstance(index, int) and 0 <= index < len(slot_of) and slot_of[index] >= 0:
+        out["index"] = slot_of[index]
+    return out
+
+
+def in_global(node: dict, piece: dict) -> dict:
+    """A DTensor node for this replica's rows of its local shard (``piece``: their offsets in the local
+    shard): the offsets in the global tensor, which the local shard sits in as one block at the node's."""
+    offsets = [int(a) + int(b) for a, b in zip(node["offsets"], piece["offsets"])]
+    out = {k: v for k, v in node.items() if k != "index"}
+    out["offsets"] = offsets
+    return out
+
+
 def check_info(info: Any, slots: int) -> dict:
     ok = (isinstance(info, dict) and isinstance(info.get("tensors"), list) and isinstance(info.get("bounds"), list)
           and isinstance(info.get("pos"), int) and 0 <= info["pos"] < len(info["bounds"])

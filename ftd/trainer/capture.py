@@ -129,7 +129,8 @@ class StateCapture:
             else:
                 sources.append(t.clone())  # may change before the next optimizer step: capture it now
                 versions.append(None)
-        sliced = self.replicas.apply(state, optimizers, skeleton, tensors, sources, versions) if self.replicas else None
+        sliced = (self.replicas.apply(state, optimizers, skeleton, tensors, sources, versions, enc.dtensors)
+                  if self.replicas else None)
         origins = None
         if sliced is not None:  # replicated tensors: only this rank's slice of their bytes (``replicas``)
             sources, versions, origins = sliced.sources, sliced.versions, sliced.origins

@@ -134,12 +134,9 @@ class BadChunk(Exception):
         self.chunk, self.span, self.count = chunk, span, count
 
 
-def read(arena: Arena, manifest: Manifest, where: Plan, threads: int | None = None,
-         checked: bool = False) -> dict[int, torch.Tensor]:
+def read(arena: Arena, manifest: Manifest, where: Plan, threads: int | None = None) -> dict[int, torch.Tensor]:
     """Every tensor of the version (slot -> live, view or fresh tensor, per ``where``), every chunk
-    checked first; BadChunk, with the live tensors untouched, if a chunk fails its checksum.
-    ``checked``: the arena's bytes were checked already (a private buffer put together from checked
-    sources, ``replica_restore``): no checksums to compare."""
+    checked first; BadChunk, with the live tensors untouched, if a chunk fails its checksum."""
     layout = manifest.layout
     out: dict[int, torch.Tensor] = {}
     fresh: dict[int, torch.Tensor] = {}  # slot -> flat uint8 view of its fresh tensor
@@ -173,7 +170,7 @@ def read(arena: Arena, manifest: Manifest, where: Plan, threads: int | None = No
         (lo, hi), pieces = chunks[c]
         if hi > lo:
             segments.populate(base + lo, hi - lo, write=False)
-        if not checked and chunk_checksum(arena.view[lo:hi]) != manifest.checksums[c]:
+        if chunk_checksum(arena.view[lo:hi]) != manifest.checksums[c]:
             return c
         copy(pieces, fresh, populate_dst=True)
         return None

@@ -6,8 +6,10 @@ any byte is read, so the usual checks (``restore.check_fits``, ``readback.plan``
 version. ``assemble`` then asks the daemon for every other replica's version of the step
 (``replica_version``: on this node straight from shared memory; in a cluster, from another node,
 fetched and checked by the daemon while this waits), verifies each source's chunks against its own
-manifest, and copies the per-rank tensors from this rank's version and each replica's slice into one
-private buffer, which the ordinary read path (``readback``) then loads without checking it again.
+manifest, and only once every source passed copies the per-rank tensors from this rank's version and
+each replica's slice straight to where ``readback.plan`` put each tensor: into the live tensor it
+fills in place, or a fresh one. One copy of each byte, as for a whole-rank version, and a source that
+fails leaves the live state untouched.
 
 Nothing silent: a replica whose version of the step is missing, or whose slices do not fit this
 rank's (another replica set, another cut, other tensors), is an FtdError naming the rank and step.
@@ -18,7 +20,6 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -27,7 +28,7 @@ from ftd.shm import slices
 from ftd.shm import segments
 from ftd.shm.checksum import chunk_checksum
 from ftd.shm.layout import Manifest, chunk_count, plan_layout
-from ftd.trainer import readback
+from ftd.trainer import readback, statecodec
 from ftd.trainer.arena import Arena
 from ftd.trainer.replicas import FORMAT, ReplicaMismatch
 
@@ -81,35 +82,67 @@ def _check_same_cut(mine: dict, theirs: dict, j: int, who: str) -> None:
 COPY_SLICE = 16 << 20  # bytes per copy task: a large tensor's copy spread over the restore's threads
 
 
-def _copy_pieces(dst: torch.Tensor, full: Manifest, src: Arena, manifest: Manifest, info: dict,
-                 per_rank: bool) -> None:
-    """Copy ``src``'s replicated pieces (and, with ``per_rank``, its per-rank tensors) into ``dst``."""
+def _pieces(full: Manifest, manifest: Manifest, info: dict, per_rank: bool) -> list[tuple[int, int, int, int]]:
+    """(slot of the whole state, byte offset in that tensor, byte offset in the source arena, bytes) of
+    each piece a source version holds: its replicated pieces and, with ``per_rank``, its per-rank tensors."""
     lo, hi = info["bounds"][info["pos"]]
-    tasks = []
+    out = []
     for k, (dtype, shape, offset, slot) in enumerate(info["tensors"]):
         if slot < 0 or slot >= len(manifest.layout.slots):
             continue
         s, f = manifest.layout.slots[slot], full.layout.slots[k]
         if offset < 0:
             if per_rank:
-                tasks.append((f.offset, s.offset, s.nbytes))
+                out.append((k, 0, s.offset, s.nbytes))
             continue
         cut = slices.piece(offset, f.nbytes, lo, hi)
         if cut is None or cut[1] - cut[0] != s.nbytes:
             raise FtdError(f"replica slot {slot} holds {s.nbytes} bytes, the cut says {cut}")
-        tasks.append((f.offset + cut[0], s.offset, s.nbytes))
-    spans = [(d + a, o + a, min(COPY_SLICE, n - a)) for d, o, n in tasks for a in range(0, n, COPY_SLICE)]
+        out.append((k, cut[0], s.offset, s.nbytes))
+    return out
 
-    def copy(span: tuple[int, int, int]) -> None:
-        d, o, n = span
+
+def _copy_pieces(dsts: dict[int, torch.Tensor], full: Manifest, src: Arena, manifest: Manifest, info: dict,
+                 per_rank: bool) -> None:
+    """Copy ``src``'s pieces (``_pieces``) into ``dsts`` (slot of the whole state -> the flat bytes of
+    the tensor it goes to; a slot not in it is skipped), on the restore's threads."""
+    spans = [(dsts[k], d + a, o + a, min(COPY_SLICE, n - a))
+             for k, d, o, n in _pieces(full, manifest, info, per_rank) if k in dsts for a in range(0, n, COPY_SLICE)]
+
+    def copy(span: tuple) -> None:
+        dst, d, o, n = span
         dst[d:d + n].copy_(src.tensor[o:o + n])
 
     threads = max(1, min(readback.restore_threads(), len(spans)))
-    if threads == 1:
-        list(map(copy, spans))
-    else:
-        with ThreadPoolExecutor(threads, thread_name_prefix="ftd-replica-copy") as pool:
-            list(pool.map(copy, spans))
+    with torch.no_grad():
+        if threads == 1:
+            list(map(copy, spans))
+        else:
+            with ThreadPoolExecutor(threads, thread_name_prefix="ftd-replica-copy") as pool:
+                list(pool.map(copy, spans))
+
+
+def flat_views(buf: torch.Tensor, full: Manifest) -> dict[int, torch.Tensor]:
+    """Each slot's bytes in one buffer of the whole state's layout (``_copy_pieces``'s ``dsts``)."""
+    return {k: buf[s.offset:s.end] for k, s in enumerate(full.layout.slots) if s.nbytes}
+
+
+def destinations(full: Manifest, where: readback.Plan) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """(the tensor each slot of the whole state is restored into, by slot; the flat bytes of each):
+    the live tensor ``readback.plan`` fills in place, else a fresh CPU tensor (also for a slot that a
+    whole-rank restore would leave as a view of the arena: there is no single arena here)."""
+    out, flat = {}, {}
+    for k, s in enumerate(full.layout.slots):
+        if k in where.live:
+            out[k] = where.live[k]
+            if s.nbytes:
+                flat[k] = out[k].detach().view(-1).view(torch.uint8)
+            continue
+        out[k] = torch.empty(s.shape, dtype=statecodec.dtype_from_name(s.dtype))
+        if s.nbytes:
+            flat[k] = out[k].view(-1).view(torch.uint8)
+            segments.populate(flat[k].data_ptr(), s.nbytes, write=True)  # one call, not a fault per page
+    return out, flat
 
 
 def _verified(arena: Arena, manifest: Manifest) -> bool:
@@ -168,39 +201,41 @@ def _map_replica(conn, rank: int, step: int, world: int, who: str) -> tuple[dict
     raise AssertionError("unreachable")
 
 
-def assemble(conn, own: Arena, manifest: Manifest, full: Manifest, step: int, rank: int, world: int):
-    """(full manifest with checksums, a buffer holding the whole state) of a sliced version; None if
-    this rank's own version fails its checksums (the caller reports it), "repairing" if a replica's does
-    (reported here: ask again)."""
+def assemble(conn, own: Arena, manifest: Manifest, full: Manifest, where: readback.Plan, step: int, rank: int,
+             world: int):
+    """(full manifest, every tensor of the whole state by slot) of a sliced version, its tensors where
+    ``where`` puts them (``destinations``); None if this rank's own version fails its checksums (the
+    caller reports it), "repairing" if a replica's does (reported here: ask again). Every replica's
+    slice is mapped and verified before the first byte goes to a live tensor."""
     who = f"rank {rank}"
     info = _info(manifest, f"{who}'s version of step {step}")
     if not _verified(own, manifest):
         return None
-    buf = torch.empty(full.layout.nbytes, dtype=torch.uint8)
-    if buf.numel():  # its pages in one call, not a fault per page inside the copies
-        segments.populate(buf.data_ptr(), buf.numel(), write=True)
-    _copy_pieces(buf, full, own, manifest, info, per_rank=True)
-    for j, other in enumerate(info["ranks"]):
-        if j == info["pos"]:
-            continue
-        reply, arena = _map_replica(conn, other, step, world, who)
-        try:
+    sources: list[tuple[Arena, Manifest, dict, bool]] = [(own, manifest, info, True)]
+    held: list[tuple[int, dict, Arena]] = []  # (rank, reply, mapping) of each other replica's version
+    try:
+        for j, other in enumerate(info["ranks"]):
+            if j == info["pos"]:
+                continue
+            reply, arena = _map_replica(conn, other, step, world, who)
+            held.append((other, reply, arena))
             theirs = Manifest.from_json(reply["manifest"])
-            _check_same_cut(info, _info(theirs, f"rank {other}'s version of step {step}"), j, f"rank {other}")
+            their_info = _info(theirs, f"rank {other}'s version of step {step}")
+            _check_same_cut(info, their_info, j, f"rank {other}")
             if not _verified(arena, theirs):
                 log.warning("ftd: rank %d's version of step %d (a replica's slice) fails its checksums", other, step)
                 if reply.get("origin", "memory") == "memory":
                     answer = conn.call("corrupt", rank=other, buffer=reply["buffer"], step=step)
                     return "repairing" if answer.get("repairing") else None
-                conn.call("replica_release", rank=other, step=step)
-                return "repairing"
-            _copy_pieces(buf, full, arena, theirs, _info(theirs, "?"), per_rank=False)
-        finally:
+                return "repairing"  # (released below: fetched again)
+            sources.append((arena, theirs, their_info, False))
+        tensors, flat = destinations(full, where)
+        for arena, their_manifest, their_info, per_rank in sources:  # every source checked: now write
+            _copy_pieces(flat, full, arena, their_manifest, their_info, per_rank)
+    finally:
+        for other, reply, arena in held:
             arena.close()
-        if reply.get("origin", "memory") != "memory":
-            conn.call("replica_release", rank=other, step=step)
-    view = memoryview(buf.numpy()).cast("B") if buf.numel() else memoryview(b"")
-    holder = SimpleNamespace(tensor=buf, view=view, mapping=SimpleNamespace(size=full.layout.nbytes))
-    # every byte of it came from a checked source: the caller reads it with checked=True (no checksums)
-    sums = (0,) * chunk_count(full.layout.nbytes, full.chunk_size)
-    return Manifest(full.layout, full.chunk_size, sums, full.tree), holder
+            if reply.get("origin", "memory") != "memory":
+                conn.call("replica_release", rank=other, step=step)
+    sums = (0,) * chunk_count(full.layout.nbytes, full.chunk_size)  # (every byte came from a checked source)
+    return Manifest(full.layout, full.chunk_size, sums, full.tree), tensors

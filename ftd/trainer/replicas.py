@@ -2,9 +2,10 @@
 the slice of them this rank copies.
 
 Replicated (the same bytes on every rank of a replica set): the parameters of a module wrapped in
-``DistributedDataParallel`` and their optimizer state, across the DDP process group; or, with
-``Client(replicas=group)``, the parameters of the state's modules and their optimizer state, across
-``group``. Everything else stays per rank: RNG states, plain data, a loose tensor, and module buffers
+``DistributedDataParallel`` and their optimizer state, across the DDP process group; without DDP, the
+local shards of DTensors placed ``Replicate()`` on a mesh dimension (HSDP's replicate dimension: every
+replica holds the same shard), across that dimension's group; or, with ``Client(replicas=group)``, the
+parameters of the state's modules and their optimizer state, across ``group``. Everything else stays per rank: RNG states, plain data, a loose tensor, and module buffers
 (DDP broadcasts rank 0's buffers at each forward, but after it each rank's BatchNorm statistics are its
 own batch's: a restore that mixed the ranks' slices of them would not be the uninterrupted run's). The decision is
 made once per layout (``ReplicaDecision``) and shown in ``ftd status``.
@@ -26,6 +27,7 @@ import torch
 from ftd.errors import FtdError
 from ftd.shm import slices
 from ftd.trainer import statecodec
+from ftd.trainer.dtensors import local_shard
 
 log = logging.getLogger(__name__)
 
@@ -76,21 +78,61 @@ def find_ddp(modules: list[torch.nn.Module]) -> list[Any]:
     return found
 
 
+def replicated_dtensors(dtensors: dict[int, torch.Tensor]) -> tuple[Any, int, list[int]] | None:
+    """(mesh, mesh dim, tensor indices) of the DTensors placed ``Replicate()`` on that dim of that mesh
+    and sharded on every other, for the (mesh, dim) of size 2+ that replicates the most bytes; None if
+    there is none. A DTensor replicated on two dims (or partial on one) stays per rank: its slices from
+    several replica groups would be cut differently (their streams differ) and could not be written
+    once. Decided from global shapes only, which every rank sees alike: the ranks of one replica group
+    (whose local shards may differ from other groups') all pick the same dim, or the agreement check
+    (a collective over the chosen group) would not meet."""
+    weight: dict[tuple, int] = {}
+    members: dict[tuple, list[int]] = {}
+    for index, x in dtensors.items():
+        mesh = x.device_mesh
+        unsharded = [dim for dim, p in enumerate(x.placements) if not p.is_shard() and mesh.size(dim) > 1]
+        if len(unsharded) == 1 and x.placements[unsharded[0]].is_replicate():
+            key = (mesh, unsharded[0])
+            weight[key] = weight.get(key, 0) + x.numel() * x.element_size()
+            members.setdefault(key, []).append(index)
+    if not weight:
+        return None
+    mesh, dim = max(weight, key=lambda k: (weight[k], -k[1]))  # ties: the first mesh met, its outer dim
+    return mesh, dim, members[(mesh, dim)]
+
+
+def _dtensor_set(found: tuple[Any, int, list[int]]) -> ReplicaSet:
+    mesh, dim, _ = found
+    names = mesh.mesh_dim_names
+    group = mesh.get_group(dim)
+    return ReplicaSet(_group_ranks(group), -1, f"DTensor Replicate() on mesh dim {names[dim] if names else dim!r}",
+                      group)
+
+
 def _group_ranks(group: Any) -> tuple[int, ...]:
     import torch.distributed as dist
     return tuple(dist.get_process_group_ranks(group))
 
 
 def decide(state: dict, explicit: Any, detect: bool, rank: int, optimizers: list,
-           find=find_ddp) -> tuple[ReplicaSet | None, set]:
+           find=find_ddp, dtensors: dict | None = None) -> tuple[ReplicaSet | None, set]:
     """(the replica set or None, identities of the replicated tensors). ``explicit``: the group given
-    as ``Client(replicas=)``; ``detect``: look for DDP (the config's ``replica_snapshots``); ``find``:
-    ``find_ddp``, or a cache of it."""
+    as ``Client(replicas=)``; ``detect``: look for DDP, else for replicated DTensors (the config's
+    ``replica_snapshots``); ``find``: ``find_ddp``, or a cache of it; ``dtensors``: the state's DTensors
+    by tensor index (``statecodec.Encoder.dtensors``)."""
     modules = [v for v in state.values() if isinstance(v, torch.nn.Module)]
     if explicit is not None:
         tensors = [p for m in modules for p in m.parameters()]
         params = {id(p) for p in tensors}
         rs = ReplicaSet(_group_ranks(explicit), -1, "replicas=", explicit)
+    elif detect and not find(modules) and dtensors:
+        found = replicated_dtensors(dtensors)
+        if found is None:
+            return None, set()
+        # by DTensor's contract the replicas' local shards are equal (HSDP all-reduces their gradients)
+        tensors = [local_shard(dtensors[i]) for i in found[2]]
+        params = set()
+        rs = _dtensor_set(found)
     elif detect:
         wrappers = find(modules)
         if not wrappers:
@@ -272,12 +314,14 @@ class ReplicaPolicy:
                                              and dist.get_world_size() > 1)
 
     def apply(self, state: dict, optimizers: list, skeleton: dict, tensors: list[torch.Tensor],
-              sources: list[torch.Tensor], versions: list[int | None]) -> Sliced | None:
+              sources: list[torch.Tensor], versions: list[int | None],
+              dtensors: dict[int, torch.Tensor] | None = None) -> Sliced | None:
         detect = self.explicit is None and self.detect()
-        rs, replicated = decide(state, self.explicit, detect, self.rank, optimizers, self._find)
+        rs, replicated = decide(state, self.explicit, detect, self.rank, optimizers, self._find, dtensors)
         if rs is None:
             self.stats["replicas"] = {"sliced": False, "why": "replica_snapshots is off" if not detect and
-                                      self.explicit is None else "no DistributedDataParallel module of 2+ ranks"}
+                                      self.explicit is None else "no DistributedDataParallel module or "
+                                      "Replicate() DTensor over 2+ ranks"}
             return None
         mask = [_identity(t) in replicated for t in tensors]
         full = [(statecodec.dtype_name(t.dtype), tuple(t.shape)) for t in tensors]

@@ -65,13 +65,13 @@ def restore_versions(conn, reply: dict, state: dict, rank: int, capture_rng: boo
             log.warning("ftd: snapshot of step %d vanished before it could be read; trying an older one", step)
             continue
         try:
-            source = arena
-            if sliced:
-                got = replica_restore.assemble(conn, arena, manifest, full, step, rank, world)
+            if sliced:  # straight from the replicas' slices into the live tensors, once all are verified
+                got = replica_restore.assemble(conn, arena, manifest, full, where, step, rank, world)
                 if got == "repairing":
                     return REPAIRING
-                manifest, source = got if got is not None else (manifest, None)
-            tensors = read_verified(source, manifest, where, step, rank, sliced) if source is not None else None
+                manifest, tensors = got if got is not None else (manifest, None)
+            else:
+                tensors = read_verified(arena, manifest, where, step, rank)
             if tensors is None:
                 answer = conn.call("corrupt", rank=rank, buffer=name, step=step)
                 if answer.get("repairing"):
@@ -211,7 +211,7 @@ def check_fits(manifest: Manifest, state: dict, *, job: str, step: int, strict: 
 
 
 def read_verified(arena: Arena, manifest: Manifest, where: readback.Plan, step: int,
-                  rank: int, checked: bool = False) -> dict[int, torch.Tensor] | None:
+                  rank: int) -> dict[int, torch.Tensor] | None:
     """Every tensor of a snapshot (``readback.read``: live, view or fresh, per ``where``), every chunk
     checked before any live tensor is written. None, after a warning and with the live state
     untouched, if a chunk fails its checksum."""
@@ -222,7 +222,7 @@ def read_verified(arena: Arena, manifest: Manifest, where: readback.Plan, step: 
         log.warning("ftd: snapshot buffer is smaller than its manifest says; discarding it")
         return None
     try:
-        return readback.read(arena, manifest, where, checked=checked)
+        return readback.read(arena, manifest, where)
     except readback.BadChunk as bad:
         more = f" (and {bad.count - 1} more)" if bad.count > 1 else ""
         log.warning("ftd: snapshot of step %d (rank %d) fails its checksum in chunk %d (bytes %d-%d)%s; "

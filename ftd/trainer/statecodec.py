@@ -56,6 +56,7 @@ class Encoder:
 
     def __init__(self) -> None:
         self.tensors: list[torch.Tensor] = []
+        self.dtensors: dict[int, torch.Tensor] = {}  # tensor index -> the DTensor whose local shard it is
         self._rank: int | None = None  # this process's rank, looked up at the first DTensor
 
     def encode(self, obj: Any, path: str = "state") -> Any:
@@ -133,6 +134,7 @@ class Encoder:
         # the cached layout's lists are shared by every node of this kind of shard: skeletons are only
         # serialized, never changed in place
         node = {TAG: "dtensor", "index": self._tensor(local.detach()), **cached_layout(x, self._rank)}
+        self.dtensors[node["index"]] = x
         if isinstance(x, torch.nn.Parameter):
             node["parameter"] = True
         return node

@@ -19,3 +19,13 @@ def make_version(state: dict, rng=None, padding: int = 0) -> tuple[bytearray, Ma
     for s, t in zip(layout.slots, tensors):
         data[s.offset:s.end] = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return data, Manifest(layout, CHUNK, tuple(checksums(memoryview(data), layout.nbytes, CHUNK)), skeleton)
+
+
+def as_dtensor(skeleton: dict, key: str, **layout) -> None:
+    """Turn the plain tensor node ``skeleton['state']['model'][key]`` into a DTensor shard node of a
+    (replicate, shard) mesh."""
+    model = skeleton["state"]["model"]
+    node = model[key]
+    stride = list(torch.empty(layout["shape"]).stride())
+    model[key] = {statecodec.TAG: "dtensor", "index": node["index"], "mesh_dims": ["replicate", "shard"],
+                  "stride": stride, **layout}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +17,7 @@ from ftd.durable.ondisk import step_dir
 from ftd.examples import fsdp_trainer
 from ftd.util.procs import wait_for
 
+from support.checkpoints import assert_same, gathered
 from support.jobs import LocalJob
 from support.torchrun import SMALL, torchrun
 
@@ -44,19 +44,6 @@ def flushed(request, tmp_path_factory):
     finally:
         left = job.cleanup()
         assert not left, left
-
-
-def gathered(path: Path) -> dict:
-    return torch.load(path, weights_only=True)
-
-
-def assert_same(got: dict, want: dict, where: str) -> None:
-    assert sorted(got) == sorted(want), (where, sorted(set(got) ^ set(want))[:5])
-    for key, value in want.items():
-        if isinstance(value, dict):
-            assert_same(got[key], value, f"{where}.{key}")
-        elif isinstance(value, torch.Tensor):
-            assert got[key].dtype == value.dtype and torch.equal(got[key], value), f"{where}.{key} differs"
 
 
 def test_plain_dcp_load_into_an_unsharded_model_in_one_process(flushed):

@@ -8,21 +8,12 @@ import torch
 
 from ftd.durable import dcp_writer, global_index, ondisk
 from ftd.errors import FtdError
-from ftd.trainer import statecodec
 
-from support.arenas import make_version
+from support.arenas import as_dtensor, make_version
 
 pytestmark = pytest.mark.timeout(60)
 FULL = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3)
 BIAS = torch.tensor([0.5, -1.0, 2.0])
-
-
-def as_dtensor(skeleton: dict, key: str, **layout) -> None:
-    """Turn the plain tensor node ``skeleton['state']['model'][key]`` into a DTensor shard node."""
-    model = skeleton["state"]["model"]
-    node = model[key]
-    model[key] = {statecodec.TAG: "dtensor", "index": node["index"], "mesh_dims": ["replicate", "shard"],
-                  "stride": [3, 1] if len(layout["shape"]) == 2 else [1], **layout}
 
 
 def rank_version(rank: int, bias_placement: str = "Replicate()"):

@@ -39,7 +39,7 @@ def test_the_slices_of_every_replica_put_the_whole_state_back(replicas):
     out = torch.zeros(full.layout.nbytes, dtype=torch.uint8)
     for pos, part in enumerate(parts):
         arena, manifest = arena_of(part)
-        replica_restore._copy_pieces(out, full, arena, manifest, part.info, per_rank=pos == 0)
+        replica_restore._copy_pieces(replica_restore.flat_views(out, full), full, arena, manifest, part.info, per_rank=pos == 0)
     for k, (t, s) in enumerate(zip(tensors, full.layout.slots)):
         got = out[s.offset:s.end].view(t.dtype).view(t.shape)
         assert torch.equal(got, t), f"tensor {k}"
@@ -69,3 +69,52 @@ def test_the_config_key(tmp_path):
     cfg.write_text(f'job = "j"\nreplica_snapshots = true\nflush_dir = "{tmp_path}"\n')
     assert load_config(cfg).replica_snapshots is True  # the flush writes sliced versions (durable/sliced.py)
     assert load_config(None).replica_snapshots is False
+
+
+class FakeMesh:
+    def __init__(self, shape):
+        self.shape = shape
+
+    def size(self, dim):
+        return self.shape[dim]
+
+
+class FakeDTensor:
+    """What ``replicated_dtensors`` reads of a DTensor: its mesh, placements and global size."""
+
+    def __init__(self, mesh, placements, numel):
+        self.device_mesh, self.placements, self._numel = mesh, placements, numel
+
+    def numel(self):
+        return self._numel
+
+    def element_size(self):
+        return 4
+
+
+def test_the_replicate_dimension_of_dtensors_is_found_from_global_sizes():
+    from torch.distributed.tensor import Replicate, Shard
+    from ftd.trainer.replicas import replicated_dtensors
+    hsdp = FakeMesh((2, 2))
+    # HSDP: every parameter and moment Replicate() on dim 0, Shard(0) on dim 1
+    found = replicated_dtensors({0: FakeDTensor(hsdp, (Replicate(), Shard(0)), 100),
+                                 3: FakeDTensor(hsdp, (Replicate(), Shard(0)), 7)})
+    assert found == (hsdp, 0, [0, 3])
+    # FSDP + TP: only the norms are replicated, on the tp dim; a dim of size 1 replicates nothing
+    tp = FakeMesh((2, 2))
+    found = replicated_dtensors({0: FakeDTensor(tp, (Shard(0), Shard(0)), 1000),
+                                 1: FakeDTensor(tp, (Shard(0), Replicate()), 10),
+                                 2: FakeDTensor(FakeMesh((1, 4)), (Replicate(), Shard(0)), 5000)})
+    assert found == (tp, 1, [1])
+    # two candidate dims: the one replicating more bytes of the global tensors; a tie: the outer dim
+    two = FakeMesh((2, 2))
+    assert replicated_dtensors({0: FakeDTensor(two, (Replicate(), Shard(0)), 10),
+                                1: FakeDTensor(two, (Shard(0), Replicate()), 30)}) == (two, 1, [1])
+    assert replicated_dtensors({0: FakeDTensor(two, (Shard(0), Replicate()), 10),
+                                1: FakeDTensor(two, (Replicate(), Shard(0)), 10)}) == (two, 0, [1])
+    # replicated on two dims, or partial on another: per rank
+    from torch.distributed.tensor import Partial
+    assert replicated_dtensors({0: FakeDTensor(two, (Replicate(), Replicate()), 10),
+                                1: FakeDTensor(two, (Replicate(), Partial()), 10)}) is None
+    assert replicated_dtensors({0: FakeDTensor(hsdp, (Shard(0), Shard(1)), 10)}) is None
+    assert replicated_dtensors({}) is None
