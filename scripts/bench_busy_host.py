@@ -9,9 +9,7 @@ model + optimizer state, torch's default intra-op threads. Each trial is a fresh
 ``--steps`` measured steps (after 3 untimed ones, which also make ftd's two buffers) in one mode:
 ``none`` (no checkpoint), ``ftd`` (``client.snapshot()`` every step, a private daemon), ``ftd-foreground``
 (the same with ``FTD_COPY=foreground``: the copy done inside ``snapshot()`` by the trainer thread and the
-copier together, while no compute thread runs), ``ftd-nohelp`` (the hook only waits, as before #20),
-``ftd-torchcopy`` (the copier copies with ``Tensor.copy_``, which starts an OpenMP team of its own, as
-before it used ``memmove``: ``ftd/trainer/bytecopy.py``) and
+copier together, while no compute thread runs), ``ftd-nohelp`` (the hook only waits, as before #20) and
 ``torch.save`` (a synchronous ``torch.save`` of the state dict to /dev/shm every step, for a third of
 the steps: it is slow). Trials are interleaved (none, ftd, torch.save, then the next trial with the
 order rotated), so that drift of the host falls on every mode alike.
@@ -56,8 +54,8 @@ from pathlib import Path
 from ftd.trainer.copier import COPIER_TOTALS
 from benchutil import MALLOC_KEEP, REPO, ftd_revision, ms, private_daemon, sigterm_to_exit, table, verdict
 
-MODES = ("none", "ftd", "ftd-foreground", "ftd-nohelp", "ftd-torchcopy", "torch.save")
-FTD_MODES = ("ftd", "ftd-foreground", "ftd-nohelp", "ftd-torchcopy")
+MODES = ("none", "ftd", "ftd-foreground", "ftd-nohelp", "torch.save")
+FTD_MODES = ("ftd", "ftd-foreground", "ftd-nohelp")
 TARGET_MODES = ("ftd", "ftd-foreground")  # the modes a user runs (nohelp is the before-#20 reference)
 WARMUP = 3
 
@@ -124,8 +122,6 @@ def run_trial(mode: str, args: argparse.Namespace, endpoint: str, work: Path, i:
         env["FTD_DEBUG_NO_HELP"] = "1"
     if mode == "ftd-foreground":  # Client(copy="foreground"): the copy inside snapshot(), both threads
         env["FTD_COPY"] = "foreground"
-    if mode == "ftd-torchcopy":  # the copier copies with Tensor.copy_ (its own OpenMP team), as before
-        env["FTD_DEBUG_TORCH_COPY"] = "1"
     if args.malloc == "keep":  # see --malloc: the same allocator behaviour in every mode
         env.update(MALLOC_KEEP)
     if args.omp_wait == "passive":  # see --omp-wait

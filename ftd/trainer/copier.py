@@ -24,7 +24,6 @@ import torch
 from ftd.shm.checksum import ChunkHasher, chunk_checksum
 from ftd.shm.layout import Layout, chunk_plan
 from ftd.trainer.statecodec import dtype_from_name
-from ftd.trainer.bytecopy import copy_bytes
 from ftd.trainer.thread_usage import ThreadUsage
 
 log = logging.getLogger(__name__)
@@ -176,7 +175,7 @@ def copy_and_hash(job: SnapshotJob, arena: torch.Tensor, mv: memoryview, chunk_s
                 holds_cuda = True
             elif flat[p.slot] is not None:
                 base = layout.slots[p.slot].offset
-                copy_bytes(arena[base + p.start:base + p.end], flat[p.slot][p.start:p.end])  # no OpenMP team
+                arena[base + p.start:base + p.end].copy_(flat[p.slot][p.start:p.end])
         if not holds_cuda:  # hash now, while the chunk is in cache (or on the pool, while the next copies)
             sums[c] = hasher.submit(mv[lo:hi]) if hasher else chunk_checksum(mv[lo:hi])
         if chunk_delay:
