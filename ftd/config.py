@@ -33,7 +33,8 @@ class Config:
     memory_reserve: int = 1 << 30   # never allocate below this much memory available to the system
     chunk_size: int = 4 << 20       # checksum (and later transfer) unit
     request_timeout: float = 10.0   # seconds a client waits for a reply
-    replica_snapshots: bool = False  # DDP's replicated state: each rank snapshots 1/R (trainer/replicas.py)
+    replica_snapshots: bool | str = "auto"  # DDP's / HSDP's replicated state: each rank snapshots 1/R
+                                    # (trainer/replicas.py); "auto": on in a cluster (peers), off on a standalone node
     # ---- peers (erasure coding across nodes); no peers: a standalone node, as in issue 2 ----
     peers: tuple[str, ...] = ()     # peer endpoint ("tcp://host:port") of every node rank, index = node rank
     advertise: str = ""             # this node's own peer endpoint when it is not peers[node_rank]: a replacement
@@ -92,6 +93,10 @@ class Config:
             object.__setattr__(self, "peer_key_file", Path(str(self.peer_key_file).replace("{node_rank}",
                                                                                          str(self.node_rank))))
         self._check_peers()
+        if self.replica_snapshots == "auto":
+            object.__setattr__(self, "replica_snapshots", bool(self.peers))
+        elif not isinstance(self.replica_snapshots, bool):
+            raise ConfigError(f"replica_snapshots must be true, false or \"auto\"; got {self.replica_snapshots!r}")
 
     def _check_peers(self) -> None:
         object.__setattr__(self, "peers", tuple(self.peers))
@@ -273,9 +278,12 @@ def _value(key: str, value, total: int, where: str):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: peers must be a list of tcp://host:port strings")
         return tuple(value)
+    if key == "replica_snapshots" and value == "auto":
+        return value
     if key in ("insecure_peers", "rebuild_decoders", "replica_snapshots"):
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {key} must be true or false")
+            raise ConfigError(f"{where}: {key} must be true or false" + (' or "auto"' if key == "replica_snapshots"
+                                                                          else ""))
         return value
     if key in ("peer_key_file", "peer_roster", "flush_dir"):
         return Path(value).expanduser() if value else None

@@ -11,6 +11,11 @@ trainer's blocked time per snapshot (time in ``snapshot()`` plus the optimizer p
 with ``--compute`` seconds of stand-in compute between snapshots), the node's shared memory (the
 daemon's ``used``), and the restore time after every worker was killed (new processes, the versions
 still in the daemon). Results in ``bench-results/bench_replica-<timestamp>.json``.
+
+``--cluster``: the R ranks on R nodes instead (``ftd launch --nodes R --parity 1``, one rank per node,
+the peer links over localhost), where a sliced restore fetches the other R - 1 slices from their
+nodes; adds the time to protection (a step's commit by a node's last rank -> recoverable on every
+node: the daemons' ``protection_lag``, averaged over the nodes' versions) and gives the memory per node.
 """
 from __future__ import annotations
 
@@ -82,12 +87,15 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_ranks(d: Path, endpoint: str, r: int, sliced: bool, phase: str, args: argparse.Namespace) -> list[dict]:
+def run_ranks(d: Path, endpoints: list[str], r: int, sliced: bool, phase: str, args: argparse.Namespace) -> list[dict]:
+    """R worker processes, rank i talking to ``endpoints[i]`` (one node's for all, or one node each)."""
     port = str(free_ports(1)[0])
     procs = []
+    local = r if len(set(endpoints)) == 1 else 1
     for rank in range(r):
-        env = dict(os.environ, PYTHONPATH=str(REPO), FTD_ENDPOINT=endpoint, RANK=str(rank), WORLD_SIZE=str(r),
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = dict(os.environ, PYTHONPATH=str(REPO), FTD_ENDPOINT=endpoints[rank], RANK=str(rank), WORLD_SIZE=str(r),
+                   LOCAL_RANK=str(rank % local), LOCAL_WORLD_SIZE=str(local), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port)
         cmd = [sys.executable, __file__, "--worker", "--phase", phase, "--result", str(d / f"{phase}-{rank}.json"),
                "--state-mib", str(args.state_mib), "--steps", str(args.steps), "--compute", str(args.compute)]
         procs.append(subprocess.Popen(cmd + (["--sliced"] if sliced else []), env=env, cwd=REPO,
@@ -109,23 +117,55 @@ def measure(r: int, sliced: bool, args: argparse.Namespace) -> dict:
     endpoint = f"ipc://{d}/run/{job}/node0.sock"
     try:
         wait_for(lambda: status_or_none(endpoint), 60, "the daemon to answer")
-        ran = run_ranks(d, endpoint, r, sliced, "run", args)
-        used = status_or_none(endpoint)["used"]
-        restored = run_ranks(d, endpoint, r, sliced, "restore", args)
-        return {"copy_s": max(x["copy_s"] for x in ran), "blocked_s": max(x["blocked_s"] for x in ran),
-                "node_bytes": used, "restore_s": max(x["restore_s"] for x in restored),
-                "replicas": ran[0]["replicas"], "restored": [x["restored"] for x in restored]}
+        return phases(d, [endpoint] * r, r, sliced, args)
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-        kill_everything_from(d)
-        for f in Path("/dev/shm").iterdir():
-            if f.name.startswith(f"ftd.{job}."):
-                f.unlink(missing_ok=True)
-        shutil.rmtree(d, ignore_errors=True)
+        stop(daemon, d, job)
+
+
+def measure_cluster(r: int, sliced: bool, args: argparse.Namespace) -> dict:
+    """The same on R nodes of a local cluster (``ftd launch``), one rank each."""
+    d = Path(tempfile.mkdtemp(prefix="brepc-", dir="/tmp"))
+    job = f"bc{os.getpid()}{r}{int(sliced)}"
+    launcher = subprocess.Popen([sys.executable, "-m", "ftd.cli", "launch", "--nodes", str(r), "--parity", "1",
+                                 "--dir", str(d / "cluster"), "--job", job, "--memory-budget", "6GiB",
+                                 "--replica-snapshots" if sliced else "--no-replica-snapshots"], cwd=REPO,
+                                env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=open(d / "launch.log", "wb"),
+                                stderr=subprocess.STDOUT)
+    try:
+        info = d / "cluster" / "cluster.json"
+        wait_for(lambda: info.exists() or launcher.poll() is not None, 60, "ftd launch to write cluster.json")
+        endpoints = [m["endpoint"] for m in json.loads(info.read_text())["members"]]
+        wait_for(lambda: all((status_or_none(e) or {}).get("cluster", {}).get("ready") for e in endpoints), 60,
+                 "every node to be ready")
+        out = phases(d, endpoints, r, sliced, args)
+        lags = [status_or_none(e)["cluster"]["stats"]["protection_lag"] for e in endpoints]
+        count = sum(lag["count"] for lag in lags)
+        out["protection_s"] = sum(lag["total_seconds"] for lag in lags) / count if count else float("nan")
+        return out
+    finally:
+        stop(launcher, d, job)
+
+
+def phases(d: Path, endpoints: list[str], r: int, sliced: bool, args: argparse.Namespace) -> dict:
+    ran = run_ranks(d, endpoints, r, sliced, "run", args)
+    used = max(status_or_none(e)["used"] for e in set(endpoints))  # (the most loaded node)
+    restored = run_ranks(d, endpoints, r, sliced, "restore", args)
+    return {"copy_s": max(x["copy_s"] for x in ran), "blocked_s": max(x["blocked_s"] for x in ran),
+            "node_bytes": used, "restore_s": max(x["restore_s"] for x in restored),
+            "replicas": ran[0]["replicas"], "restored": [x["restored"] for x in restored]}
+
+
+def stop(proc: subprocess.Popen, d: Path, job: str) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    kill_everything_from(d)
+    for f in Path("/dev/shm").iterdir():
+        if f.name.startswith(f"ftd.{job}."):
+            f.unlink(missing_ok=True)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def main() -> int:
@@ -134,6 +174,7 @@ def main() -> int:
     p.add_argument("--state-mib", type=int, default=256, help="replicated state per rank (MLP + Adam)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compute", type=float, default=0.05, help="seconds of stand-in compute between snapshots")
+    p.add_argument("--cluster", action="store_true", help="R nodes of a local cluster, one rank each")
     p.add_argument("--out", default=str(REPO / "bench-results"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sliced", action="store_true", help=argparse.SUPPRESS)
@@ -145,13 +186,16 @@ def main() -> int:
     results = {"command": " ".join([sys.executable] + sys.argv), "ftd": ftd_revision(), "args": vars(args), "runs": {}}
     rows = []
     for r in args.replicas:
-        whole, sliced = measure(r, False, args), measure(r, True, args)
+        run = measure_cluster if args.cluster else measure
+        whole, sliced = run(r, False, args), run(r, True, args)
         results["runs"][str(r)] = {"whole": whole, "sliced": sliced}
-        for name, w, s, fmt in (("copy time per rank", whole["copy_s"], sliced["copy_s"], ms),
-                                ("blocked per snapshot", whole["blocked_s"], sliced["blocked_s"], ms),
-                                ("node shared memory", whole["node_bytes"], sliced["node_bytes"],
-                                 lambda b: f"{b / (1 << 20):.0f} MiB"),
-                                ("restore after a worker crash", whole["restore_s"], sliced["restore_s"], ms)):
+        figures = [("copy time per rank", "copy_s", ms), ("blocked per snapshot", "blocked_s", ms),
+                   ("node shared memory", "node_bytes", lambda b: f"{b / (1 << 20):.0f} MiB"),
+                   ("restore after a worker crash", "restore_s", ms)]
+        if args.cluster:
+            figures.append(("time to protection", "protection_s", ms))
+        for name, key, fmt in figures:
+            w, s = whole[key], sliced[key]
             rows.append([f"R={r}", name, fmt(w), fmt(s), f"{s / w:.2f} (1/R = {1 / r:.2f})" if w else "-"])
     print(table(["replicas", "per snapshot", "today (whole)", "sliced", "sliced / today"], rows))
     out = Path(args.out)

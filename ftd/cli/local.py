@@ -36,8 +36,9 @@ def _launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frame-size", metavar="SIZE", help="bytes per peer message of chunk data (default 4MiB)")
     p.add_argument("--peer-timeout", type=float, metavar="S", help="seconds of silence after which a peer, or the "
                    "coordinator, is declared lost (default: the config's, 10)")
-    p.add_argument("--replica-snapshots", action="store_true", help="replica_snapshots = true: DDP ranks snapshot "
-                   "1/R of their replicated state each (README \"Replica-aware snapshots\")")
+    p.add_argument("--replica-snapshots", action=argparse.BooleanOptionalAction, default=None,
+                   help="replica_snapshots = true or false (default: \"auto\", on in a cluster): DDP and HSDP ranks "
+                        "snapshot 1/R of their replicated state each (README \"Replica-aware snapshots\")")
     p.add_argument("--foreground", action="store_true", default=True,
                    help="stay in the foreground until Ctrl-C (the default and only mode)")
 
@@ -66,8 +67,8 @@ def _launch_cmd(args: argparse.Namespace) -> int:
         extra["frame_size"] = args.frame_size
     if args.peer_timeout is not None:
         extra["peer_timeout"] = args.peer_timeout
-    if args.replica_snapshots:
-        extra["replica_snapshots"] = True
+    if args.replica_snapshots is not None:
+        extra["replica_snapshots"] = args.replica_snapshots
     return launch(args.nodes, args.parity, Path(args.dir), job=args.job, group_size=args.group_size,
                   memory_budget=args.memory_budget, base_port=args.base_port, extra=extra or None)
 

@@ -213,10 +213,14 @@ def assemble(conn, own: Arena, manifest: Manifest, full: Manifest, where: readba
         return None
     sources: list[tuple[Arena, Manifest, dict, bool]] = [(own, manifest, info, True)]
     held: list[tuple[int, dict, Arena]] = []  # (rank, reply, mapping) of each other replica's version
+    others = [(j, other) for j, other in enumerate(info["ranks"]) if j != info["pos"]]
+    for _, other in others[1:]:  # ask for all at once: the daemon fetches remote ones side by side
+        try:
+            conn.call("replica_version", rank=other, step=step, world=world)
+        except FtdError:
+            pass  # (asked again below, where a refusal is reported)
     try:
-        for j, other in enumerate(info["ranks"]):
-            if j == info["pos"]:
-                continue
+        for j, other in others:
             reply, arena = _map_replica(conn, other, step, world, who)
             held.append((other, reply, arena))
             theirs = Manifest.from_json(reply["manifest"])

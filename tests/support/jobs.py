@@ -7,6 +7,7 @@ deletes that job's segments (the fixtures in conftest.py call it even when the t
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -70,6 +71,13 @@ class DaemonProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def status(self) -> dict:
+        """What ``ftd status --json`` says of this daemon."""
+        out = subprocess.run([sys.executable, "-m", "ftd.cli", "status", "--json", "--config", str(self.config_path)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
 
 
 class LocalJob:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,20 +22,12 @@ from ftd.durable.ondisk import step_dir
 from ftd.util.procs import wait_for
 
 from support.checkpoints import assert_same, gathered
-from support.jobs import ROOT
 from support.losses import read_losses
 from support.torchrun import torchrun
 
 pytestmark = pytest.mark.timeout(420)
 LAST = 7  # the small model trains steps 0..7
 CONFIG = 'replica_snapshots = true\nflush_dir = "{}"\nflush_every = 1\nflush_interval = 0\nflush_keep = 8\n'
-
-
-def status(daemon) -> dict:
-    out = subprocess.run([sys.executable, "-m", "ftd.cli", "status", "--json", "--config", str(daemon.config_path)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=30)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 def test_hsdp_replicas_restore_from_their_slices_and_flush_each_byte_once(job, tmp_path):
@@ -70,7 +60,7 @@ def test_hsdp_replicas_restore_from_their_slices_and_flush_each_byte_once(job, t
     assert_same(restored["optim"]["state"], want["optim"]["state"], "optim.state")
 
     # what ftd decided, as `ftd status` shows it: ranks 0 and 2 share a shard, as do 1 and 3
-    replica = {r["rank"]: r["replica"] for r in status(d)["ranks"]}
+    replica = {r["rank"]: r["replica"] for r in d.status()["ranks"]}
     assert sorted(replica) == [0, 1, 2, 3], replica
     for rank, info in replica.items():
         assert info["source"] == "DTensor Replicate() on mesh dim 'replicate'", info

@@ -9,7 +9,6 @@ today's bytes.
 """
 from __future__ import annotations
 
-import json
 import re
 import signal
 import subprocess
@@ -43,20 +42,13 @@ def finish(procs, out: Path, phase: str, timeout: float = 180) -> None:
         assert rc == 0, f"rank {rank} exited with {rc}:\n{(out / f'{phase}-rank{rank}.log').read_text()}"
 
 
-def status(daemon) -> dict:
-    out = subprocess.run([sys.executable, "-m", "ftd.cli", "status", "--json", "--config", str(daemon.config_path)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=30)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
 def test_ddp_ranks_restore_bit_exact_from_replica_slices_on_one_node(job, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     ref.mkdir()
     run.mkdir()
     whole = job.daemon(0, OFF)
     finish(start_ranks(job, whole, ref, "ref"), ref, "ref")
-    today = status(whole)
+    today = whole.status()
     assert all("replica" not in r for r in today["ranks"]), "replica_snapshots = false still sliced"
     whole.stop()
 
@@ -65,7 +57,7 @@ def test_ddp_ranks_restore_bit_exact_from_replica_slices_on_one_node(job, tmp_pa
     wait_for(lambda: any(s >= 4 for s, _ in read_losses(run / "losses-rank1.txt")) or first[1].poll() is not None,
              120, "rank 1 to report step 4")
     assert first[1].poll() is None, (run / "first-rank1.log").read_text()
-    mid = status(sliced)
+    mid = sliced.status()
     text = subprocess.run([sys.executable, "-m", "ftd.cli", "status", "--config", str(sliced.config_path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=30).stdout
     assert "replica 1 of ranks [0, 1] (DistributedDataParallel): holds" in text, text

@@ -64,8 +64,15 @@ def test_the_config_key(tmp_path):
     cfg.write_text('job = "j"\nreplica_snapshots = true\n')
     assert load_config(cfg).replica_snapshots is True
     cfg.write_text('job = "j"\nreplica_snapshots = "yes"\n')
-    with pytest.raises(ConfigError, match="replica_snapshots must be true or false"):
+    with pytest.raises(ConfigError, match='replica_snapshots must be true or false or "auto"'):
         load_config(cfg)
+    # the default, "auto": on in a cluster (a node with peers), off on a standalone node
+    cfg.write_text('job = "j"\npeers = ["tcp://127.0.0.1:7001", "tcp://127.0.0.1:7002"]\n')
+    assert load_config(cfg).replica_snapshots is True
+    cfg.write_text('job = "j"\npeers = ["tcp://127.0.0.1:7001", "tcp://127.0.0.1:7002"]\nreplica_snapshots = false\n')
+    assert load_config(cfg).replica_snapshots is False
+    cfg.write_text('job = "j"\nreplica_snapshots = "auto"\n')
+    assert load_config(cfg).replica_snapshots is False
     cfg.write_text(f'job = "j"\nreplica_snapshots = true\nflush_dir = "{tmp_path}"\n')
     assert load_config(cfg).replica_snapshots is True  # the flush writes sliced versions (durable/sliced.py)
     assert load_config(None).replica_snapshots is False
