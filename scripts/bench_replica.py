@@ -67,9 +67,17 @@ def worker(args: argparse.Namespace) -> int:
         copies = []
         for step in range(args.steps):  # copy time: every rank snapshots at once, then waits
             opt.step()
-            dist.barrier()
-            client.snapshot(step, state)
-            assert client.wait(120), "a snapshot was not committed"
+            for attempt in range(100):  # (in a cluster a snapshot is skipped while the last one is protected)
+                dist.barrier()
+                client.snapshot(step, state)
+                ok = client.wait(120)
+                done = torch.tensor([int(ok)])
+                dist.all_reduce(done)
+                if int(done) == dist.get_world_size():
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"step {step} was not committed on every rank: {client.stats}")
             copies.append(client.stats["last_copy_seconds"])
         before = client.stats["snapshot_seconds"] + client.stats["hook_wait_seconds"]
         for step in range(args.steps, 2 * args.steps):  # blocked time: compute, then the next optimizer step
