@@ -21,6 +21,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allreduce", choices=("ordered", "ring"), default="ordered",
                    help="DDP gradient averaging: 'ring' (DDP's default) is not bit-exact across a restart "
                         "with 3+ ranks; see README")
+    p.add_argument("--replica-snapshots", action=argparse.BooleanOptionalAction, default=None,
+                   help="replica_snapshots in the node configs (default: \"auto\", on in this cluster): each DDP rank "
+                        "snapshots 1/R of the replicated state; --no-replica-snapshots to compare")
     p.add_argument("--no-standby", action="store_true",
                    help="the agents start every worker afresh (no warm standby): to compare the time to training again")
     p.add_argument("--step-sleep", type=float, help="extra seconds per step, to watch it slowly (default 0; 0.05 with --quick)")
@@ -37,6 +40,7 @@ def _demo(args: argparse.Namespace) -> int:
         plan.step_sleep = args.step_sleep
     plan.nodes, plan.parity, plan.nproc, plan.allreduce = args.nodes, args.parity, args.nproc_per_node, args.allreduce
     plan.standby = not args.no_standby
+    plan.replica_snapshots = args.replica_snapshots
     try:
         plan.check()
     except DemoError as e:

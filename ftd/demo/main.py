@@ -51,7 +51,9 @@ def _run(demo: Demo) -> int:
 
     say("[2/4] the job under ftd: one `ftd agent` per node starts the node's daemon and its worker")
     demo.cluster = AgentCluster(plan.nodes, plan.parity, plan.nproc, demo.workdir, demo.trainer(demo.workdir / "run"),
-                                job_prefix="demo", agent_args=AGENT_ARGS + (() if plan.standby else ("--no-standby",)))
+                                job_prefix="demo", agent_args=AGENT_ARGS + (() if plan.standby else ("--no-standby",)),
+                                config=None if plan.replica_snapshots is None else
+                                {"replica_snapshots": plan.replica_snapshots})
     say(f"{INDENT}job {demo.cluster.job!r}: node configs, logs and sockets in {demo.workdir}")
     say(f"{INDENT}$ ftd agent --config {config_path(demo.workdir, 0)} --rdzv-endpoint {demo.cluster.rdzv} "
         f"-- python -m ftd.examples.gpt_trainer ...   (and nodes 1-{plan.nodes - 1})")

