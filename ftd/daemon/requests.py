@@ -97,7 +97,8 @@ class RequestHandler:
         """What a client needs to map buffers: sent with register, restore and versions."""
         c = self.daemon.config
         return dict(shm_dir=str(c.shm_dir), chunk_size=c.chunk_size, node_rank=c.node_rank, job=c.job,
-                    nodes=max(1, c.nodes), replica_snapshots=c.replica_snapshots)
+                    nodes=max(1, c.nodes), replica_snapshots=c.replica_snapshots,
+                    replica_min_bytes=c.replica_min_bytes)
 
     def ping(self) -> dict:
         c = self.daemon.config

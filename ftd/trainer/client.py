@@ -97,7 +97,8 @@ class Client:
         self.stats = {"snapshots": 0, "committed": 0, "failed": 0, "skipped_busy": 0, "skipped_setup": 0,
                       "skipped_protecting": 0, "snapshot_seconds": 0.0, "helped_chunks": 0, "help_cpu": 0.0,
                       "hook_wait_seconds": 0.0, "last_copy_seconds": None, "last_step": None, "replicas": None}
-        self._capture.replicas = ReplicaPolicy(replicas, config.replica_snapshots, self.rank, self.stats)
+        self._capture.replicas = ReplicaPolicy(replicas, config.replica_snapshots, self.rank, self.stats,
+                                                config.replica_min_bytes)
         self._hasher = ChunkHasher()
         self._worker = Worker(self._process)
         at_exit.track(self)

@@ -176,20 +176,29 @@ def decide(state: dict, explicit: Any, detect: bool, rank: int, optimizers: list
     return rs, replicated
 
 
-def check_agreement(rs: ReplicaSet, specs: list[tuple[str, tuple]], paths: list[str]) -> None:
-    """ReplicaMismatch unless every rank of the set has the same replicated (dtype, shape) list: an
-    all-gather of its hash (and, if they differ, of each tensor's, to name the first that differs)."""
+def check_agreement(rs: ReplicaSet, specs: list[tuple[str, tuple]], paths: list[str], want: bool = True) -> bool:
+    """Whether every rank of the set wants to slice (``want``: its own setting, e.g. the size threshold
+    of "auto"), in one all-gather with a hash of its replicated (dtype, shape) list; ReplicaMismatch
+    unless every rank has the same list (then a second all-gather of each tensor's hash names the
+    first that differs). Every rank that found a replica set takes part, whatever it wants: ranks that
+    decided differently (other configs, other ftd versions) must not leave the others in a collective."""
     import torch.distributed as dist
     if rs.group is None or not dist.is_initialized():
-        return
+        return want
     device = (torch.device("cuda", torch.cuda.current_device())
               if dist.get_backend(rs.group) == "nccl" else torch.device("cpu"))
-    mine = torch.tensor([slices.signature_hash(specs), len(specs)], dtype=torch.int64, device=device)
+    mine = torch.tensor([slices.signature_hash(specs), len(specs), int(want)], dtype=torch.int64, device=device)
     got = [torch.empty_like(mine) for _ in range(rs.size)]
     dist.all_gather(got, mine, group=rs.group)
-    sigs = [tuple(int(v) for v in g.cpu()) for g in got]
+    wants = [bool(int(g[2])) for g in got]
+    sigs = [tuple(int(v) for v in g[:2].cpu()) for g in got]
     if len(set(sigs)) == 1:
-        return
+        if len(set(wants)) > 1:
+            log.warning("ftd: the replica set (ranks %s, from %s) disagrees on slicing (ranks %s would, %s would "
+                        "not: other replica_snapshots settings or ftd versions?); every rank snapshots its whole "
+                        "state", list(rs.ranks), rs.source, [r for r, w in zip(rs.ranks, wants) if w],
+                        [r for r, w in zip(rs.ranks, wants) if not w])
+        return all(wants)
     counts = [s[1] for s in sigs]
     if len(set(counts)) > 1:
         raise ReplicaMismatch(f"the replica set (ranks {list(rs.ranks)}, from {rs.source}) disagrees on the number of "
@@ -297,10 +306,13 @@ class ReplicaPolicy:
     before the first snapshot of each new layout. DDP detection is on where the daemon's config says
     ``replica_snapshots = true`` (``detect``)."""
 
-    def __init__(self, explicit: Any, configured: bool, rank: int, stats: dict):
+    def __init__(self, explicit: Any, configured: bool, rank: int, stats: dict, min_bytes: int = 0):
         self.explicit, self.configured, self.rank, self.stats = explicit, configured, rank, stats
         self.daemon_setting: bool | None = None
+        self.min_bytes = min_bytes  # (replica_snapshots = "auto") a smaller replicated state stays whole
         self._checked: tuple | None = None  # the (signature, mask) last agreed on
+        self._agreed = False                 # ... and whether every replica would slice it
+        self._why_whole = ""
         self._found: tuple[tuple, list] = ((), [])  # (module ids, their DDP wrappers): one scan per state
 
     def _find(self, modules: list) -> list:
@@ -322,6 +334,7 @@ class ReplicaPolicy:
         full-size buffers are not prepared ahead: the first sliced snapshot sets up its smaller ones)."""
         if "replica_snapshots" in reply and self.daemon_setting is None:
             self.daemon_setting = bool(reply["replica_snapshots"])
+            self.min_bytes = int(reply.get("replica_min_bytes", 0))
         import torch.distributed as dist
         return self.explicit is not None or (self.detect() and dist.is_available() and dist.is_initialized()
                                              and dist.get_world_size() > 1)
@@ -342,8 +355,18 @@ class ReplicaPolicy:
         if key != self._checked:
             specs = [f for f, m in zip(full, mask) if m]
             paths = tensor_paths(skeleton, len(tensors))
-            check_agreement(rs, specs, [p for p, m in zip(paths, mask) if m])
+            nbytes = sum(t.numel() * t.element_size() for t, m in zip(tensors, mask) if m)
+            # "auto": only a state worth slicing (decided with the others, in the agreement check)
+            want = self.explicit is not None or nbytes >= self.min_bytes
+            self._agreed = check_agreement(rs, specs, [p for p, m in zip(paths, mask) if m], want)
             self._checked = key
+            if not self._agreed:
+                self._why_whole = (f"replicated state of {nbytes} bytes per rank, under the {self.min_bytes} that "
+                                   f"replica_snapshots = \"auto\" slices (set true)" if not want else
+                                   "the replica set disagreed on slicing (see the log)")
+        if not self._agreed:
+            self.stats["replicas"] = {"sliced": False, "why": self._why_whole}
+            return None
         sliced = slice_sources(rs, tensors, sources, versions, mask, SLICE_ALIGN)
         lo, hi = sliced.info["bounds"][rs.pos]
         self.stats["replicas"] = {"sliced": True, "source": rs.source, "ranks": list(rs.ranks), "pos": rs.pos,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ftd.errors import ConfigError
-from ftd.config import load_config
+from ftd.config import AUTO_REPLICA_BYTES, load_config
 from ftd.shm.layout import Manifest, plan_layout
 from ftd.trainer import replica_restore
 from ftd.trainer.replicas import ReplicaMismatch, ReplicaSet, slice_sources
@@ -69,6 +69,7 @@ def test_the_config_key(tmp_path):
     # the default, "auto": on in a cluster (a node with peers), off on a standalone node
     cfg.write_text('job = "j"\npeers = ["tcp://127.0.0.1:7001", "tcp://127.0.0.1:7002"]\n')
     assert load_config(cfg).replica_snapshots is True
+    assert load_config(cfg).replica_min_bytes == AUTO_REPLICA_BYTES  # ... for a state worth slicing
     cfg.write_text('job = "j"\npeers = ["tcp://127.0.0.1:7001", "tcp://127.0.0.1:7002"]\nreplica_snapshots = false\n')
     assert load_config(cfg).replica_snapshots is False
     cfg.write_text('job = "j"\nreplica_snapshots = "auto"\n')
@@ -125,3 +126,29 @@ def test_the_replicate_dimension_of_dtensors_is_found_from_global_sizes():
                                 1: FakeDTensor(two, (Replicate(), Partial()), 10)}) is None
     assert replicated_dtensors({0: FakeDTensor(hsdp, (Shard(0), Shard(1)), 10)}) is None
     assert replicated_dtensors({}) is None
+
+
+def test_auto_slices_only_a_replicated_state_of_the_threshold_or_more(monkeypatch):
+    """replica_snapshots = "auto": a DDP state under ``replica_min_bytes`` stays whole per rank (and says
+    why in the client's stats); at or over it, it is sliced; ``true`` (min 0) slices any."""
+    from torch import nn
+    from ftd.trainer import replicas, statecodec
+
+    model = nn.Linear(16, 16)  # 1088 bytes of parameters
+    wrapper = SimpleNamespace(module=model, process_group="pg")
+    monkeypatch.setattr(replicas, "_group_ranks", lambda group: (0, 1))
+    state = {"model": model}
+    skeleton, tensors = statecodec.encode({"state": {"model": model.state_dict()}, "rng": None})
+
+    def apply(min_bytes: int):
+        stats: dict = {}
+        policy = replicas.ReplicaPolicy(None, True, 0, stats, min_bytes)
+        policy._find = lambda modules: [wrapper]
+        return policy.apply(state, [], skeleton, tensors, list(tensors), [None] * len(tensors)), stats["replicas"]
+
+    sliced, why = apply(2000)
+    assert sliced is None and not why["sliced"] and "1088 bytes per rank, under the 2000" in why["why"], why
+    sliced, why = apply(1088)
+    assert sliced is not None and why["sliced"] and why["replicated_bytes"] == 1088
+    sliced, why = apply(0)
+    assert sliced is not None and why["slice_bytes"] < why["replicated_bytes"]
