@@ -343,6 +343,12 @@ class ReplicaPolicy:
               sources: list[torch.Tensor], versions: list[int | None],
               dtensors: dict[int, torch.Tensor] | None = None) -> Sliced | None:
         detect = self.explicit is None and self.detect()
+        if detect and self.min_bytes and sum(t.numel() * t.element_size() for t in tensors) < self.min_bytes:
+            # "auto" and the whole state is under the threshold: nothing to look up or agree on (every rank
+            # of the same config sees the same shapes; replica_snapshots must be the same on every node)
+            self.stats["replicas"] = {"sliced": False, "why": f"the state is under the {self.min_bytes} bytes per "
+                                      f"rank that replica_snapshots = \"auto\" slices (set true)"}
+            return None
         rs, replicated = decide(state, self.explicit, detect, self.rank, optimizers, self._find, dtensors)
         if rs is None:
             self.stats["replicas"] = {"sliced": False, "why": "replica_snapshots is off" if not detect and

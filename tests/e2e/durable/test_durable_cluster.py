@@ -56,7 +56,8 @@ def test_more_than_m_losses_and_a_cold_restart_restore_from_disk(cluster, tmp_pa
     resumed = c.run_trainers(30, step_sleep=0.05)
     assert resumed == [on_disk[0]] * 3, f"resumed after {resumed}, flushed by all: {on_disk}"
     assert "from the version flushed to disk" in (c.dir / "trainer0.out").read_text()
-    assert c.status(0)["cluster"]["epoch"] == 1
+    # a new epoch began (two, when a loaded host lets the coordinator notice the two losses apart)
+    assert c.status(0)["cluster"]["epoch"] in (1, 2)
     recoverable = c.settled()
     assert recoverable >= resumed[0] + 4, (f"protection did not go on after the restore from disk: {recoverable}; "
                                            f"{[c.status(n)['cluster'] for n in range(c.nodes)]}"
