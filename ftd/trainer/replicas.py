@@ -5,7 +5,8 @@ Replicated (the same bytes on every rank of a replica set): the parameters of a 
 ``DistributedDataParallel`` and their optimizer state, across the DDP process group; without DDP, the
 local shards of DTensors placed ``Replicate()`` on a mesh dimension (HSDP's replicate dimension: every
 replica holds the same shard), across that dimension's group; or, with ``Client(replicas=group)``, the
-parameters of the state's modules and their optimizer state, across ``group``. Everything else stays per rank: RNG states, plain data, a loose tensor, and module buffers
+parameters of the state's modules and their optimizer state, across ``group``. Everything else stays
+per rank: RNG states, plain data, a loose tensor, and module buffers
 (DDP broadcasts rank 0's buffers at each forward, but after it each rank's BatchNorm statistics are its
 own batch's: a restore that mixed the ranks' slices of them would not be the uninterrupted run's). The decision is
 made once per layout (``ReplicaDecision``) and shown in ``ftd status``.

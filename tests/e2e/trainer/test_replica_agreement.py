@@ -17,7 +17,7 @@ from support.jobs import ROOT
 pytestmark = pytest.mark.timeout(120)
 
 RANK = """
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 from ftd.trainer.replicas import ReplicaMismatch, ReplicaSet, check_agreement
 rank, want, width = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
 dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -27,6 +27,8 @@ try:
 except ReplicaMismatch as e:
     print("mismatch", e, flush=True)
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # (torch 2.13's gloo can abort in the interpreter's teardown: see ftd/examples/fsdp_trainer.py)
 """
 
 
