@@ -42,7 +42,7 @@ def flushed_by_all(c: LocalCluster, root) -> list[int]:
     return sorted(common, reverse=True)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_more_than_m_losses_and_a_cold_restart_restore_from_disk(cluster, tmp_path):
     c, root = cluster, tmp_path / "flush"
     with ThreadPoolExecutor(c.nodes) as pool:  # the uninterrupted runs, side by side
@@ -53,7 +53,7 @@ def test_more_than_m_losses_and_a_cold_restart_restore_from_disk(cluster, tmp_pa
 
     # m + 1 = 2 nodes of the group lost: parity cannot rebuild them; every rank takes the disk's step
     c.lose_and_restart([1, 2])
-    resumed = c.run_trainers(30, step_sleep=0.05)
+    resumed = c.run_trainers(30, step_sleep=0.05, timeout=240)  # (the restore from disk waits for every node)
     assert resumed == [on_disk[0]] * 3, f"resumed after {resumed}, flushed by all: {on_disk}"
     assert "from the version flushed to disk" in (c.dir / "trainer0.out").read_text()
     # a new epoch began (two, when a loaded host lets the coordinator notice the two losses apart)
@@ -79,7 +79,7 @@ def test_more_than_m_losses_and_a_cold_restart_restore_from_disk(cluster, tmp_pa
     # every daemon starts afresh (a power cut); the newest flushed copy of node 1 is corrupt
     flip_tensor_byte(ondisk.step_dir(root, c.job, on_disk[0]), node=1, rank=1)
     c.lose_and_restart([0, 1, 2])
-    resumed = c.run_trainers(STEPS, step_sleep=0.02)
+    resumed = c.run_trainers(STEPS, step_sleep=0.02, timeout=240)
     assert resumed == [on_disk[1]] * 3, f"resumed after {resumed}, flushed by all: {on_disk}"
     assert f"flushed step {on_disk[0]} cannot be used" in (c.dir / "node-1.restart.log").read_text()
     assert c.status(0)["cluster"]["coordinator"]["disk_restores"][-1]["step"] == on_disk[1]
