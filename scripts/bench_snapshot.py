@@ -208,7 +208,8 @@ def measure_memcpy(tensors: list[torch.Tensor], repeat: int, threads: int) -> li
         return [timed(copy_all) for _ in range(repeat)]
     finally:
         torch.set_num_threads(saved)
-        del views, dst
+        views.clear()  # (the closure holds the list: free the copies it names)
+        del dst
 
 
 def run_training(client: Any, model: nn.Module, optimizer: torch.optim.Optimizer, d: float, steps: int,

@@ -46,6 +46,12 @@ class DiskDecision:
         recoverable step (more than m nodes of its group lost)."""
         c = self.c
         if self.active is None:
+            if need and epoch < c.epoch:
+                # sent before the restore from disk (or new run) that began epoch c.epoch reached it: its
+                # need was the older timeline's. The sync tells it the epoch; a need that outlasts it
+                # comes again, of this epoch (a second trip to the disk here would be for nothing)
+                c._sync((src,))
+                return
             if need:
                 self._start({src: steps}, f"node {src} cannot rebuild from its peers' memory")
                 return

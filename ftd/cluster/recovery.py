@@ -37,6 +37,7 @@ class Recovery:
         self.rebuilds: list[dict] = []                    # the last few outcomes, newest last
         self._repair_due: float | None = None
         self._repair_tries = 0
+        self._epoch = 0                                   # the cluster's epoch when the running rebuild began
 
     def _holdings(self) -> Holdings:
         cat = self.node.catalog
@@ -53,6 +54,7 @@ class Recovery:
         if self.rebuilding is not None:
             return False
         self.rebuilding = why
+        self._epoch = self.node.epoch
         holdings = self._holdings()
         log.info("rebuild started (%s)", why)
         config, security = self.node.members.peer_config(), self.node.security  # the record's endpoints
@@ -105,6 +107,9 @@ class Recovery:
         self.rebuilding = None
         self._thread = None
         node.store.forget_verification()
+        if node.epoch != self._epoch:
+            self._drop_stale(kind, value, why)
+            return
         was_ready, node.ready = node.ready, True
         epoch = node.epoch
         if kind == "error":
@@ -148,6 +153,25 @@ class Recovery:
             node.to_coordinator("hello", recoverable=cat.recoverable, epoch=epoch)
         if not was_ready and res.step < 0:
             node.disk.offer_disk(need=False)  # nothing in memory anywhere it asked: is there something on disk?
+
+    def _drop_stale(self, kind: str, value, why: str | None) -> None:
+        """A rebuild begun in an older epoch ended after a restore from disk or a new run began another:
+        its outcome is the old timeline's. A failure says nothing about the new one (taken as a loss,
+        it would send the cluster to the disk a second time), and a success must not bring the old
+        timeline's versions back; so neither is taken, what it wrote goes, and the rebuild runs again
+        where it is still needed (a daemon that was starting up, or a node that lacks the step)."""
+        node, cat = self.node, self.node.catalog
+        outcome = str(value)[:200] if kind == "error" else f"step {value.step}"
+        log.info("a rebuild begun in epoch %d (%s) ended in epoch %d: its outcome (%s) is the older timeline's "
+                 "and is dropped", self._epoch, why, node.epoch, outcome)
+        if kind == "ok":
+            known = {b.name for r in cat.ranks.values() for b in r.buffers}
+            for name in {r["name"] for r in value.ranks} - known:
+                cat.store.release(name)
+            if value.parity and node.store.parity.get(value.step, (None,))[0] != value.parity[0]:
+                node.store.drop_segment(value.parity[0])
+        if not node.ready or (cat.recoverable >= 0 and not cat.buffers_of(cat.recoverable)):
+            self.start(f"again in epoch {node.epoch}: the cluster's timeline changed while the last one ran")
 
     def close(self) -> None:
         self._stop.set()

@@ -78,7 +78,13 @@ class ClusterDisk:
         if epoch <= node.epoch or self.flusher is None:
             return  # a late resend of a restore that is over, or nothing on disk here
         if self.disk_wait is None:
-            raise ProtocolError(f"disk_load of step {step}, but this node offered nothing to load")
+            # the coordinator counts on this node for a restore it did not offer to (its offer was taken
+            # by an older restore, which the sync of its epoch ended here): offer again, so that the
+            # coordinator's next disk_load finds it waiting, instead of refusing every resend
+            log.info("disk_load of step %d for epoch %d, but no offer of this node is open: offering again", step,
+                     epoch)
+            self.offer_disk(need=self.node.lost_error is not None, asked=True)
+            return
         if self._loaded == (epoch, step):
             node.to_coordinator("disk_loaded", epoch=epoch, step=step, ok=True, error="")
             return

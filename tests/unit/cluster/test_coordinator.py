@@ -281,6 +281,29 @@ def test_more_than_m_lost_goes_back_to_the_disk_in_a_new_epoch():
     assert sent(c, "sync")[0].dests == (1,) and c.recoverable == 8 and not c.candidates
 
 
+def test_a_need_sent_before_the_restore_from_disk_ended_does_not_start_a_second_one():
+    # seen in test_durable_cluster: node 2's rebuild failed in epoch 0 just as the last disk_loaded
+    # arrived; its offer (need, epoch 0) then reached a coordinator already in epoch 1
+    c, _ = make(3)
+    c.take()
+    c.on_disk_offer(2, 0, -1, [8, 4], need=True)
+    for n in (0, 1):
+        c.on_disk_offer(n, 0, 12, [8, 4], need=False)
+    assert sent(c, "disk_load")[0].fields == {"epoch": 1, "step": 8}
+    for n in range(3):
+        c.on_disk_loaded(n, 1, 8, True, "")
+    assert (c.recoverable, c.epoch) == (8, 1)
+    c.take()
+    c.on_disk_offer(1, 0, -1, [8, 4], need=True)  # stale: the older timeline's need
+    out = c.take()
+    assert not [o for o in out if o.mtype == "disk_query"] and c.disk is None and len(c.disk_decision.restores) == 1
+    (sync,) = [o for o in out if o.mtype == "sync"]
+    assert sync.dests == (1,) and sync.fields["epoch"] == 1  # told the epoch instead
+    c.take()
+    c.on_disk_offer(1, 1, -1, [8, 4], need=True)  # the same need of this epoch: back to the disk
+    assert sent(c, "disk_query")[0].dests == (0, 2)
+
+
 def test_a_restarted_coordinator_learns_the_epoch_from_the_nodes():
     c, _ = make(2)
     c.on_hello(1, 8, 1)
