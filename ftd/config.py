@@ -44,6 +44,9 @@ class Config:
                                     # (trainer/replicas.py); "auto": on in a cluster (peers) for a replicated state
                                     # of at least AUTO_REPLICA_BYTES, off on a standalone node
     replica_min_bytes: int = 0      # (set by "auto"): a smaller replicated state is snapshotted whole per rank
+    replica_prefetch: bool = True   # cluster: once a sliced rank's trainer is gone, fetch its replicas' slices of
+                                    # the recoverable step from their nodes while the new worker starts
+                                    # (daemon/replica_versions.py; held until its restore, within the budget)
     # ---- peers (erasure coding across nodes); no peers: a standalone node, as in issue 2 ----
     peers: tuple[str, ...] = ()     # peer endpoint ("tcp://host:port") of every node rank, index = node rank
     advertise: str = ""             # this node's own peer endpoint when it is not peers[node_rank]: a replacement
@@ -290,7 +293,7 @@ def _value(key: str, value, total: int, where: str):
         return tuple(value)
     if key == "replica_snapshots" and value == "auto":
         return value
-    if key in ("insecure_peers", "rebuild_decoders", "replica_snapshots"):
+    if key in ("insecure_peers", "rebuild_decoders", "replica_snapshots", "replica_prefetch"):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {key} must be true or false" + (' or "auto"' if key == "replica_snapshots"
                                                                           else ""))

@@ -13,9 +13,11 @@ daemon's ``used``), and the restore time after every worker was killed (new proc
 still in the daemon). Results in ``bench-results/bench_replica-<timestamp>.json``.
 
 ``--cluster``: the R ranks on R nodes instead (``ftd launch --nodes R --parity 1``, one rank per node,
-the peer links over localhost), where a sliced restore fetches the other R - 1 slices from their
+the peer links over localhost), where a sliced restore needs the other R - 1 slices from their
 nodes; adds the time to protection (a step's commit by a node's last rank -> recoverable on every
-node: the daemons' ``protection_lag``, averaged over the nodes' versions) and gives the memory per node.
+node: the daemons' ``protection_lag``, averaged over the nodes' versions), gives the memory per node,
+and runs the sliced mode a second time with ``--no-replica-prefetch``: there the restore fetches the
+slices when it asks, instead of finding them fetched while the new workers started.
 """
 from __future__ import annotations
 
@@ -89,10 +91,13 @@ def worker(args: argparse.Namespace) -> int:
         out.update(copy_s=sorted(copies)[len(copies) // 2], blocked_s=(client.stats["snapshot_seconds"] +
                    client.stats["hook_wait_seconds"] - before) / args.steps, replicas=client.stats["replicas"],
                    committed=client.stats["committed"])
-    client.close()
+    if args.phase == "restore":
+        client.close()
+        Path(args.result).write_text(json.dumps(out))
+        dist.destroy_process_group()
+        return 0
     Path(args.result).write_text(json.dumps(out))
-    dist.destroy_process_group()
-    return 0
+    os._exit(0)  # a worker crash: no close(), no teardown; the daemons see the trainers gone
 
 
 def run_ranks(d: Path, endpoints: list[str], r: int, sliced: bool, phase: str, args: argparse.Namespace) -> list[dict]:
@@ -130,13 +135,14 @@ def measure(r: int, sliced: bool, args: argparse.Namespace) -> dict:
         stop(daemon, d, job)
 
 
-def measure_cluster(r: int, sliced: bool, args: argparse.Namespace) -> dict:
+def measure_cluster(r: int, sliced: bool, args: argparse.Namespace, prefetch: bool = True) -> dict:
     """The same on R nodes of a local cluster (``ftd launch``), one rank each."""
     d = Path(tempfile.mkdtemp(prefix="brepc-", dir="/tmp"))
     job = f"bc{os.getpid()}{r}{int(sliced)}"
     launcher = subprocess.Popen([sys.executable, "-m", "ftd.cli", "launch", "--nodes", str(r), "--parity", "1",
                                  "--dir", str(d / "cluster"), "--job", job, "--memory-budget", "6GiB",
-                                 "--replica-snapshots" if sliced else "--no-replica-snapshots"], cwd=REPO,
+                                 "--replica-snapshots" if sliced else "--no-replica-snapshots",
+                                 "--replica-prefetch" if prefetch else "--no-replica-prefetch"], cwd=REPO,
                                 env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=open(d / "launch.log", "wb"),
                                 stderr=subprocess.STDOUT)
     try:
@@ -149,6 +155,7 @@ def measure_cluster(r: int, sliced: bool, args: argparse.Namespace) -> dict:
         lags = [status_or_none(e)["cluster"]["stats"]["protection_lag"] for e in endpoints]
         count = sum(lag["count"] for lag in lags)
         out["protection_s"] = sum(lag["total_seconds"] for lag in lags) / count if count else float("nan")
+        out["prefetches_taken"] = sum(status_or_none(e)["replica_versions"]["prefetches_taken"] for e in endpoints)
         return out
     finally:
         stop(launcher, d, job)
@@ -197,6 +204,9 @@ def main() -> int:
         run = measure_cluster if args.cluster else measure
         whole, sliced = run(r, False, args), run(r, True, args)
         results["runs"][str(r)] = {"whole": whole, "sliced": sliced}
+        if args.cluster:
+            late = measure_cluster(r, True, args, prefetch=False)
+            results["runs"][str(r)]["sliced_no_prefetch"] = late
         figures = [("copy time per rank", "copy_s", ms), ("blocked per snapshot", "blocked_s", ms),
                    ("node shared memory", "node_bytes", lambda b: f"{b / (1 << 20):.0f} MiB"),
                    ("restore after a worker crash", "restore_s", ms)]
@@ -205,6 +215,11 @@ def main() -> int:
         for name, key, fmt in figures:
             w, s = whole[key], sliced[key]
             rows.append([f"R={r}", name, fmt(w), fmt(s), f"{s / w:.2f} (1/R = {1 / r:.2f})" if w else "-"])
+        if args.cluster:
+            w, s = whole["restore_s"], late["restore_s"]
+            rows.append([f"R={r}", "restore, no prefetch", ms(w), ms(s), f"{s / w:.2f}"])
+            print(f"R={r}: restores that found the slices fetched ahead: {sliced['prefetches_taken']} of "
+                  f"{r * (r - 1)} slices (no prefetch: {late['prefetches_taken']})")
     print(table(["replicas", "per snapshot", "today (whole)", "sliced", "sliced / today"], rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,9 @@ def _launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replica-snapshots", action=argparse.BooleanOptionalAction, default=None,
                    help="replica_snapshots = true or false (default: \"auto\", on in a cluster): DDP and HSDP ranks "
                         "snapshot 1/R of their replicated state each (README \"Replica-aware snapshots\")")
+    p.add_argument("--replica-prefetch", action=argparse.BooleanOptionalAction, default=None,
+                   help="replica_prefetch = true or false (default true): once a sliced rank's worker is gone, its "
+                        "node fetches the replicas' slices ahead of the restore")
     p.add_argument("--foreground", action="store_true", default=True,
                    help="stay in the foreground until Ctrl-C (the default and only mode)")
 
@@ -69,6 +72,8 @@ def _launch_cmd(args: argparse.Namespace) -> int:
         extra["peer_timeout"] = args.peer_timeout
     if args.replica_snapshots is not None:
         extra["replica_snapshots"] = args.replica_snapshots
+    if args.replica_prefetch is not None:
+        extra["replica_prefetch"] = args.replica_prefetch
     return launch(args.nodes, args.parity, Path(args.dir), job=args.job, group_size=args.group_size,
                   memory_budget=args.memory_budget, base_port=args.base_port, extra=extra or None)
 

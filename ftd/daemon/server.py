@@ -158,6 +158,7 @@ class Daemon:
                 self.standalone_disk.tick()
             if self.metrics is not None:
                 self.metrics.tick()
+            self.requests.replicas.tick()
             if self.node is not None:
                 try:
                     self._serve_peers(peer_sockets, events)

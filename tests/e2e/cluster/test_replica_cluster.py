@@ -107,8 +107,9 @@ def test_ddp_across_nodes_restores_bit_exact_from_slices_after_worker_crash_and_
     wait_for(lambda: all(p.poll() is None for p in second) and resumed_ok(run, "second"), 120, "both ranks to resume")
     after_crash = resumed_steps(run, "second")
     assert len(set(after_crash.values())) == 1, after_crash
-    fetched = c.status(0)["replica_versions"]["fetched_bytes"]
-    assert fetched > 0, "rank 0's restore did not fetch node 1's slices"
+    fetched = c.status(0)["replica_versions"]
+    assert fetched["fetched_bytes"] > 0, "rank 0's restore did not fetch node 1's slices"
+    assert fetched["prefetches_taken"] >= WORLD - local, f"node 0 did not fetch ahead what rank 0 restores: {fetched}"
     wait_for(lambda: min(c.recoverable()) > after_crash[0] + 1 or any(p.poll() is not None for p in second), 120,
              "a newer recoverable step")
     assert all(p.poll() is None for p in second), "a rank ended before the node loss"
