@@ -305,8 +305,8 @@ def slice_sources(rs: ReplicaSet, tensors: list[torch.Tensor], sources: list[tor
 class ReplicaPolicy:
     """The client's replica decision, made again whenever the state's tensors change (the optimizer's
     first step adds its moments): which tensors are replicated, checked across the set (``check_agreement``)
-    before the first snapshot of each new layout. DDP detection is on where the daemon's config says
-    ``replica_snapshots = true`` (``detect``)."""
+    before the first snapshot of each new layout. Slicing is wanted where the daemon's config says
+    ``replica_snapshots = true`` (``detect``); the lookup and the check run whatever it says."""
 
     def __init__(self, explicit: Any, configured: bool, rank: int, stats: dict, min_bytes: int = 0):
         self.explicit, self.configured, self.rank, self.stats = explicit, configured, rank, stats
@@ -348,12 +348,17 @@ class ReplicaPolicy:
               sources: list[torch.Tensor], versions: list[int | None],
               dtensors: dict[int, torch.Tensor] | None = None) -> Sliced | None:
         detect = self.explicit is None and self.detect()
-        if detect and self.min_bytes and sum(t.numel() * t.element_size() for t in tensors) < self.min_bytes:
-            # "auto" and the whole state is under the threshold: nothing to look up or agree on (every rank
-            # of the same config sees the same shapes; replica_snapshots must be the same on every node)
-            self.stats["replicas"] = {"sliced": False, "why": self._under_threshold("the state")}
+        # Replicas are looked for whatever this rank's setting says, and every rank that finds them takes
+        # part in the agreement check below, saying whether it would slice: a rank whose node says
+        # false (or "auto" with a state under its threshold) must still meet the others there, or they
+        # would wait in the collective (or meet the training's next one). Costs the DDP lookup and one
+        # all-gather at the first snapshot of each layout.
+        import torch.distributed as dist
+        if self.explicit is None and not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            self.stats["replicas"] = {"sliced": False, "why": "no process group of 2+ ranks: nothing is replicated"}
             return None
-        rs, replicated = decide(state, self.explicit, detect, self.rank, optimizers, self._find, dtensors)
+        rs, replicated = decide(state, self.explicit, self.explicit is None, self.rank, optimizers, self._find,
+                                dtensors)
         if rs is None:
             self.stats["replicas"] = {"sliced": False, "why": "replica_snapshots is off" if not detect and
                                       self.explicit is None else "no DistributedDataParallel module or "
@@ -367,11 +372,12 @@ class ReplicaPolicy:
             paths = tensor_paths(skeleton, len(tensors))
             nbytes = sum(t.numel() * t.element_size() for t, m in zip(tensors, mask) if m)
             # "auto": only a state worth slicing (decided with the others, in the agreement check)
-            want = self.explicit is not None or nbytes >= self.min_bytes
+            want = self.explicit is not None or (detect and nbytes >= self.min_bytes)
             self._agreed = check_agreement(rs, specs, [p for p, m in zip(paths, mask) if m], want)
             self._checked = key
             if not self._agreed:
-                self._why_whole = (self._under_threshold(f"a replicated state of {nbytes} bytes") if not want else
+                self._why_whole = ("replica_snapshots is off" if not detect and self.explicit is None else
+                                   self._under_threshold(f"a replicated state of {nbytes} bytes") if not want else
                                    "the replica set disagreed on slicing (see the log)")
         if not self._agreed:
             self.stats["replicas"] = {"sliced": False, "why": self._why_whole}

@@ -61,3 +61,31 @@ def test_replicas_holding_other_tensors_are_refused_by_name():
     first, second = run_pair((True, True), widths=(4, 5))
     for text in (first, second):
         assert "mismatch" in text and "state['model']['w']" in text, text
+
+
+def test_a_node_set_to_false_meets_a_node_set_to_true_and_the_job_trains_whole(job, tmp_path):
+    """Two DDP ranks, each on a standalone daemon of its own: node 0 says replica_snapshots = true, node
+    1 false. Rank 1 still looks for the replicas and takes part in the first snapshot's check (before,
+    it did not, and rank 0 waited in the all-gather while rank 1 went on to the next all-reduce): both
+    train to the end, neither slices, and the log says why."""
+    out = tmp_path / "run"
+    out.mkdir()
+    on, off = job.daemon(0, "replica_snapshots = true\n"), job.daemon(1, "replica_snapshots = false\n")
+    port = str(free_ports(1)[0])
+    procs = []
+    for rank, daemon in enumerate((on, off)):
+        env = job.env(daemon, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        with open(out / f"rank{rank}.log", "wb") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "ftd.examples.gpt_trainer", "--out", str(out),
+                                           "--layers", "1", "--dim", "32", "--heads", "2", "--context", "16",
+                                           "--batch", "2", "--steps", "4", "--pg-timeout", "30"],
+                                          env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        job.procs.append(procs[-1])
+    for rank, p in enumerate(procs):
+        assert p.wait(90) == 0, (out / f"rank{rank}.log").read_text()[-3000:]
+    text = "".join((out / f"rank{rank}.log").read_text() for rank in range(2))
+    assert "disagrees on slicing (ranks [0] would, [1] would not" in text, text[-3000:]
+    for daemon in (on, off):
+        ranks = daemon.status()["ranks"]
+        assert ranks and all("replica" not in r for r in ranks), ranks

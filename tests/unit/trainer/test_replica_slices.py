@@ -140,15 +140,42 @@ def test_auto_slices_only_a_replicated_state_of_the_threshold_or_more(monkeypatc
     state = {"model": model}
     skeleton, tensors = statecodec.encode({"state": {"model": model.state_dict()}, "rng": None})
 
-    def apply(min_bytes: int):
+    checks: list[bool] = []
+
+    def agree(rs, specs, paths, want):
+        checks.append(want)
+        return want
+
+    monkeypatch.setattr(replicas, "check_agreement", agree)
+    import torch.distributed as dist
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # (a job of 2 ranks, as far as the policy sees)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+
+    def apply(min_bytes: int, configured: bool = True):
         stats: dict = {}
-        policy = replicas.ReplicaPolicy(None, True, 0, stats, min_bytes)
+        policy = replicas.ReplicaPolicy(None, configured, 0, stats, min_bytes)
         policy._find = lambda modules: [wrapper]
         return policy.apply(state, [], skeleton, tensors, list(tensors), [None] * len(tensors)), stats["replicas"]
 
-    sliced, why = apply(2000)  # the whole state is under it: no lookup, no agreement check
-    assert sliced is None and not why["sliced"] and "the state is under the 2000 bytes" in why["why"], why
+    sliced, why = apply(2000)  # under it: not sliced, but it takes part in the check, saying so
+    assert sliced is None and not why["sliced"] and "of 1088 bytes is under the 2000 bytes" in why["why"], why
+    assert checks == [False]
+    sliced, why = apply(0, configured=False)  # replica_snapshots = false: the same (a node set otherwise
+    assert sliced is None and why["why"] == "replica_snapshots is off" and checks == [False, False]  # meets it)
     sliced, why = apply(1088)
     assert sliced is not None and why["sliced"] and why["replicated_bytes"] == 1088
     sliced, why = apply(0)
     assert sliced is not None and why["slice_bytes"] < why["replicated_bytes"]
+
+
+def test_a_process_without_a_process_group_of_two_ranks_looks_for_no_replicas():
+    from torch import nn
+    from ftd.trainer import replicas, statecodec
+
+    model = nn.Linear(4, 4)
+    skeleton, tensors = statecodec.encode({"state": {"model": model.state_dict()}, "rng": None})
+    stats: dict = {}
+    policy = replicas.ReplicaPolicy(None, True, 0, stats, 0)
+    policy._find = lambda modules: pytest.fail("looked for DDP in a process of one rank")
+    assert policy.apply({"model": model}, [], skeleton, tensors, list(tensors), [None] * len(tensors)) is None
+    assert stats["replicas"] == {"sliced": False, "why": "no process group of 2+ ranks: nothing is replicated"}
