@@ -135,6 +135,7 @@ class ReplicaVersions:
             self._ahead.discard(key)
             self._ahead_at.pop(key)
             self.release(*key)
+
         def held(rank: int, step: int) -> bool:
             key = (rank, step)
             return key in self.fetched or key in self._running or now < self._retry_at.get(key, 0.0)
