@@ -24,9 +24,9 @@ def default_runtime_dir() -> Path:
 
 
 #: "auto" replica snapshots slice a replicated state of at least this many bytes per rank. Below it the
-#: slicing saves little memory and costs a restore that reads the other replicas' slices (README
-#: "Replica-aware snapshots": the demo's 4.75 MiB GPT trains again 2.2 s after a worker crash sliced,
-#: 0.6 s whole; 256 MiB gains 2-10x in copy time).
+#: slicing saves little memory and costs the trainer a little more per snapshot (README "Replica-aware
+#: snapshots": the demo's 4.75 MiB GPT is blocked 1.4x longer per snapshot sliced; 256 MiB gains 2-5x
+#: in copy time).
 AUTO_REPLICA_BYTES = 64 << 20
 
 
