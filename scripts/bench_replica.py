@@ -91,13 +91,12 @@ def worker(args: argparse.Namespace) -> int:
         out.update(copy_s=sorted(copies)[len(copies) // 2], blocked_s=(client.stats["snapshot_seconds"] +
                    client.stats["hook_wait_seconds"] - before) / args.steps, replicas=client.stats["replicas"],
                    committed=client.stats["committed"])
-    if args.phase == "restore":
-        client.close()
-        Path(args.result).write_text(json.dumps(out))
-        dist.destroy_process_group()
-        return 0
     Path(args.result).write_text(json.dumps(out))
-    os._exit(0)  # a worker crash: no close(), no teardown; the daemons see the trainers gone
+    if args.phase != "restore":
+        os._exit(0)  # a worker crash: no close(), no teardown; the daemons see the trainers gone
+    client.close()
+    dist.destroy_process_group()
+    return 0
 
 
 def run_ranks(d: Path, endpoints: list[str], r: int, sliced: bool, phase: str, args: argparse.Namespace) -> list[dict]:

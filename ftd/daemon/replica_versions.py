@@ -42,7 +42,7 @@ def prefetch_wanted(catalog, alive, held) -> list[tuple[int, int, int, int]]:
     step = catalog.recoverable
     if step < 0:
         return []
-    out = []
+    out, wanted = [], set()
     for entry in sorted(catalog.ranks.values(), key=lambda r: r.rank):
         if entry.finished or (entry.pid is not None and not entry.detached and alive(entry.pid)):
             continue
@@ -52,8 +52,9 @@ def prefetch_wanted(catalog, alive, held) -> list[tuple[int, int, int, int]]:
         if not isinstance(info, dict) or not isinstance(info.get("ranks"), list):
             continue
         for other in info["ranks"]:
-            if (isinstance(other, int) and other != entry.rank and catalog.rank_buffer(other, step) is None
-                    and not held(other, step) and other not in [o for o, *_ in out]):
+            if (isinstance(other, int) and other != entry.rank and other not in wanted
+                    and catalog.rank_buffer(other, step) is None and not held(other, step)):
+                wanted.add(other)
                 out.append((other, step, entry.world, found[1].capacity))
     return out
 
