@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import signal
 
+from ftd.util import lines
+
 
 @dataclasses.dataclass(frozen=True)
 class RestartPolicy:
@@ -80,4 +82,4 @@ PROG = "ftd agent"
 
 
 def say(node_rank: int, message: str) -> None:
-    print(f"{PROG}[node {node_rank}]: {message}", flush=True)
+    lines.say(f"{PROG}[node {node_rank}]: {message}")

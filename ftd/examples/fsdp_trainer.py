@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 import ftd
+from ftd.util.lines import say
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -162,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     start = client.restore(state) if client else None
     if args.dump_restored:
         save_full(model, optimizer, out / f"restored-{attempt}.pt")
-    print(f"rank {rank} pid {os.getpid()}: " + (f"resuming after step {start}" if start is not None else "starting fresh"),
-          flush=True)
+    say(f"rank {rank} pid {os.getpid()}: " + (f"resuming after step {start}" if start is not None else "starting fresh"))
     fd = os.open(out / f"losses-rank{rank}.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     first_attempt = attempt == 0
     for step in range(0 if start is None else start + 1, args.steps):

@@ -33,6 +33,7 @@ import ftd
 from ftd.examples.corpus import TEXT, VOCAB, encode
 from ftd.trainer.ddp import ordered_allreduce_hook
 from ftd.util.timeline import mark
+from ftd.util.lines import say
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -187,7 +188,7 @@ def _train(args, net, optimizer, scheduler, state, client, data, fd: int, first:
         os.write(fd, f"{step} {value.hex()}\n".encode())
         if step == first:
             mark("first_step", step=step)  # before the log line: whoever sees that line finds the mark
-        print(f"step {step:4d}  loss {value:.4f}", flush=True)
+        say(f"step {step:4d}  loss {value:.4f}")
         if client:
             client.snapshot(step, state)
         if args.step_sleep:
@@ -213,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     start = client.restore(state) if client else None  # before DDP wraps the model
     mark("restored", step=start)
     first = 0 if start is None else start + 1
-    print(f"rank {rank} pid {os.getpid()}: "
-          + ("starting fresh" if start is None else f"resuming after step {start}"), flush=True)
+    say(f"rank {rank} pid {os.getpid()}: " + ("starting fresh" if start is None else f"resuming after step {start}"))
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model)

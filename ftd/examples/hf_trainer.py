@@ -21,6 +21,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from ftd.integrations.transformers import FtdTrainerCallback, resume_from
+from ftd.util.lines import say
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -71,14 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     trainer.step_sleep = args.step_sleep
     if args.resume == "ftd":
         checkpoint = resume_from(trainer)
-        print(f"rank {training.process_index}: resuming from {checkpoint}", flush=True)
+        say(f"rank {training.process_index}: resuming from {checkpoint}")
     elif own:
         checkpoint = True if any(Path(args.out).glob("checkpoint-*")) else None
     else:
         checkpoint = None
     trainer.train(resume_from_checkpoint=checkpoint)
-    print(f"rank {training.process_index}: done after step {trainer.state.global_step - 1} (pid {os.getpid()})",
-          flush=True)
+    say(f"rank {training.process_index}: done after step {trainer.state.global_step - 1} (pid {os.getpid()})")
     return 0
 
 

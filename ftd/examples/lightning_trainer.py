@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ftd.integrations.lightning import FtdCallback, fingerprint
+from ftd.util.lines import say
 
 
 class Regressor(pl.LightningModule):
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     model = Regressor(out, args.step_sleep)
     trainer.fit(model, train_dataloaders=loader(args.workers), ckpt_path=ckpt_path)
     if args.resume == "ftd":
-        print(f"rank {trainer.global_rank}: restored step {callbacks[0].restored_step}", flush=True)
+        say(f"rank {trainer.global_rank}: restored step {callbacks[0].restored_step}")
     return 0
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import ftd
+from ftd.util.lines import say
 
 
 def build(width: int, depth: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -64,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     client = None if args.no_ftd else ftd.Client()
     start = client.restore(state, resume=args.resume) if client else None
     first = 0 if start is None else start + 1
-    print(f"trainer pid {os.getpid()}: {'resuming after step ' + str(start) if start is not None else 'starting fresh'}",
-          flush=True)
+    say(f"trainer pid {os.getpid()}: {'resuming after step ' + str(start) if start is not None else 'starting fresh'}")
     fd = os.open(args.losses, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     loss_fn = nn.MSELoss()
     for step in range(first, args.steps):
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         scheduler.step()
         state["meta"]["samples_seen"] += x.shape[0]
         os.write(fd, f"{step} {loss.item().hex()}\n".encode())
-        print(f"step {step:4d}  loss {loss.item():.6f}", flush=True)
+        say(f"step {step:4d}  loss {loss.item():.6f}")
         if client:
             client.snapshot(step, state)
         if args.step_sleep:

@@ -32,6 +32,7 @@ from ftd.trainer.reshard import restore_resharded
 from ftd.trainer.restore import REPAIRING, restore_versions
 from ftd.trainer.session import Busy, DaemonSession
 from ftd.trainer.thread_usage import ThreadUsage
+from ftd.util.lines import say
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ class Client:
             pass  # the daemon is gone: nothing holds the rank there anyway
 
     def _say(self, line: str) -> None:
-        print(line, file=sys.stderr, flush=True) if self.verbose else None
+        say(line, sys.stderr) if self.verbose else None
 
     def __enter__(self) -> "Client":
         return self

@@ -31,6 +31,7 @@ from ftd.shm.layout import Manifest
 from ftd.trainer import dtensors, statecodec
 from ftd.trainer.restore import check_fits, load
 from ftd.units import format_size
+from ftd.util.lines import say
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,6 @@ def restore_resharded(answer: dict, state: dict, rank: int, world: int, capture_
             f"{index.world} rank(s) to {world}: read {format_size(reader.bytes_read)} in "
             f"{time.perf_counter() - t0:.2f} s")
     if verbose:
-        print(line, file=sys.stderr, flush=True)
+        say(line, sys.stderr)
     log.info("%s", line)
     return index.step

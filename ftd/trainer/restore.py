@@ -31,6 +31,7 @@ from ftd.trainer import dtensors, readback, replica_restore, rng, statecodec
 from ftd.trainer.arena import Arena, close_in_background
 from ftd.trainer.capture import inner_optimizers, is_stateful
 from ftd.units import format_size
+from ftd.util.lines import say
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def restore_versions(conn, reply: dict, state: dict, rank: int, capture_rng: boo
         line = (f"ftd: rank {rank} restored step {step} from {where} (job {job!r}, node {reply.get('node_rank', 0)}): "
                 f"{format_size(manifest.layout.nbytes)} in {time.perf_counter() - t0:.2f} s")
         if verbose:
-            print(line, file=sys.stderr, flush=True)
+            say(line, sys.stderr)
             log.info("%s", line)
         else:  # the memory copies could not give a step: say so loudly even when asked to be quiet
             log.log(logging.WARNING if from_disk else logging.INFO, "%s", line)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 import ftd
+from ftd.util.lines import say
 
 
 def main() -> int:
@@ -40,7 +41,7 @@ def main() -> int:
     state = {"model": model, "optim": opt, "seen": {"samples": 0}}
     client = ftd.Client(replicas=dist.group.WORLD if args.by_hand else None)
     start = client.restore(state)
-    print(f"rank {rank}: " + ("starting fresh" if start is None else f"resuming after step {start}"), flush=True)
+    say(f"rank {rank}: " + ("starting fresh" if start is None else f"resuming after step {start}"))
     net = model if args.by_hand else nn.parallel.DistributedDataParallel(model)
     gen = torch.Generator().manual_seed(100 + rank)
     for _ in range(0 if start is None else start + 1):
@@ -62,9 +63,9 @@ def main() -> int:
         out.flush()
         client.snapshot(step, state)
         ok = client.wait(30)
-        print(f"rank {rank} step {step}: snapshot {'committed' if ok else 'not committed'}", flush=True)
+        say(f"rank {rank} step {step}: snapshot {'committed' if ok else 'not committed'}")
         time.sleep(args.step_sleep)
-    print("replicas " + json.dumps(client.stats["replicas"]), flush=True)
+    say("replicas " + json.dumps(client.stats["replicas"]))
     client.finish()
     dist.destroy_process_group()
     return 0
