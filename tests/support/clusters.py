@@ -196,14 +196,31 @@ class LocalCluster:
         return left
 
 
+#: seed -> the losses of the longest uninterrupted run of that seed's trainer so far, in this pytest
+#: process: a run's first S steps do not depend on how many it takes, and each reference run is a
+#: torch process start (about 1 s of the 2 cores), so the cluster tests share them
+_REFERENCES: dict[int, list[tuple[int, str]]] = {}
+REFERENCE_STEPS = 200  # the least a reference run takes, so that most tests' requests are prefixes
+
+
+def reference_losses_for_seed(directory: Path, seed: int, steps: int) -> dict[int, str]:
+    """Losses of an uninterrupted run (no ftd) of the tiny_trainer of ``seed`` at the size the cluster
+    tests train, steps 0 .. steps - 1."""
+    known = _REFERENCES.get(seed, [])
+    if len(known) < steps:
+        path = directory / f"ref-seed{seed}"
+        path.unlink(missing_ok=True)
+        subprocess.run([sys.executable, "-m", "ftd.examples.tiny_trainer", "--steps", str(max(steps, REFERENCE_STEPS)),
+                        "--losses", str(path), "--seed", str(seed), "--width", "64", "--depth", "2", "--no-ftd"],
+                       env=ENV, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=120)
+        known = _REFERENCES[seed] = read_losses(path)
+        assert [s for s, _ in known] == list(range(len(known))), f"reference run of seed {seed}: steps missing"
+    return dict(known[:steps])
+
+
 def reference_losses(directory: Path, node: int, steps: int) -> dict[int, str]:
     """Losses of an uninterrupted run of node ``node``'s trainer (same seed and size, no ftd)."""
-    path = directory / f"ref{node}"
-    if not path.exists():
-        subprocess.run([sys.executable, "-m", "ftd.examples.tiny_trainer", "--steps", str(steps), "--losses",
-                        str(path), "--seed", str(1000 + node), "--width", "64", "--depth", "2", "--no-ftd"],
-                       env=ENV, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=120)
-    return dict(read_losses(path))
+    return reference_losses_for_seed(directory, 1000 + node, steps)
 
 
 def assert_matches_reference(cluster: LocalCluster, ref: dict[int, dict[int, str]], upto: int) -> None:

@@ -21,8 +21,8 @@ import pytest
 from ftd.shm import segments
 from ftd.util.procs import wait_for
 
-from support.clusters import ENV, LocalCluster, assert_matches_reference, reference_losses
-from support.jobs import ROOT, SHM
+from support.clusters import ENV, LocalCluster, assert_matches_reference, reference_losses, reference_losses_for_seed
+from support.jobs import SHM
 from support.losses import read_losses
 
 MAX_STEPS = 200
@@ -224,7 +224,7 @@ def test_two_ranks_per_node_mirrored_pair(make_cluster):
     seeds = {r: 2000 + r for r in range(world)}
     ref = {}
     for r in range(world):
-        ref[r] = reference_losses_for_seed(c, seeds[r], 40)
+        ref[r] = reference_losses_for_seed(c.dir, seeds[r], 40)
 
     def run(steps):
         procs, outs = [], []
@@ -256,9 +256,3 @@ def test_two_ranks_per_node_mirrored_pair(make_cluster):
         assert all(value == ref[r][step] for step, value in got), f"rank {r} diverged"
 
 
-def reference_losses_for_seed(c: LocalCluster, seed: int, steps: int) -> dict[int, str]:
-    path = c.dir / f"ref-seed{seed}"
-    subprocess.run([sys.executable, "-m", "ftd.examples.tiny_trainer", "--steps", str(steps), "--losses", str(path),
-                    "--seed", str(seed), "--width", "64", "--depth", "2", "--no-ftd"],
-                   env=ENV, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=120)
-    return dict(read_losses(path))

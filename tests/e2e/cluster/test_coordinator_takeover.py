@@ -17,6 +17,7 @@ import pytest
 from ftd.util.procs import wait_for
 
 from support.clusters import ENV, LocalCluster, assert_matches_reference, reference_losses
+from support.soak import soak_only
 
 NODES, PEER_TIMEOUT = 4, 5.0
 STEPS = 60
@@ -80,6 +81,7 @@ def references(c: LocalCluster):
         return dict(zip(range(c.nodes), pool.map(lambda n: reference_losses(c.dir, n, STEPS), range(c.nodes))))
 
 
+@soak_only("test_the_coordinators_node_lost_in_the_middle_of_a_round (the takeover, and the round it finds)")
 @pytest.mark.timeout(240)
 def test_the_coordinators_node_lost_between_rounds():
     c = LocalCluster(NODES, 1, ("--peer-timeout", str(PEER_TIMEOUT)))

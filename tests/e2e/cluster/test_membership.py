@@ -21,6 +21,7 @@ import pytest
 from ftd.util.procs import free_ports, wait_for
 
 from support.clusters import ENV, LocalCluster, assert_matches_reference, reference_losses
+from support.soak import soak_marks
 
 PEER_TIMEOUT = "3"
 STEPS = 100
@@ -62,7 +63,9 @@ def refused(c: LocalCluster, p: subprocess.Popen, log: str) -> str:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("lost", [2, 0], ids=["node2", "node0-the-coordinator"])
+@pytest.mark.parametrize("lost", [pytest.param(2, id="node2", marks=soak_marks("the coordinator's node lost and replaced, "
+                                                                               "the [node0-the-coordinator] case")),
+                                  pytest.param(0, id="node0-the-coordinator")])
 def test_a_replacement_under_its_own_address_takes_the_lost_nodes_place(cluster, lost):
     c = cluster
     survivor = 1 if lost == 0 else 0  # who coordinates once the node is replaced (node 1 takes over from 0)

@@ -20,6 +20,7 @@ from ftd.util.procs import free_ports, wait_for
 
 from support.clusters import ENV, LocalCluster
 from support.losses import assert_bit_exact, read_losses
+from support.soak import soak_marks
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -83,7 +84,8 @@ def resumed_steps(out, phase: str) -> dict[int, int]:
     return got
 
 
-@pytest.mark.parametrize("nodes,local", [(2, 1), (2, 2), (4, 1)], ids=["2x1", "2x2", "4x1"])
+@pytest.mark.parametrize("nodes,local", [pytest.param(2, 1, id="2x1", marks=soak_marks("the 2x2 and 4x1 cases")),
+                                         pytest.param(2, 2, id="2x2"), pytest.param(4, 1, id="4x1")])
 def test_ddp_across_nodes_restores_bit_exact_from_slices_after_worker_crash_and_node_loss(make_cluster, tmp_path,
                                                                                           nodes, local, monkeypatch):
     monkeypatch.setitem(globals(), "NODES", nodes)

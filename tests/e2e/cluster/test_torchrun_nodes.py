@@ -21,6 +21,7 @@ from ftd.util.procs import free_ports, wait_for
 from support.clusters import ENV, LocalCluster
 from support.jobs import ROOT
 from support.losses import read_losses
+from support.soak import soak_only
 
 pytestmark = pytest.mark.timeout(300)
 STEPS = 24
@@ -121,6 +122,8 @@ def test_ranks_that_c10d_moves_to_other_nodes_restore_from_the_nodes_that_hold_t
     assert not left, left
 
 
+@soak_only("test_ranks_that_c10d_moves_to_other_nodes_restore_from_the_nodes_that_hold_them (ranks moved and "
+           "fetched after a rebuild), test_membership's spare, test_coordinator_takeover")
 def test_the_coordinators_node_lost_and_a_waiting_spare_takes_its_place(tmp_path, reference):
     """Node 0 (the coordinator's) is lost: node 1 takes over, admits the `ftd spare` that waited from the
     start at 127.0.0.4 to rank 0, and the spare rebuilds node 0. c10d sorts the spare's agent last, so
