@@ -147,13 +147,13 @@ def test_status_command(job):
     assert st["ranks"][0]["versions"][0]["step"] == 4 and st["used"] > 0 and st["budget"] == 2 << 30
     assert st["ranks"][0]["last_copy_seconds"] is not None
     d.stop()
-    gone = run()
-    assert gone.returncode == 1 and "ftd daemon" in gone.stderr
+    gone = run("--wait", "1")  # (default 10 s, for a daemon that is starting)
+    assert gone.returncode == 1 and "ftd daemon" in gone.stderr and "after 1 s" in gone.stderr, gone.stderr
 
 
 @pytest.mark.timeout(60)
 def test_recover_needs_a_cluster_daemon(job):
-    recover = lambda ep: subprocess.run([sys.executable, "-m", "ftd.cli", "recover", "--endpoint", ep],
+    recover = lambda ep: subprocess.run([sys.executable, "-m", "ftd.cli", "recover", "--endpoint", ep, "--wait", "1"],
                                         capture_output=True, text=True, timeout=30)
     d = job.daemon()
     standalone = recover(d.endpoint)
