@@ -212,6 +212,8 @@ def assemble(conn, own: Arena, manifest: Manifest, full: Manifest, where: readba
     who = f"rank {rank}"
     info = _info(manifest, f"{who}'s version of step {step}")
     if not _verified(own, manifest):
+        log.warning("ftd: %s's version of step %d (its slice of the replicated state) fails its checksums; "
+                    "it is dropped and an older step restored, or it is rebuilt from the peers", who, step)
         return None
     sources: list[tuple[Arena, Manifest, dict, bool]] = [(own, manifest, info, True)]
     held: list[tuple[int, dict, Arena]] = []  # (rank, reply, mapping) of each other replica's version
@@ -229,7 +231,9 @@ def assemble(conn, own: Arena, manifest: Manifest, full: Manifest, where: readba
             their_info = _info(theirs, f"rank {other}'s version of step {step}")
             _check_same_cut(info, their_info, j, f"rank {other}")
             if not _verified(arena, theirs):
-                log.warning("ftd: rank %d's version of step %d (a replica's slice) fails its checksums", other, step)
+                log.warning("ftd: rank %d's version of step %d (a replica's slice) fails its checksums, so step %d "
+                            "cannot be put together: %s's own version of it is dropped too (unless the peers "
+                            "rebuild it) and an older step restored", other, step, step, who)
                 if reply.get("origin", "memory") == "memory":
                     answer = conn.call("corrupt", rank=other, buffer=reply["buffer"], step=step)
                     return "repairing" if answer.get("repairing") else None

@@ -1,5 +1,6 @@
 """Replica-aware snapshots declared by hand (``Client(replicas=group)``), and the mistakes that must be
-named: replicas that disagree on the replicated tensors, and a restore while a replica's slice is missing.
+named: replicas that disagree on the replicated tensors, a restore while a replica's slice is missing,
+and a replica's slice that fails its checksums.
 Real processes: 2 gloo ranks of tests/support/replica_trainer.py against real daemons."""
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from ftd.shm import segments
 from ftd.util.procs import free_ports, wait_for
 
-from support.jobs import ROOT
+from support.jobs import ROOT, SHM
 from support.losses import read_losses
 
 pytestmark = pytest.mark.timeout(300)
@@ -96,3 +98,41 @@ def test_restore_while_a_replicas_slice_is_missing_is_refused_by_name(job, tmp_p
         log = text(tmp_path, "second", rank)
         other = 1 - rank
         assert f"rank {other}'s version of step" in log and "a slice of the replicated state is missing" in log, log
+
+
+def test_a_corrupt_slice_is_named_and_every_replica_restores_the_step_before_bit_exact(job, tmp_path):
+    """One standalone daemon, 2 ranks by hand: a byte of rank 1's newest version flipped while no trainer
+    runs. That step cannot be put together, so both ranks resume the one before, saying why."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref.mkdir()
+    run.mkdir()
+    d = job.daemon(0)
+    for p in start(job, [d], ref, "ref", "--by-hand"):
+        assert p.wait(120) == 0
+    d = job.daemon(1)
+    crash_after(run, start(job, [d], run, "first", "--by-hand", "--step-sleep", "0.5"), 3)
+    versions = [p for p in SHM.iterdir() if p.name.startswith(f"ftd.{job.name}.n1.r") and not p.name.endswith((".meta", ".tmp"))
+                and (segments.read_meta(p) or {}).get("rank") == 1]
+    newest = max(versions, key=lambda p: segments.read_meta(p)["step"])
+    step = segments.read_meta(newest)["step"]
+    with open(newest, "r+b") as f:  # a byte inside the layout (every byte of it is checksummed)
+        f.seek(200)
+        b = f.read(1)
+        f.seek(200)
+        f.write(bytes([b[0] ^ 0xFF]))
+    second = start(job, [d], run, "second", "--by-hand")
+    for rank, p in enumerate(second):
+        assert p.wait(120) == 0, text(run, "second", rank)
+    logs = [text(run, "second", rank) for rank in range(2)]
+    for rank in range(2):
+        assert f"rank {rank}: resuming after step {step - 1}" in logs[rank], logs[rank]
+    # whichever rank checks rank 1's version first names it and has it dropped; the other is then not
+    # offered that step at all
+    named = [f"rank 1's version of step {step} (its slice of the replicated state) fails its checksums" in logs[1],
+             f"rank 1's version of step {step} (a replica's slice) fails its checksums" in logs[0]]
+    assert any(named), logs
+    for rank in range(2):
+        expected = dict(read_losses(ref / f"losses-rank{rank}.txt"))
+        got = read_losses(run / f"losses-rank{rank}.txt")
+        assert {s for s, _ in got} == set(expected), f"rank {rank} did not reach every step"
+        assert all(v == expected[s] for s, v in got), f"rank {rank}: a loss differs from the uninterrupted run's"
