@@ -1,8 +1,18 @@
-"""Damage done on purpose to a version on disk, for the tests of the checks that must catch it."""
+"""Damage done on purpose to a version (on disk, or in a shared-memory segment), for the tests of the
+checks that must catch it."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Invert the byte at ``offset`` of the file ``path`` (a version on disk or a /dev/shm segment)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
 
 
 def flip_tensor_byte(version: Path, node: int = 0, rank: int = 0) -> None:

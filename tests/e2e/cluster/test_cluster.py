@@ -22,11 +22,12 @@ from ftd.shm import segments
 from ftd.util.procs import wait_for
 
 from support.clusters import ENV, LocalCluster, assert_matches_reference, reference_losses, reference_losses_for_seed
+from support.disk import flip_byte
 from support.jobs import SHM
 from support.losses import read_losses
+from support.soak import SOAK, soak_only  # SOAK, the long mode: every node lost in turn, four pairs
 
 MAX_STEPS = 200
-SOAK = os.environ.get("FTD_SOAK") == "1"  # the long mode: every node lost in turn, four pairs
 
 
 @pytest.fixture
@@ -60,14 +61,6 @@ def segment_of(c: LocalCluster, node: int, kind: str) -> list:
     """The node's shared-memory segments holding rank data ("r") or parity ("par") with a sidecar."""
     return sorted(p for p in SHM.iterdir() if p.name.startswith(f"ftd.{c.job}.n{node}.{kind}")
                   and not p.name.endswith((".meta", ".tmp")) and segments.read_meta(p) is not None)
-
-
-def flip_byte(path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0xFF]))
 
 
 @pytest.mark.soak
@@ -131,9 +124,8 @@ def test_nodes_lost_in_the_middle_of_a_protection(make_cluster, monkeypatch, nod
     assert_matches_reference(c, ref, MAX_STEPS)
 
 
-@pytest.mark.soak
-@pytest.mark.skipif(not SOAK, reason="soak (FTD_SOAK=1): CI loses a pair of 6 (m = 2) mid-round in "
-                    "test_nodes_lost_in_the_middle_of_a_protection, m + 1 losses in test_durable_cluster and test_runs")
+@soak_only("a pair of 6 (m = 2) lost mid-round in test_nodes_lost_in_the_middle_of_a_protection, m + 1 losses "
+           "in test_durable_cluster and test_runs")
 @pytest.mark.timeout(300)
 def test_six_nodes_two_parity_lose_pairs_then_three(make_cluster):
     c = make_cluster(6, 2)

@@ -20,16 +20,15 @@ import pytest
 from ftd.util.procs import wait_for
 
 from support.clusters import LocalCluster, assert_matches_reference, reference_losses
+from support.soak import SOAK, soak_only
 
-SOAK = os.environ.get("FTD_SOAK") == "1"
 FAILURES = 25 if SOAK else 4
 STEPS_PER_LIFE = 30
 FINAL_STEPS = STEPS_PER_LIFE * FAILURES + 40
 
 
-@pytest.mark.soak
-@pytest.mark.skipif(not SOAK, reason="CI's short chaos run is tests/test_chaos.py (scripts/chaos.py --quick); "
-                                     "FTD_SOAK=1 runs this one with 25 failures")
+@soak_only("the short chaos run, tests/e2e/local/test_chaos.py (scripts/chaos.py --quick); FTD_SOAK=1 runs this "
+           "one with 25 failures")
 @pytest.mark.timeout(1800 if SOAK else 300)
 def test_random_failures_while_training_resume_bit_exact():
     seed = int(os.environ.get("FTD_CHAOS_SEED", os.getpid()))

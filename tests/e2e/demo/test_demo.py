@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from support.soak import soak_only
+
 DEMO = [sys.executable, "-m", "ftd.cli", "demo", "--quick"]
 
 
@@ -77,8 +79,7 @@ def test_demo_survives_a_worker_crash_and_a_node_loss_bit_exact(tmp_path):
     _assert_nothing_left(out)
 
 
-@pytest.mark.skipif(os.environ.get("FTD_SOAK") != "1", reason="soak (FTD_SOAK=1): the demo's main test covers "
-                    "its failures; test_cluster's mirrored pair covers two ranks per node")
+@soak_only("the demo's main test covers its failures; test_cluster's mirrored pair covers two ranks per node")
 @pytest.mark.timeout(240)
 def test_two_nodes_of_two_local_ranks_lose_a_node_and_continue_bit_exact(tmp_path):
     proc = _start("--out", str(tmp_path), "--nodes", "2", "--nproc-per-node", "2")

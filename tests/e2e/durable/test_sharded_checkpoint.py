@@ -20,9 +20,9 @@ from ftd.util.procs import wait_for
 from support.checkpoints import assert_same, gathered
 from support.jobs import LocalJob
 from support.torchrun import SMALL, torchrun
+from support.soak import SOAK
 
 pytestmark = pytest.mark.timeout(400)
-SOAK = os.environ.get("FTD_SOAK") == "1"
 FLUSH = 'flush_dir = "{}"\nflush_every = 1\nflush_interval = 0\nflush_keep = 8\n'
 LAST = 7  # SMALL trains steps 0..7
 

@@ -22,11 +22,11 @@ import pytest
 from support.frameworks import compare
 from support.losses import read_losses
 from support.torchrun import torchrun_module
+from support.soak import SOAK
 
 pytest.importorskip("torchtitan", reason="the torchtitan extra is not installed (./scripts/setup installs it)")
 
 pytestmark = pytest.mark.timeout(300)
-SOAK = os.environ.get("FTD_SOAK") == "1"
 CRASH_AT = 5  # rank 1 kills itself after logging this step (before saving it)
 RESTORED = re.compile(r"ftd: rank (\d) restored step (\d+) from memory")
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}

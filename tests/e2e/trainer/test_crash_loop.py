@@ -16,8 +16,8 @@ import zmq
 from ftd.util.procs import wait_for
 
 from support.losses import assert_bit_exact, read_losses
+from support.soak import SOAK
 
-SOAK = os.environ.get("FTD_SOAK") == "1"
 TAIL = 30  # steps the crash loop's last life runs at least
 
 

@@ -15,9 +15,9 @@ import pytest
 
 from support.losses import read_losses
 from support.torchrun import torchrun
+from support.soak import SOAK
 
 pytestmark = pytest.mark.timeout(300)
-SOAK = os.environ.get("FTD_SOAK") == "1"
 
 
 _references: dict[tuple, Path] = {}

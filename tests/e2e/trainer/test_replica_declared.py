@@ -14,6 +14,7 @@ import pytest
 from ftd.shm import segments
 from ftd.util.procs import free_ports, wait_for
 
+from support.disk import flip_byte
 from support.jobs import ROOT, SHM
 from support.losses import read_losses
 
@@ -115,11 +116,7 @@ def test_a_corrupt_slice_is_named_and_every_replica_restores_the_step_before_bit
                 and (segments.read_meta(p) or {}).get("rank") == 1]
     newest = max(versions, key=lambda p: segments.read_meta(p)["step"])
     step = segments.read_meta(newest)["step"]
-    with open(newest, "r+b") as f:  # a byte inside the layout (every byte of it is checksummed)
-        f.seek(200)
-        b = f.read(1)
-        f.seek(200)
-        f.write(bytes([b[0] ^ 0xFF]))
+    flip_byte(newest, 200)  # a byte inside the layout (every byte of it is checksummed)
     second = start(job, [d], run, "second", "--by-hand")
     for rank, p in enumerate(second):
         assert p.wait(120) == 0, text(run, "second", rank)
